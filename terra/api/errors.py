@@ -1,0 +1,78 @@
+"""Domain errors and the one middleware that maps every error to an HTTP JSON answer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from terra.audio import AudioDecodeError
+from terra.recognizer.scheduler import QueueFullError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error with the HTTP status and the detail a client should see."""
+
+    status = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class BadRequest(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status = 401
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+
+
+class Unavailable(ApiError):
+    status = 503
+
+
+def _status_and_detail(error: BaseException) -> tuple[int, str] | None:
+    if isinstance(error, ApiError):
+        return error.status, error.detail
+    if isinstance(error, AudioDecodeError):
+        return 400, str(error)
+    if isinstance(error, QueueFullError):
+        return 503, str(error)
+    if isinstance(error, web.HTTPRequestEntityTooLarge):
+        return 413, "the request body is larger than the configured limit"
+    if isinstance(error, web.HTTPException) and error.status >= 400:
+        return error.status, error.reason
+    return None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as JSON ``{"detail": ...}`` with the right status."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        mapped = _status_and_detail(e)
+        assert mapped is not None
+        return web.json_response({"detail": mapped[1]}, status=mapped[0])
+    except Exception as e:
+        mapped = _status_and_detail(e)
+        if mapped is None:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return web.json_response({"detail": "internal server error"}, status=500)
+        return web.json_response({"detail": mapped[1]}, status=mapped[0])

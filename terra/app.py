@@ -1,0 +1,110 @@
+"""The application factory: wiring, cleanup contexts and the operational routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from terra import keys
+from terra.api import terra as terra_api
+from terra.api.errors import Handler, error_middleware
+from terra.config import Config
+from terra.live import LiveService
+from terra.metrics import create_metrics
+from terra.models import resolve_model
+from terra.recognizer.engine import WhisperEngine, load_whisper
+from terra.recognizer.scheduler import RecognizerScheduler
+from terra.recognizer.types import RecognitionEngine
+from terra.spool import Spool
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Config], RecognitionEngine]
+
+
+def build_engine(config: Config) -> WhisperEngine:
+    """Resolve and load the configured model (blocking: call it off the event loop)."""
+    path = resolve_model(
+        config.model.name, Path(config.model.models_dir), allow_download=config.model.allow_download
+    )
+    started = time.perf_counter()
+    model = load_whisper(path, config.model)
+    log.info("model %s loaded from %s in %.1f s", config.model.name, path,
+             time.perf_counter() - started)
+    return WhisperEngine(model, config.recognizer)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[keys.METRICS]
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    started = time.perf_counter()
+    response = await handler(request)
+    metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+    metrics.requests.labels(route, str(response.status)).inc()
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    app = request.app
+    scheduler = app[keys.SCHEDULER]
+    return web.json_response(
+        {
+            "status": "ok",
+            "model": app[keys.CONFIG].model.name,
+            "recognizer_queue_depth": scheduler.depth,
+            **app[keys.LIVE].snapshot(),
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[keys.METRICS].render()
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+def create_app(config: Config, engine: RecognitionEngine | None = None) -> web.Application:
+    """Build the server. ``engine`` lets tests and benchmarks share one loaded model."""
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware],
+        client_max_size=config.server.max_upload_bytes + 64 * 1024,
+    )
+    app[keys.CONFIG] = config
+    app[keys.METRICS] = create_metrics()
+    app[keys.SPOOL] = Spool(Path(config.spool.dir), fsync=config.spool.fsync)
+    app.cleanup_ctx.append(_recognizer_ctx(engine))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    terra_api.add_routes(app)
+    return app
+
+
+def _recognizer_ctx(
+    engine: RecognitionEngine | None,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        config = app[keys.CONFIG]
+        loaded = engine if engine is not None else await asyncio.to_thread(build_engine, config)
+        app[keys.ENGINE] = loaded
+        scheduler = RecognizerScheduler(loaded, config.recognizer, app[keys.METRICS])
+        live = LiveService(
+            config.stream, config.recognizer, scheduler, app[keys.SPOOL], app[keys.METRICS],
+            loaded.timestamp_begin(), loaded.starts_word,
+        )
+        app[keys.SCHEDULER] = scheduler
+        app[keys.LIVE] = live
+        await scheduler.start()
+        await live.start()
+        yield
+        await live.stop()
+        await scheduler.stop()
+
+    return context

@@ -1,0 +1,80 @@
+"""Command line: ``terra serve | models | stream``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from terra.app import create_app
+    from terra.config import ConfigError, load_config
+    from terra.logs import setup_logging
+
+    overrides: dict[str, dict[str, object]] = {"server": {}}
+    if args.host:
+        overrides["server"]["host"] = args.host
+    if args.port:
+        overrides["server"]["port"] = args.port
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as e:
+        print(f"terra: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config.server.log_level, config.server.log_json)
+    if "ivcs" in config.server.tokens:
+        log.warning("the default token 'ivcs' is enabled: set server.tokens or TERRA_TOKENS")
+    web.run_app(
+        create_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        access_log=None,
+        print=lambda message: log.info("%s", message),
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from terra.models import add_models_arguments
+    from terra.streamclient import add_stream_arguments
+
+    parser = argparse.ArgumentParser(prog="terra", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--config", default=None, help="config.yaml (defaults apply without one)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=_serve)
+
+    models = commands.add_parser("models", help="install and list Whisper models")
+    add_models_arguments(models)
+
+    stream = commands.add_parser("stream", help="play audio files to a server as participants")
+    add_stream_arguments(stream)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "models":
+        from terra.models import run_models_command
+
+        return run_models_command(args)
+    if args.command == "stream":
+        from terra.streamclient import run_stream_command
+
+        return run_stream_command(args)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""Configuration: frozen dataclasses read once from config.yaml plus environment overrides.
+
+The file mirrors these dataclasses section by section; unknown keys are an error so a
+typo in an operator's file is caught at start-up rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration file or an environment override is invalid."""
+
+
+def zone_of(name: str) -> ZoneInfo | None:
+    """The configured time zone, or None for the server's local zone."""
+    return ZoneInfo(name) if name else None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 9001
+    tokens: tuple[str, ...] = ("ivcs",)
+    max_upload_bytes: int = 20 * 1024 * 1024
+    log_level: str = "INFO"
+    log_json: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    # A name installed under models_dir (e.g. "base"), a local folder, or a faster-whisper hub name.
+    name: str = "base"
+    models_dir: str = "models"
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = 0
+    allow_download: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConfig:
+    vad_aggressiveness: int = 2
+    vad_frame_ms: int = 30
+    pause_ms: int = 600
+    max_combination_ms: int = 30_000
+    gap_ms: int = 1_000
+    pre_roll_ms: int = 300
+    trigger_window_ms: int = 300
+    trigger_ratio: float = 0.6
+    idle_close_ms: int = 4_000
+    session_ttl_s: int = 3_600
+    answer_wait_ms: int = 2_500
+    progress_min_interval_ms: int = 1_000
+    min_speech_ms: int = 250
+    timezone: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecognizerConfig:
+    mode: str = "terra"
+    max_batch_size: int = 8
+    batch_wait_ms: int = 15
+    window_buckets_s: tuple[float, ...] = (5.0, 10.0, 20.0, 30.0)
+    trailing_margin_s: float = 2.0
+    tokens_per_second: float = 12.0
+    tokens_extra: int = 10
+    progress_beam_size: int = 1
+    final_beam_size: int = 5
+    use_timestamp_tokens: bool = True
+    stable_prefix: bool = False
+    no_speech_threshold: float = 0.6
+    logprob_threshold: float = -1.0
+    compression_ratio_threshold: float = 2.4
+    language_fallback: str = "ru"
+    language_confidence: float = 0.6
+    max_queue: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    dir: str = "var/spool"
+    fsync: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    recognizer: RecognizerConfig = field(default_factory=RecognizerConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+
+
+T = TypeVar("T")
+
+# Environment variable -> (section, key). Lists are comma-separated.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "TERRA_HOST": ("server", "host"),
+    "TERRA_PORT": ("server", "port"),
+    "TERRA_TOKENS": ("server", "tokens"),
+    "TERRA_LOG_LEVEL": ("server", "log_level"),
+    "TERRA_MODEL": ("model", "name"),
+    "TERRA_MODELS_DIR": ("model", "models_dir"),
+    "TERRA_DEVICE": ("model", "device"),
+    "TERRA_COMPUTE_TYPE": ("model", "compute_type"),
+    "TERRA_CPU_THREADS": ("model", "cpu_threads"),
+    "TERRA_SPOOL_DIR": ("spool", "dir"),
+    "TERRA_RECOGNIZER_MODE": ("recognizer", "mode"),
+}
+
+
+def _coerce(value: Any, like: Any, where: str) -> Any:
+    """Convert a YAML or environment value to the type of the dataclass default ``like``."""
+    if isinstance(like, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if isinstance(like, tuple):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        element = like[0] if like else ""
+        return tuple(_coerce(item.strip() if isinstance(item, str) else item, element, where)
+                     for item in items if not (isinstance(item, str) and not item.strip()))
+    try:
+        if isinstance(like, int):
+            return int(value)
+        if isinstance(like, float):
+            return float(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from e
+    if isinstance(like, str):
+        return str(value)
+    return value
+
+
+def _build(cls: type[T], values: Mapping[str, Any], section: str) -> T:
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{section}]: {', '.join(sorted(unknown))}")
+    kwargs = {
+        name: _coerce(value, getattr(defaults, name), f"{section}.{name}")
+        for name, value in values.items()
+    }
+    return dataclasses.replace(defaults, **kwargs)  # type: ignore[type-var]
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Read ``path`` (if given), then apply environment variables, then explicit overrides."""
+    raw: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path}: the top level must be a mapping of sections")
+        for section, values in loaded.items():
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"config {path}: section [{section}] must be a mapping")
+            raw[str(section)] = dict(values)
+    env = os.environ if environ is None else environ
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var in env and env[var] != "":
+            raw.setdefault(section, {})[key] = env[var]
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    built = {
+        name: _build(type(factory()), raw.get(name, {}), name)
+        for name, factory in sections.items()
+    }
+    config = Config(**built)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    if not config.server.tokens:
+        raise ConfigError("server.tokens: at least one token is required")
+    if config.stream.vad_frame_ms not in (10, 20, 30):
+        raise ConfigError("stream.vad_frame_ms must be 10, 20 or 30 (webrtcvad frame sizes)")
+    if not 0 <= config.stream.vad_aggressiveness <= 3:
+        raise ConfigError("stream.vad_aggressiveness must be 0..3")
+    if config.stream.timezone:
+        try:
+            ZoneInfo(config.stream.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ConfigError(f"stream.timezone: unknown zone {config.stream.timezone!r}") from e
+    if config.recognizer.mode not in ("terra", "naive"):
+        raise ConfigError("recognizer.mode must be 'terra' or 'naive'")
+    if not config.recognizer.window_buckets_s or max(config.recognizer.window_buckets_s) > 30:
+        raise ConfigError("recognizer.window_buckets_s: non-empty, each at most 30 s")
+    if config.stream.max_combination_ms > 30_000:
+        raise ConfigError("stream.max_combination_ms: at most 30000 (Whisper's window)")

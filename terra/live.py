@@ -1,0 +1,289 @@
+"""The live service: participant sessions, spooling, and recognition of their combinations.
+
+Runs on the event loop and never blocks it: spooling goes to a thread, recognition to the
+scheduler. Each participant's fragments are handled under that participant's lock, so a
+post_id sent twice is counted once, and two participants never share state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from terra.audio import Samples, encode_wav, samples_to_ms
+from terra.config import RecognizerConfig, StreamConfig
+from terra.metrics import Metrics
+from terra.recognizer.prefix import agreed_prefix
+from terra.recognizer.scheduler import RecognizerScheduler
+from terra.recognizer.types import Priority, Recognition, RecognitionRequest
+from terra.spool import Spool, post_key
+from terra.stream import Combination, Fragment, ParticipantStream, TextElem
+
+log = logging.getLogger(__name__)
+
+REORDER_MS = 400
+TICK_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class FragmentInput:
+    """One validated POST /process fragment."""
+
+    conference_id: str
+    participant_id: str
+    participant_name: str
+    start_time: float
+    post_id: str | None
+    language: str | None  # lang1 when the client sent one
+    online: bool
+    offline: bool
+    samples: Samples
+
+
+@dataclass(slots=True)
+class Session:
+    stream: ParticipantStream
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    seen_posts: set[str] = field(default_factory=set)
+    language: str | None = None
+    in_flight: set[asyncio.Task[None]] = field(default_factory=set)
+    last_progress_at: float = 0.0
+    last_seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def ids(self) -> dict[str, str]:
+        return {
+            "conference_id": self.stream.conference_id,
+            "participant_id": self.stream.participant_id,
+        }
+
+
+class LiveService:
+    def __init__(
+        self,
+        stream_config: StreamConfig,
+        recognizer_config: RecognizerConfig,
+        scheduler: RecognizerScheduler,
+        spool: Spool,
+        metrics: Metrics,
+        timestamp_begin: int,
+        starts_word: Callable[[int], bool],
+    ) -> None:
+        self._stream_config = stream_config
+        self._recognizer_config = recognizer_config
+        self._scheduler = scheduler
+        self._spool = spool
+        self._metrics = metrics
+        self._timestamp_begin = timestamp_begin
+        self._starts_word = starts_word
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- sessions ------------------------------------------------------------------------
+    async def _session(self, conference_id: str, participant_id: str) -> Session:
+        key = (conference_id, participant_id)
+        session = self._sessions.get(key)
+        if session is None:
+            seen = await asyncio.to_thread(
+                self._spool.known_post_keys, conference_id, participant_id
+            )
+            session = self._sessions.get(key)  # another request may have created it meanwhile
+            if session is None:
+                stream = ParticipantStream(self._stream_config, conference_id, participant_id)
+                session = Session(stream=stream, seen_posts=seen)
+                self._sessions[key] = session
+                self._metrics.active_participants.set(len(self._sessions))
+        return session
+
+    # -- the POST path -------------------------------------------------------------------
+    async def process(self, fragment: FragmentInput) -> list[TextElem]:
+        """Spool (if asked), feed the stream, and answer with the participant's TextElems."""
+        session = await self._session(fragment.conference_id, fragment.participant_id)
+        session.last_seen = time.monotonic()
+        if fragment.language and session.language != fragment.language:
+            session.language = fragment.language
+        held = False
+        async with session.lock:
+            key = post_key(fragment.post_id) if fragment.post_id is not None else None
+            if key is not None and key in session.seen_posts:
+                self._metrics.duplicate_fragments.inc()
+                log.info("duplicate post_id %s ignored", fragment.post_id, extra=session.ids)
+            else:
+                if fragment.offline:
+                    await asyncio.to_thread(self._spool_fragment, fragment)
+                    self._metrics.spooled_fragments.inc()
+                if key is not None:
+                    session.seen_posts.add(key)
+                self._metrics.fragments.inc()
+                self._metrics.fragment_audio_seconds.inc(fragment.samples.size / 16_000)
+                update = session.stream.add(
+                    Fragment(fragment.post_id, fragment.start_time, fragment.samples),
+                    now=time.monotonic(),
+                )
+                if update.late:
+                    log.warning(
+                        "fragment %s is older than the live timeline: spooled only",
+                        fragment.post_id, extra=session.ids,
+                    )
+                held = update.held
+                self._dispatch_finals(session, update.closed)
+                self._request_progress(session)
+        if not fragment.online:
+            return []
+        await self._wait_for_text(session, fragment.post_id if held else None)
+        return session.stream.take_answer()
+
+    def _spool_fragment(self, fragment: FragmentInput) -> None:
+        self._spool.write(
+            fragment.conference_id,
+            fragment.participant_id,
+            fragment.participant_name,
+            fragment.start_time,
+            samples_to_ms(fragment.samples.size),
+            fragment.post_id,
+            fragment.language,
+            encode_wav(fragment.samples),
+        )
+
+    async def _wait_for_text(self, session: Session, held_post: str | None) -> None:
+        deadline = time.monotonic() + self._stream_config.answer_wait_ms / 1000
+        while held_post is not None and session.stream.holds(held_post):
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(TICK_S / 2)
+        pending = set(session.in_flight)
+        remaining = deadline - time.monotonic()
+        if pending and remaining > 0:
+            await asyncio.wait(pending, timeout=remaining)
+
+    # -- recognition ---------------------------------------------------------------------
+    def _track(self, session: Session, coroutine: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+        session.in_flight.add(task)
+        task.add_done_callback(session.in_flight.discard)
+
+    def _dispatch_finals(self, session: Session, closed: tuple[Combination, ...] | list[Combination]) -> None:
+        for combination in closed:
+            request = RecognitionRequest(
+                audio=combination.audio,
+                language=session.language,
+                priority=Priority.FINAL,
+                beam_size=self._recognizer_config.final_beam_size,
+            )
+            future = self._scheduler.submit(request)
+            self._track(session, self._settle_final(session, combination, future))
+
+    async def _settle_final(
+        self, session: Session, combination: Combination, future: asyncio.Future[Recognition | None]
+    ) -> None:
+        try:
+            result = await future
+        except Exception:
+            log.exception("final recognition failed; keeping the progress text", extra=session.ids)
+            result = None
+        text = combination.text if result is None else result.text
+        if result is not None:
+            self._learn_language(session, result)
+        session.stream.set_final(combination, text)
+        if text.strip():
+            self._metrics.finals.inc()
+        log.info(
+            "final %s (%d ms, %s): %s", combination.id, combination.duration_ms,
+            combination.close_reason.value if combination.close_reason else "?", text,
+            extra=session.ids,
+        )
+
+    def _progress_interval(self) -> float:
+        load = self._scheduler.depth / max(self._recognizer_config.max_batch_size, 1)
+        return self._stream_config.progress_min_interval_ms / 1000 * max(1.0, load)
+
+    def _request_progress(self, session: Session) -> None:
+        combination = session.stream.open
+        if combination is None or combination.version <= combination.requested_version:
+            return
+        now = time.monotonic()
+        if now - session.last_progress_at < self._progress_interval():
+            return
+        session.last_progress_at = now
+        combination.requested_version = combination.version
+        prefix = combination.stable_tokens if self._recognizer_config.stable_prefix else ()
+        request = RecognitionRequest(
+            audio=combination.audio,
+            language=session.language,
+            priority=Priority.PROGRESS,
+            beam_size=self._recognizer_config.progress_beam_size,
+            prefix_tokens=prefix,
+        )
+        key = f"{combination.id}"
+        future = self._scheduler.submit(request, coalesce_key=key)
+        self._track(session, self._settle_progress(session, combination, combination.version, future))
+
+    async def _settle_progress(
+        self,
+        session: Session,
+        combination: Combination,
+        version: int,
+        future: asyncio.Future[Recognition | None],
+    ) -> None:
+        try:
+            result = await future
+        except Exception:
+            log.exception("progress recognition failed", extra=session.ids)
+            return
+        if result is None:
+            return
+        self._learn_language(session, result)
+        stable = agreed_prefix(
+            combination.hypothesis_tokens, result.tokens, self._timestamp_begin, self._starts_word
+        )
+        session.stream.set_progress(combination, version, result.text, result.tokens, stable)
+
+    def _learn_language(self, session: Session, result: Recognition) -> None:
+        if session.language is None and (
+            result.language_probability >= self._recognizer_config.language_confidence
+        ):
+            session.language = result.language
+            log.info("language locked to %s (p=%.2f)", result.language,
+                     result.language_probability, extra=session.ids)
+
+    # -- timers --------------------------------------------------------------------------
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for key, session in list(self._sessions.items()):
+                if session.lock.locked():
+                    continue
+                closed = session.stream.tick(now, REORDER_MS)
+                if closed:
+                    self._dispatch_finals(session, closed)
+                self._request_progress(session)
+                idle = now - session.last_seen
+                if idle > self._stream_config.session_ttl_s and not session.in_flight:
+                    self._sessions.pop(key, None)
+                    self._metrics.active_participants.set(len(self._sessions))
+                    log.info("session expired after %.0f s idle", idle, extra=session.ids)
+
+    async def start(self) -> None:
+        self._ticker = asyncio.create_task(self._tick_forever(), name="live-ticker")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+        tasks = [t for s in self._sessions.values() for t in s.in_flight]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            "participants": len(self._sessions),
+            "pending_finals": sum(s.stream.pending_finals for s in self._sessions.values()),
+        }

@@ -1,0 +1,97 @@
+"""Validation of the Terra request parameters. Pure: strings in, values or ParamError out."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+# {conf_id}:a-{participant_id}_{YYYYMMDD}_{HH}_{MM}_{SS}_{micro}.wav
+FILENAME_PATTERN = re.compile(
+    r"^(?P<conference>[^:/\\]+):a-(?P<participant>[^:/\\]+)_"
+    r"(?P<date>\d{8})_(?P<hour>\d{2})_(?P<minute>\d{2})_(?P<second>\d{2})_(?P<micro>\d{6})"
+    r"\.[A-Za-z0-9]+$"
+)
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class ParamError(ValueError):
+    """A request parameter is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class FilenameInfo:
+    conference_id: str
+    participant_id: str
+    local_time: datetime
+
+
+def validate_id(name: str, value: str | None) -> str:
+    """Ids become folder names: only ``[A-Za-z0-9_-]{1,128}`` is accepted."""
+    if value is None or value == "":
+        raise ParamError(f"{name} is required")
+    if not ID_PATTERN.match(value):
+        raise ParamError(f"{name} must match [A-Za-z0-9_-]{{1,128}}, got {value[:140]!r}")
+    return value
+
+
+def parse_bool(name: str, value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ParamError(f"{name} must be true or false, got {value[:40]!r}")
+
+
+def parse_filename(filename: str | None) -> FilenameInfo | None:
+    """The spec's fragment file name, or None if it does not follow the format."""
+    if not filename:
+        return None
+    match = FILENAME_PATTERN.match(filename.rsplit("/", 1)[-1])
+    if match is None:
+        return None
+    try:
+        moment = datetime.strptime(
+            f"{match['date']} {match['hour']}:{match['minute']}:{match['second']}.{match['micro']}",
+            "%Y%m%d %H:%M:%S.%f",
+        )
+    except ValueError:
+        return None
+    return FilenameInfo(match["conference"], match["participant"], moment)
+
+
+def to_unix(local_time: datetime, zone: ZoneInfo | None) -> float:
+    """A naive local time (as in file names) to unix seconds."""
+    if zone is not None:
+        return local_time.replace(tzinfo=zone).timestamp()
+    return local_time.timestamp()
+
+
+def parse_timestamp(
+    value: str | None, filename: FilenameInfo | None, zone: ZoneInfo | None
+) -> float:
+    """``timestamp_float`` if given and non-zero, else the time in the file name."""
+    if value is not None and value.strip() != "":
+        try:
+            number = float(value)
+        except ValueError as e:
+            raise ParamError(f"timestamp_float must be a number, got {value[:40]!r}") from e
+        if not math.isfinite(number) or number < 0:
+            raise ParamError(f"timestamp_float must be a finite positive number, got {value!r}")
+        if number > 0:
+            return number
+    if filename is None:
+        raise ParamError(
+            "timestamp_float is absent or 0 and the audiofile name does not carry a time "
+            "({conf_id}:a-{participant_id}_{YYYYMMDD}_{HH}_{MM}_{SS}_{micro}.wav)"
+        )
+    return to_unix(filename.local_time, zone)

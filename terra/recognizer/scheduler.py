@@ -1,0 +1,163 @@
+"""The one place where async code meets the blocking recognizer.
+
+Requests from all participants wait in one priority queue; a single worker thread per
+device takes the most urgent request plus every other waiting request that can share its
+model call (same window bucket and beam size), up to ``max_batch_size``. Progress requests
+are coalesced per participant: a newer one replaces a waiting older one, whose future
+resolves to ``None``. Finals are never coalesced nor dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from terra.config import RecognizerConfig
+from terra.metrics import Metrics
+from terra.recognizer.types import Priority, Recognition, RecognitionEngine, RecognitionRequest
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The recognizer queue is at its configured bound."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    request: RecognitionRequest
+    future: asyncio.Future[Recognition | None]
+    seq: int
+    enqueued_at: float
+    coalesce_key: str | None = None
+    batch_key: tuple[float, int] = field(default=(0.0, 0))
+
+    def order(self) -> tuple[int, int]:
+        return (int(self.request.priority), self.seq)
+
+
+class RecognizerScheduler:
+    """Batches recognition requests across participants onto one blocking engine."""
+
+    def __init__(self, engine: RecognitionEngine, config: RecognizerConfig, metrics: Metrics):
+        self._engine = engine
+        self._config = config
+        self._metrics = metrics
+        self._pending: list[_Entry] = []
+        self._by_key: dict[str, _Entry] = {}
+        self._seq = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recognizer")
+        self._worker: asyncio.Task[None] | None = None
+        self.busy = False
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def submit(
+        self, request: RecognitionRequest, coalesce_key: str | None = None
+    ) -> asyncio.Future[Recognition | None]:
+        """Queue a request; the future resolves to its Recognition, or None if superseded."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Recognition | None] = loop.create_future()
+        if coalesce_key is not None and coalesce_key in self._by_key:
+            self._drop(self._by_key.pop(coalesce_key))
+        if len(self._pending) >= self._config.max_queue:
+            if request.priority is not Priority.FINAL:
+                future.set_result(None)
+                self._metrics.dropped_requests.labels(request.priority.name.lower()).inc()
+                return future
+        entry = _Entry(
+            request=request,
+            future=future,
+            seq=next(self._seq),
+            enqueued_at=time.perf_counter(),
+            coalesce_key=coalesce_key,
+            batch_key=self._engine.batch_key(request),
+        )
+        self._pending.append(entry)
+        if coalesce_key is not None:
+            self._by_key[coalesce_key] = entry
+        self._metrics.queue_depth.set(len(self._pending))
+        self._wakeup.set()
+        return future
+
+    def _drop(self, entry: _Entry) -> None:
+        self._pending.remove(entry)
+        if not entry.future.done():
+            entry.future.set_result(None)
+        self._metrics.dropped_requests.labels("superseded").inc()
+
+    def _take_batch(self) -> list[_Entry]:
+        self._pending.sort(key=_Entry.order)
+        head = self._pending[0]
+        batch = [e for e in self._pending if e.batch_key == head.batch_key]
+        batch = batch[: self._config.max_batch_size]
+        for entry in batch:
+            self._pending.remove(entry)
+            if entry.coalesce_key is not None and self._by_key.get(entry.coalesce_key) is entry:
+                del self._by_key[entry.coalesce_key]
+        self._metrics.queue_depth.set(len(self._pending))
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                if self._config.batch_wait_ms > 0 and len(self._pending) < self._config.max_batch_size:
+                    # A short wait lets fragments posted at the same moment share a batch.
+                    await asyncio.sleep(self._config.batch_wait_ms / 1000)
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                await self._execute(loop, batch)
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Entry]) -> None:
+        requests = [e.request for e in batch]
+        started = time.perf_counter()
+        self.busy = True
+        try:
+            results = await loop.run_in_executor(self._executor, self._engine.recognize, requests)
+        except Exception as e:  # a task boundary: fail these requests, keep serving
+            log.exception("recognizer batch of %d failed", len(batch))
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(RuntimeError(f"recognizer failed: {e}"))
+            return
+        finally:
+            self.busy = False
+        elapsed = time.perf_counter() - started
+        self._metrics.batch_size.observe(len(batch))
+        self._metrics.batch_seconds.observe(elapsed)
+        audio_s = sum(r.audio.size for r in requests) / 16_000
+        self._metrics.audio_seconds.inc(audio_s)
+        for entry, result in zip(batch, results):
+            self._metrics.request_latency.labels(entry.request.priority.name.lower()).observe(
+                time.perf_counter() - entry.enqueued_at
+            )
+            if not entry.future.done():
+                entry.future.set_result(result)
+
+    async def start(self) -> None:
+        self._worker = asyncio.create_task(self._run(), name="recognizer-scheduler")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        for entry in self._pending:
+            if not entry.future.done():
+                entry.future.cancel()
+        self._pending.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,132 @@
+"""The offline spool: every fragment as a WAV on disk, written atomically. Blocking I/O.
+
+Layout, enough for a minutes compiler to rebuild a meeting from disk alone::
+
+    {spool}/{conference_id}/{participant_id}/participant.json   id, name, language
+    {spool}/{conference_id}/{participant_id}/{start_us:017d}_{post_key}.wav
+    {spool}/{conference_id}/{participant_id}/index.jsonl        one line per fragment
+
+The WAV name carries the fragment's start (unix microseconds) and its post id, so the
+index is a convenience: a torn last line after a crash loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledFragment:
+    conference_id: str
+    participant_id: str
+    participant_name: str
+    start_time: float
+    duration_ms: int
+    post_id: str | None
+    language: str | None
+    file: str
+
+
+def post_key(post_id: str | None) -> str:
+    """A file-name-safe key for a post id (hashed when it has other characters)."""
+    if post_id is None:
+        return "nopost-" + uuid.uuid4().hex
+    if _SAFE.match(post_id):
+        return post_id
+    return "h-" + hashlib.sha1(post_id.encode("utf-8")).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+class Spool:
+    """Per-conference, per-participant fragment store."""
+
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+
+    def participant_dir(self, conference_id: str, participant_id: str) -> Path:
+        return self.root / conference_id / participant_id
+
+    def has_conference(self, conference_id: str) -> bool:
+        return (self.root / conference_id).is_dir()
+
+    def known_post_keys(self, conference_id: str, participant_id: str) -> set[str]:
+        folder = self.participant_dir(conference_id, participant_id)
+        if not folder.is_dir():
+            return set()
+        return {p.stem.split("_", 1)[1] for p in folder.glob("*.wav") if "_" in p.stem}
+
+    def write(
+        self,
+        conference_id: str,
+        participant_id: str,
+        participant_name: str,
+        start_time: float,
+        duration_ms: int,
+        post_id: str | None,
+        language: str | None,
+        wav: bytes,
+    ) -> SpooledFragment:
+        """Store one fragment durably; returns once it is on disk (fsync'd when enabled)."""
+        folder = self.participant_dir(conference_id, participant_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._write_participant(folder, participant_id, participant_name, language)
+        name = f"{int(round(start_time * 1_000_000)):017d}_{post_key(post_id)}.wav"
+        write_atomic(folder / name, wav, self.fsync)
+        record = SpooledFragment(
+            conference_id, participant_id, participant_name, start_time, duration_ms,
+            post_id, language, name,
+        )
+        with open(folder / "index.jsonl", "a", encoding="utf-8") as index:
+            index.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+            index.flush()
+            if self.fsync:
+                os.fsync(index.fileno())
+        return record
+
+    def _write_participant(
+        self, folder: Path, participant_id: str, name: str, language: str | None
+    ) -> None:
+        path = folder / "participant.json"
+        info = {"participant_id": participant_id, "participant_name": name, "language": language}
+        if path.exists():
+            try:
+                if json.loads(path.read_text(encoding="utf-8")) == info:
+                    return
+            except (OSError, ValueError):
+                pass
+        write_atomic(path, json.dumps(info, ensure_ascii=False).encode("utf-8"), self.fsync)
