@@ -34,8 +34,9 @@ def build_engine(config: Config) -> WhisperEngine:
     )
     started = time.perf_counter()
     model = load_whisper(path, config.model)
-    log.info("model %s loaded from %s in %.1f s", config.model.name, path,
-             time.perf_counter() - started)
+    log.info(
+        "model %s loaded from %s in %.1f s", config.model.name, path, time.perf_counter() - started
+    )
     return WhisperEngine(model, config.recognizer)
 
 
@@ -96,8 +97,13 @@ def _recognizer_ctx(
         app[keys.ENGINE] = loaded
         scheduler = RecognizerScheduler(loaded, config.recognizer, app[keys.METRICS])
         live = LiveService(
-            config.stream, config.recognizer, scheduler, app[keys.SPOOL], app[keys.METRICS],
-            loaded.timestamp_begin(), loaded.starts_word,
+            config.stream,
+            config.recognizer,
+            scheduler,
+            app[keys.SPOOL],
+            app[keys.METRICS],
+            loaded.timestamp_begin(),
+            loaded.starts_word,
         )
         app[keys.SCHEDULER] = scheduler
         app[keys.LIVE] = live

@@ -72,8 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from terra.streamclient import run_stream_command
 
         return run_stream_command(args)
-    code: int = args.func(args)
-    return code
+    serve: int = _serve(args)
+    return serve
 
 
 if __name__ == "__main__":

@@ -79,10 +79,12 @@ class RecognizerConfig:
     use_timestamp_tokens: bool = True
     stable_prefix: bool = False
     no_speech_threshold: float = 0.6
+    no_speech_drop_threshold: float = 0.7
     logprob_threshold: float = -1.0
     compression_ratio_threshold: float = 2.4
     language_fallback: str = "ru"
     language_confidence: float = 0.6
+    detect_languages: tuple[str, ...] = ("ru", "en", "es", "ar", "tr", "uz")
     max_queue: int = 256
 
 
@@ -134,8 +136,11 @@ def _coerce(value: Any, like: Any, where: str) -> Any:
         if not isinstance(items, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         element = like[0] if like else ""
-        return tuple(_coerce(item.strip() if isinstance(item, str) else item, element, where)
-                     for item in items if not (isinstance(item, str) and not item.strip()))
+        return tuple(
+            _coerce(item.strip() if isinstance(item, str) else item, element, where)
+            for item in items
+            if not (isinstance(item, str) and not item.strip())
+        )
     try:
         if isinstance(like, int):
             return int(value)
@@ -188,14 +193,12 @@ def load_config(
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update(values)
 
-    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+    defaults = Config()
+    sections = {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(Config)}
     unknown = set(raw) - set(sections)
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
-    built = {
-        name: _build(type(factory()), raw.get(name, {}), name)
-        for name, factory in sections.items()
-    }
+    built = {name: _build(cls, raw.get(name, {}), name) for name, cls in sections.items()}
     config = Config(**built)
     _validate(config)
     return config

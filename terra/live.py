@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from terra.audio import Samples, encode_wav, samples_to_ms
 from terra.config import RecognizerConfig, StreamConfig
@@ -126,7 +127,8 @@ class LiveService:
                 if update.late:
                     log.warning(
                         "fragment %s is older than the live timeline: spooled only",
-                        fragment.post_id, extra=session.ids,
+                        fragment.post_id,
+                        extra=session.ids,
                     )
                 held = update.held
                 self._dispatch_finals(session, update.closed)
@@ -160,12 +162,14 @@ class LiveService:
             await asyncio.wait(pending, timeout=remaining)
 
     # -- recognition ---------------------------------------------------------------------
-    def _track(self, session: Session, coroutine: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+    def _track(self, session: Session, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
         session.in_flight.add(task)
         task.add_done_callback(session.in_flight.discard)
 
-    def _dispatch_finals(self, session: Session, closed: tuple[Combination, ...] | list[Combination]) -> None:
+    def _dispatch_finals(
+        self, session: Session, closed: tuple[Combination, ...] | list[Combination]
+    ) -> None:
         for combination in closed:
             request = RecognitionRequest(
                 audio=combination.audio,
@@ -191,8 +195,11 @@ class LiveService:
         if text.strip():
             self._metrics.finals.inc()
         log.info(
-            "final %s (%d ms, %s): %s", combination.id, combination.duration_ms,
-            combination.close_reason.value if combination.close_reason else "?", text,
+            "final %s (%d ms, %s): %s",
+            combination.id,
+            combination.duration_ms,
+            combination.close_reason.value if combination.close_reason else "?",
+            text,
             extra=session.ids,
         )
 
@@ -219,7 +226,9 @@ class LiveService:
         )
         key = f"{combination.id}"
         future = self._scheduler.submit(request, coalesce_key=key)
-        self._track(session, self._settle_progress(session, combination, combination.version, future))
+        self._track(
+            session, self._settle_progress(session, combination, combination.version, future)
+        )
 
     async def _settle_progress(
         self,
@@ -246,8 +255,12 @@ class LiveService:
             result.language_probability >= self._recognizer_config.language_confidence
         ):
             session.language = result.language
-            log.info("language locked to %s (p=%.2f)", result.language,
-                     result.language_probability, extra=session.ids)
+            log.info(
+                "language locked to %s (p=%.2f)",
+                result.language,
+                result.language_probability,
+                extra=session.ids,
+            )
 
     # -- timers --------------------------------------------------------------------------
     async def _tick_forever(self) -> None:

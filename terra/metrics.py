@@ -39,42 +39,56 @@ def create_metrics() -> Metrics:
             "terra_http_requests", "HTTP requests", ["route", "status"], registry=registry
         ),
         request_seconds=Histogram(
-            "terra_http_request_seconds", "HTTP request time", ["route"],
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "terra_http_request_seconds",
+            "HTTP request time",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         ),
         fragments=Counter("terra_fragments", "Audio fragments accepted", registry=registry),
         fragment_audio_seconds=Counter(
             "terra_fragment_audio_seconds", "Seconds of audio accepted", registry=registry
         ),
         duplicate_fragments=Counter(
-            "terra_duplicate_fragments", "Fragments whose post_id was already seen",
+            "terra_duplicate_fragments",
+            "Fragments whose post_id was already seen",
             registry=registry,
         ),
         spooled_fragments=Counter(
             "terra_spooled_fragments", "Fragments written to the spool", registry=registry
         ),
         queue_depth=Gauge(
-            "terra_recognizer_queue_depth", "Requests waiting for the recognizer",
+            "terra_recognizer_queue_depth",
+            "Requests waiting for the recognizer",
             registry=registry,
         ),
         batch_size=Histogram(
-            "terra_recognizer_batch_size", "Requests per recognizer call",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=registry,
+            "terra_recognizer_batch_size",
+            "Requests per recognizer call",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+            registry=registry,
         ),
         batch_seconds=Histogram(
-            "terra_recognizer_batch_seconds", "Time of one recognizer call",
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "terra_recognizer_batch_seconds",
+            "Time of one recognizer call",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         ),
         request_latency=Histogram(
-            "terra_recognizer_latency_seconds", "Queue wait plus recognition, per request",
-            ["priority"], buckets=LATENCY_BUCKETS, registry=registry,
+            "terra_recognizer_latency_seconds",
+            "Queue wait plus recognition, per request",
+            ["priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         ),
         audio_seconds=Counter(
             "terra_recognizer_audio_seconds", "Seconds of audio recognized", registry=registry
         ),
         dropped_requests=Counter(
-            "terra_recognizer_dropped", "Requests not run (superseded or queue full)",
-            ["reason"], registry=registry,
+            "terra_recognizer_dropped",
+            "Requests not run (superseded or queue full)",
+            ["reason"],
+            registry=registry,
         ),
         finals=Counter("terra_finals", "Final TextElems produced", registry=registry),
         active_participants=Gauge(

@@ -108,8 +108,14 @@ class Spool:
         name = f"{int(round(start_time * 1_000_000)):017d}_{post_key(post_id)}.wav"
         write_atomic(folder / name, wav, self.fsync)
         record = SpooledFragment(
-            conference_id, participant_id, participant_name, start_time, duration_ms,
-            post_id, language, name,
+            conference_id,
+            participant_id,
+            participant_name,
+            start_time,
+            duration_ms,
+            post_id,
+            language,
+            name,
         )
         with open(folder / "index.jsonl", "a", encoding="utf-8") as index:
             index.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")

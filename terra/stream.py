@@ -112,8 +112,8 @@ class StreamUpdate:
 
 def format_timestamp(unix_seconds: float, zone: ZoneInfo | None) -> str:
     """ISO text of a time as the sender's file names carry it: local, no offset."""
-    moment = datetime.fromtimestamp(unix_seconds, zone) if zone else datetime.fromtimestamp(
-        unix_seconds
+    moment = (
+        datetime.fromtimestamp(unix_seconds, zone) if zone else datetime.fromtimestamp(unix_seconds)
     )
     return moment.replace(tzinfo=None).isoformat(timespec="microseconds")
 
@@ -233,7 +233,7 @@ class ParticipantStream:
             self._last_pause_end = combination.length
         if self._trailing_silence >= self._pause_samples:
             return self._close_open(CloseReason.PAUSE)
-        if combination.length >= self._max_samples:
+        if combination.length + chunk.size > self._max_samples:  # the next frame won't fit
             return self._split_at_max()
         return []
 
@@ -325,7 +325,11 @@ class ParticipantStream:
 
     # -- results -------------------------------------------------------------------------
     def set_progress(
-        self, combination: Combination, version: int, text: str, tokens: tuple[int, ...],
+        self,
+        combination: Combination,
+        version: int,
+        text: str,
+        tokens: tuple[int, ...],
         stable_tokens: tuple[int, ...],
     ) -> None:
         if combination.state is CombinationState.FINAL or version < combination.text_version:

@@ -36,8 +36,10 @@ class FrameVad:
         pcm = to_pcm16(audio)
         step = self.frame_samples * 2
         flags = np.fromiter(
-            (self._vad.is_speech(pcm[i * step : (i + 1) * step], SAMPLE_RATE)
-             for i in range(n_frames)),
+            (
+                self._vad.is_speech(pcm[i * step : (i + 1) * step], SAMPLE_RATE)
+                for i in range(n_frames)
+            ),
             dtype=np.bool_,
             count=n_frames,
         )

@@ -6,11 +6,12 @@ which aiohttp's part properties reject, so the header is parsed here directly.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 from aiohttp import BodyPartReader, web
-from aiohttp.multipart import parse_content_disposition
+from aiohttp.multipart import BadContentDispositionHeader, parse_content_disposition
 
 from terra.api.errors import BadRequest, PayloadTooLarge
 
@@ -25,6 +26,11 @@ class UploadedFile:
 class Form:
     fields: dict[str, str] = field(default_factory=dict)
     files: dict[str, UploadedFile] = field(default_factory=dict)
+
+
+def quiet_spec_dispositions() -> None:
+    """aiohttp warns on every part of a spec-shaped request; for Terra clients that is normal."""
+    warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
 
 
 def _disposition(header: str) -> tuple[str | None, str | None]:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from terra import keys
 from terra.api.errors import BadRequest, Unauthorized
-from terra.api.form import read_form
+from terra.api.form import quiet_spec_dispositions, read_form
 from terra.audio import decode_audio
 from terra.config import Config, zone_of
 from terra.live import FragmentInput
@@ -53,10 +53,12 @@ async def process(request: web.Request) -> web.Response:
     try:
         from_name = parse_filename(audio.filename)
         conference_id = validate_id(
-            "conference_id", param("conference_id") or (from_name and from_name.conference_id)
+            "conference_id",
+            param("conference_id") or (from_name.conference_id if from_name else None),
         )
         participant_id = validate_id(
-            "participant_id", param("participant_id") or (from_name and from_name.participant_id)
+            "participant_id",
+            param("participant_id") or (from_name.participant_id if from_name else None),
         )
         start_time = parse_timestamp(param("timestamp_float"), from_name, zone)
         online = parse_bool("online", param("online"), default=False)
@@ -88,4 +90,5 @@ async def process(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    quiet_spec_dispositions()
     app.router.add_post("/process", process)

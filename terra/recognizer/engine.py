@@ -52,7 +52,8 @@ def load_whisper(model_path: str, config: ModelConfig) -> WhisperModel:
         )
     except (RuntimeError, ValueError, OSError) as e:
         raise RuntimeError(
-            f"cannot load Whisper model {model_path!r} on {config.device}/{config.compute_type}: {e}"
+            f"cannot load Whisper model {model_path!r} "
+            f"on {config.device}/{config.compute_type}: {e}"
         ) from e
 
 
@@ -120,10 +121,15 @@ class WhisperEngine:
         if not needs or not self.multilingual:
             return {i: ("en", 1.0) for i in needs}
         detected = self._ct2.detect_language(features)
+        allowed = set(self._config.detect_languages)
         out: dict[int, tuple[str, float]] = {}
         for i in needs:
-            token, probability = detected[i][0]
-            out[i] = (token[2:-2], float(probability))
+            candidates = [(t[2:-2], float(p)) for t, p in detected[i] if t[2:-2] in allowed]
+            language, probability = max(candidates, key=lambda c: c[1], default=("", 0.0))
+            if probability >= self._config.language_confidence:
+                out[i] = (language, probability)
+            else:  # not sure: decode in the configured language, report the doubt
+                out[i] = (self._config.language_fallback, probability)
         return out
 
     def _tokenizer(self, language: str, task: str) -> Tokenizer:
@@ -159,8 +165,9 @@ class WhisperEngine:
             prompts.append(prompt)
             tokenizers.append(tokenizer)
             languages.append((language, probability))
-            max_length = max(max_length, len(request.prefix_tokens)
-                             + self.token_budget(request.audio.size))
+            max_length = max(
+                max_length, len(request.prefix_tokens) + self.token_budget(request.audio.size)
+            )
 
         generated = self._ct2.generate(
             features,
@@ -200,7 +207,9 @@ class WhisperEngine:
         cfg = self._config
         if no_speech_prob > cfg.no_speech_threshold and avg_logprob < cfg.logprob_threshold:
             dropped = "no_speech"
-        elif guards.is_known_hallucination(text):
+        elif no_speech_prob > cfg.no_speech_drop_threshold:
+            dropped = "no_speech"
+        elif guards.is_known_hallucination(text) or guards.is_sound_caption(text):
             dropped = "known_hallucination"
         if dropped:
             text, tokens = "", ()

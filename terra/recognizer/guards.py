@@ -25,6 +25,17 @@ _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 _SUBWORD_LOOP = re.compile(r"(\S{2,12}?)\1{3,}")
 
 
+def is_sound_caption(text: str) -> bool:
+    """Subtitle-style sound events: "ТРЕВОЖНАЯ МУЗЫКА", "[MUSIC]", "(аплодисменты)", "*смех*"."""
+    stripped = text.strip()
+    if not stripped:
+        return False
+    if stripped[0] in "[(*♪" and stripped[-1] in "])*♪":
+        return True
+    letters = [c for c in stripped if c.isalpha()]
+    return len(letters) >= 4 and all(c.isupper() for c in letters)
+
+
 def compression_ratio(text: str) -> float:
     data = text.encode("utf-8")
     if not data:

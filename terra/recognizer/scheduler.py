@@ -112,7 +112,10 @@ class RecognizerScheduler:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                if self._config.batch_wait_ms > 0 and len(self._pending) < self._config.max_batch_size:
+                if (
+                    self._config.batch_wait_ms > 0
+                    and len(self._pending) < self._config.max_batch_size
+                ):
                     # A short wait lets fragments posted at the same moment share a batch.
                     await asyncio.sleep(self._config.batch_wait_ms / 1000)
                 batch = self._take_batch()

@@ -1,0 +1,180 @@
+"""Shared fixtures: the real packaged model (loaded once), the real server on loopback,
+and the real speech in ../shared/data/speech/."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+import soundfile as sf
+from aiohttp.test_utils import TestClient, TestServer
+from terra.models import resolve_model
+
+from terra.app import create_app
+from terra.audio import SAMPLE_RATE, Samples, encode_wav, to_mono_16k
+from terra.config import Config, ModelConfig, RecognizerConfig, load_config
+from terra.recognizer.engine import WhisperEngine, load_whisper
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEECH = Path(os.environ.get("TERRA_SPEECH_DIR", ROOT.parent / "shared" / "data" / "speech"))
+TOKEN = "test-token"
+
+
+@dataclass(frozen=True, slots=True)
+class Clip:
+    path: Path
+    lang: str
+    transcript: str
+
+
+def clip(relative: str) -> Clip:
+    with open(SPEECH / "manifest.tsv", encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            if row["path"] == relative:
+                return Clip(SPEECH / relative, row["lang"], row["transcript"])
+    raise KeyError(relative)
+
+
+def load_clip(path: Path) -> Samples:
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    return to_mono_16k(data, rate)
+
+
+def normalise(text: str) -> str:
+    text = text.lower().replace("ё", "е")
+    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
+
+
+def cer(reference: str, hypothesis: str) -> float:
+    import jiwer
+
+    return float(jiwer.cer(normalise(reference), normalise(hypothesis)))
+
+
+@pytest.fixture(scope="session")
+def engine() -> WhisperEngine:
+    """The packaged `base` model, assembled into models/ if needed, loaded once."""
+    path = resolve_model("base", ROOT / "models", allow_download=False)
+    model = load_whisper(path, ModelConfig(cpu_threads=2))
+    return WhisperEngine(model, RecognizerConfig())
+
+
+def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    overrides: dict[str, dict[str, Any]] = {
+        "server": {"tokens": [TOKEN]},
+        "spool": {"dir": str(tmp_path / "spool")},
+    }
+    for name, values in sections.items():
+        overrides.setdefault(name, {}).update(values)
+    return load_config(None, environ={}, overrides=overrides)
+
+
+ServerFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+async def make_server(engine: WhisperEngine, tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """Start the real app on a loopback port with the shared engine."""
+    clients: list[TestClient[Any, Any]] = []
+
+    async def start(**sections: dict[str, Any]) -> TestClient[Any, Any]:
+        config = make_config(tmp_path, **sections)
+        client: TestClient[Any, Any] = TestClient(
+            TestServer(create_app(config, engine=engine), host="127.0.0.1")
+        )
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        await client.close()
+
+
+async def post_fragment(
+    client: TestClient[Any, Any],
+    samples: Samples | None = None,
+    *,
+    conference_id: str | None = "conf-1",
+    participant_id: str | None = "p-1",
+    participant_name: str = "Speaker",
+    start_time: float | None = 1_719_512_467.0,
+    post_id: str | None = None,
+    online: bool = True,
+    offline: bool = True,
+    lang: str | None = None,
+    token: str | None = TOKEN,
+    filename: str = "fragment.wav",
+    audio_bytes: bytes | None = None,
+    extra: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    params: dict[str, str] = {
+        "participant_name": participant_name,
+        "online": "true" if online else "false",
+        "offline": "true" if offline else "false",
+        "post_id": post_id or str(uuid.uuid4()),
+    }
+    if conference_id is not None:
+        params["conference_id"] = conference_id
+    if participant_id is not None:
+        params["participant_id"] = participant_id
+    if start_time is not None:
+        params["timestamp_float"] = repr(start_time)
+    if lang:
+        params["lang1"] = lang
+    params.update(extra or {})
+    form = aiohttp.FormData(quote_fields=False)
+    if token is not None:
+        form.add_field("token", token)
+    data = (
+        audio_bytes
+        if audio_bytes is not None
+        else encode_wav(samples if samples is not None else np.zeros(SAMPLE_RATE, np.float32))
+    )
+    form.add_field("audiofile", data, filename=filename, content_type="application/octet-stream")
+    response = await client.post("/process", params=params, data=form)
+    return response.status, await response.json()
+
+
+async def stream_samples(
+    client: TestClient[Any, Any],
+    samples: Samples,
+    *,
+    chunk_s: float = 2.0,
+    tail_silence_s: float = 2.0,
+    start_time: float = 1_719_512_467.0,
+    **kwargs: Any,
+) -> list[list[dict[str, Any]]]:
+    """POST ``samples`` in fragments (as fast as answers come), then silence; every answer."""
+    chunk = int(chunk_s * SAMPLE_RATE)
+    padded = np.concatenate([samples, np.zeros(int(tail_silence_s * SAMPLE_RATE), np.float32)])
+    answers = []
+    for offset in range(0, padded.size, chunk):
+        status, body = await post_fragment(
+            client,
+            padded[offset : offset + chunk],
+            start_time=start_time + offset / SAMPLE_RATE,
+            **kwargs,
+        )
+        assert status == 200, body
+        answers.append(body)
+    return answers
+
+
+def finals(answers: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for answer in answers:
+        for elem in answer:
+            if elem["status"] == "final":
+                assert elem["id"] not in seen, "a final was delivered twice"
+                seen[elem["id"]] = elem
+    return list(seen.values())

@@ -1,0 +1,49 @@
+"""Guards against Whisper's failure modes, and LocalAgreement prefixes (pure)."""
+
+from __future__ import annotations
+
+from terra.recognizer.guards import collapse_repeats, compression_ratio, is_known_hallucination
+from terra.recognizer.prefix import agreed_prefix
+
+
+def test_repetition_loops_are_collapsed() -> None:
+    assert collapse_repeats(" 5 5 5 5 5 5 5") == " 5 5"
+    assert collapse_repeats("We meet at ten. We meet at ten. We meet at ten.") == "We meet at ten."
+    assert collapse_repeats(" кандидамидамидамидамидамид") == " кандидамид"
+
+
+def test_real_repetition_is_kept() -> None:
+    assert collapse_repeats("five five") == "five five"
+    assert collapse_repeats("one zero zero zero one") == "one zero zero one"
+    assert collapse_repeats(" Всем привет. Давайте начнём.") == " Всем привет. Давайте начнём."
+
+
+def test_loop_has_a_high_compression_ratio() -> None:
+    assert compression_ratio("ha " * 60) > 2.4
+    assert compression_ratio("Всем привет. Давайте все камеры включим.") < 2.4
+
+
+def test_known_hallucinations() -> None:
+    assert is_known_hallucination(" Продолжение следует...")
+    assert is_known_hallucination("Thank you for watching!")
+    assert not is_known_hallucination(" Продолжение следует завтра в десять.")
+
+
+TS = 1000  # timestamp tokens are >= TS in these tests
+
+
+def starts_word(token: int) -> bool:
+    return token % 10 == 0  # tokens 10, 20, ... begin words; 11, 12 continue them
+
+
+def test_agreed_prefix_ends_a_word_short_of_the_agreement() -> None:
+    previous = (TS, 10, 11, 20, 30, 31, TS + 5)
+    current = (TS, 10, 11, 20, 30, 32, 40, TS + 9)
+    # Agreement: 10 11 20 30 (then 31 vs 32). Whole words: [10 11] [20] [30 3x]; the word
+    # cut by the disagreement and one more are held back.
+    assert agreed_prefix(previous, current, TS, starts_word) == (10, 11)
+
+
+def test_no_agreement_no_prefix() -> None:
+    assert agreed_prefix((), (10, 20), TS, starts_word) == ()
+    assert agreed_prefix((10, 20), (40, 50), TS, starts_word) == ()

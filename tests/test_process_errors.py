@@ -1,0 +1,94 @@
+"""Every error of POST /process: a JSON {"detail": ...}, the right status, and no side effect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from terra.audio import SAMPLE_RATE
+
+from .conftest import ServerFactory, post_fragment
+
+pytestmark = pytest.mark.model
+
+SPEECHLESS = np.zeros(SAMPLE_RATE, np.float32)
+
+
+def nothing_spooled(tmp_path: Path) -> bool:
+    spool = tmp_path / "spool"
+    return not spool.exists() or not any(spool.rglob("*.wav"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "fragment"),
+    [
+        ({"token": None}, 401, "token is required"),
+        ({"token": "wrong"}, 401, "invalid token"),
+        ({"conference_id": "../etc"}, 400, "conference_id must match"),
+        ({"conference_id": "a" * 129}, 400, "conference_id must match"),
+        ({"participant_id": "p 1"}, 400, "participant_id must match"),
+        ({"participant_id": None}, 400, "participant_id is required"),
+        ({"start_time": None}, 400, "timestamp_float is absent"),
+        ({"start_time": 0.0}, 400, "does not carry a time"),
+        ({"extra": {"timestamp_float": "yesterday"}}, 400, "timestamp_float must be a number"),
+        ({"extra": {"online": "maybe"}}, 400, "online must be true or false"),
+        ({"extra": {"offline": "2"}}, 400, "offline must be true or false"),
+        ({"audio_bytes": b"RIFF\x00\x00not really a wav"}, 400, "cannot decode audio"),
+        ({"audio_bytes": b""}, 400, "empty"),
+        ({"lang": "r1"}, 400, "lang1 must be"),
+    ],
+)
+async def test_bad_requests(
+    make_server: ServerFactory, tmp_path: Path, kwargs: dict, status: int, fragment: str
+) -> None:
+    client = await make_server()
+    got, body = await post_fragment(client, SPEECHLESS, **kwargs)
+    assert got == status
+    assert fragment in body["detail"]
+    assert nothing_spooled(tmp_path)
+    health = await (await client.get("/healthz")).json()
+    assert health["participants"] == 0
+
+
+async def test_missing_audiofile(make_server: ServerFactory) -> None:
+    client = await make_server()
+    response = await client.post(
+        "/process",
+        params={"conference_id": "c", "participant_id": "p", "token": "x"},
+        data={"token": "test-token"},
+    )
+    assert response.status == 400
+    assert "audiofile is required" in (await response.json())["detail"]
+
+
+async def test_body_over_the_limit_is_413(make_server: ServerFactory, tmp_path: Path) -> None:
+    client = await make_server(server={"max_upload_bytes": 100_000})
+    got, body = await post_fragment(client, np.zeros(5 * SAMPLE_RATE, np.float32))
+    assert got == 413
+    assert "limit" in body["detail"]
+    assert nothing_spooled(tmp_path)
+
+
+async def test_unknown_route_is_json_404(make_server: ServerFactory) -> None:
+    client = await make_server()
+    response = await client.get("/nope")
+    assert response.status == 404
+    assert "detail" in await response.json()
+
+
+async def test_healthz_and_metrics(make_server: ServerFactory) -> None:
+    client = await make_server()
+    health = await (await client.get("/healthz")).json()
+    assert health["status"] == "ok" and health["recognizer_queue_depth"] == 0
+    await post_fragment(client, SPEECHLESS, online=False)
+    text = await (await client.get("/metrics")).text()
+    for name in (
+        "terra_http_requests_total",
+        "terra_recognizer_queue_depth",
+        "terra_recognizer_batch_size_bucket",
+        "terra_http_request_seconds_bucket",
+        "terra_fragments_total 1.0",
+    ):
+        assert name in text
