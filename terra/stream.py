@@ -358,14 +358,18 @@ class ParticipantStream:
         )
 
     def take_answer(self) -> list[TextElem]:
-        """Undelivered finals (in order, removed once taken), then the newest progress."""
+        """Undelivered finals (in order, removed once taken), then what is still in progress.
+
+        A combination whose final is not known yet is listed as ``progress`` with its newest
+        text, even an empty one: the client sees that text is still coming.
+        """
         answer: list[TextElem] = []
         while self.outbox and self.outbox[0].state is CombinationState.FINAL:
             combination = self.outbox.pop(0)
             if combination.text.strip():
                 answer.append(self._elem(combination, "final"))
-        pending = [c for c in self.outbox if c.text.strip()]
-        if self.open is not None and self.open.text.strip():
+        pending = list(self.outbox)
+        if self.open is not None:
             pending.append(self.open)
         answer.extend(self._elem(c, "progress") for c in pending)
         return answer

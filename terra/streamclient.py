@@ -62,6 +62,7 @@ class StreamSettings:
     lang: str | None
     offline: bool
     tail_silence_ms: int
+    settle_fragments: int = 10
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -316,20 +317,36 @@ class _Player:
         return None
 
     async def _play(self) -> None:
+        elems: list[TextElem] = []
+        for fragment in self.fragments:
+            elems = await self._send(fragment)
+        # A conference server keeps sending while a participant is connected: go on with
+        # silence until nothing is left in progress, so the last finals are collected too.
+        last = self.fragments[-1] if self.fragments else None
+        step = ms_to_samples(self.settings.chunk_ms)
+        offset = last.offset_samples + last.samples.size if last else 0
+        index = last.index + 1 if last else 0
+        for extra in range(self.settings.settle_fragments):
+            if not any(e.get("status") == "progress" for e in elems):
+                break
+            silence = np.zeros(step, dtype=np.float32)
+            elems = await self._send(Fragment(index + extra, offset + extra * step, silence))
+
+    async def _send(self, fragment: Fragment) -> list[TextElem]:
         loop = asyncio.get_running_loop()
         speed = self.settings.speed
-        for fragment in self.fragments:
-            offset_s = fragment.offset_samples / SAMPLE_RATE
-            if speed > 0:
-                delay = self.clock.loop + offset_s / speed - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            elems = await post_fragment(
-                self.session, self.settings, self.participant, fragment, self.clock.wall + offset_s
-            )
-            changed = self.tracker.update(elems)
-            if changed:
-                self.on_elems(self.participant.participant_id, changed)
+        offset_s = fragment.offset_samples / SAMPLE_RATE
+        if speed > 0:
+            delay = self.clock.loop + offset_s / speed - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        elems = await post_fragment(
+            self.session, self.settings, self.participant, fragment, self.clock.wall + offset_s
+        )
+        changed = self.tracker.update(elems)
+        if changed:
+            self.on_elems(self.participant.participant_id, changed)
+        return elems
 
 
 async def stream_participants(
@@ -344,6 +361,7 @@ async def stream_participants(
     offline: bool,
     tail_silence_ms: int,
     on_elems: OnElems,
+    settle_fragments: int = 10,
     on_error: OnError | None = None,
     session_start: float | None = None,
 ) -> dict[str, list[TextElem]]:
@@ -368,6 +386,7 @@ async def stream_participants(
         lang=lang,
         offline=offline,
         tail_silence_ms=tail_silence_ms,
+        settle_fragments=settle_fragments,
     )
     audio = await asyncio.gather(*(asyncio.to_thread(load_audio, p.path) for p in participants))
     plans = [plan_fragments(samples, chunk_ms, tail_silence_ms) for samples in audio]
@@ -479,6 +498,12 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
         help="silence sent after each file so the last phrase settles (2000)",
     )
     parser.add_argument(
+        "--settle-fragments",
+        type=_non_negative_int,
+        default=10,
+        help="at most this many more silent fragments while text is still in progress (10)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print each changed TextElem as one JSON line"
     )
 
@@ -548,6 +573,7 @@ def run_stream_command(args: argparse.Namespace) -> int:
                 lang=args.lang,
                 offline=args.offline,
                 tail_silence_ms=args.tail_silence_ms,
+                settle_fragments=args.settle_fragments,
                 on_elems=printer.elems,
                 on_error=printer.error,
                 session_start=session_start,

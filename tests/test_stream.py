@@ -126,10 +126,12 @@ def test_answer_lists_undelivered_finals_in_order_then_progress() -> None:
     closed = feed(stream, np.concatenate([speech, gap, speech, gap, speech[:SAMPLE_RATE]]))
     assert len(closed) == 2 and stream.open is not None
     stream.open.text = " the child"
-    # The second final is ready first: it may not overtake the first, so it shows as progress.
+    # The second final is ready first: it may not overtake the first, so everything still
+    # shows as progress (the first with no text yet).
     stream.set_final(closed[1], " second")
     answer = stream.take_answer()
     assert [(e.status, e.text) for e in answer] == [
+        ("progress", ""),
         ("progress", " second"),
         ("progress", " the child"),
     ]

@@ -207,6 +207,7 @@ async def _stream(stand_in: StandIn, **options: Any) -> tuple[Any, list[tuple[st
         "lang": "ru",
         "offline": False,
         "tail_silence_ms": 1600,
+        "settle_fragments": 0,  # the stand-in always answers with progress
         "session_start": SESSION_START,
     }
     settings.update(options)
@@ -309,6 +310,7 @@ def test_run_stream_command_prints_json_lines(capsys: pytest.CaptureFixture[str]
                     "--speed", "max",
                     "--chunk-ms", "1600",
                     "--tail-silence-ms", "0",
+                    "--settle-fragments", "0",
                     "--token", "secret",
                     "--json",
                 ]
@@ -324,3 +326,32 @@ def test_run_stream_command_prints_json_lines(capsys: pytest.CaptureFixture[str]
         ("progress", " часть 3"),
     ]
     assert {r.token for r in stand_in.requests} == {"secret"}
+
+
+class SettlingStandIn(StandIn):
+    """A stand-in whose last final settles only after the sound stops: while audio arrives it
+    answers progress, on silence it answers the final alone."""
+
+    def answer(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        pid = query["participant_id"]
+        seen = [r for r in self.requests if r.query["participant_id"] == pid]
+        silent_in_a_row = 0
+        for recorded in reversed(seen):
+            if recorded.samples.any():
+                break
+            silent_in_a_row += 1
+        if silent_in_a_row >= 3:
+            return [self.elem(seen[0].query, f"{pid}-1", " Всем привет.", "final", 2000)]
+        return [self.elem(query, f"{pid}-p", " Всем", "progress")]
+
+
+def test_client_keeps_sending_silence_until_the_text_settles() -> None:
+    stand_in = SettlingStandIn()
+    finals, _ = asyncio.run(_stream(stand_in, settle_fragments=10))
+    for participant in PARTICIPANTS:
+        sent = [
+            r for r in stand_in.requests if r.query["participant_id"] == participant.participant_id
+        ]
+        assert [e["text"] for e in finals[participant.participant_id]] == [" Всем привет."]
+        # One tail fragment (1600 ms at 2000 ms chunks), then two more until the final came.
+        assert sum(1 for r in sent if not r.samples.any()) == 3

@@ -173,7 +173,9 @@ class WhisperEngine:
             features,
             prompts,
             beam_size=beam_size,
-            max_length=max_length,
+            # Measured with CTranslate2 4.8: Whisper generate returns at most max_length / 2
+            # tokens, so the budget is passed doubled (and the result trimmed to it below).
+            max_length=min(2 * max_length, MAX_DECODER_TOKENS),
             return_scores=True,
             return_no_speech_prob=True,
             suppress_blank=True,
