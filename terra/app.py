@@ -18,6 +18,7 @@ from terra.live import LiveService
 from terra.metrics import create_metrics
 from terra.models import resolve_model
 from terra.recognizer.engine import WhisperEngine, load_whisper
+from terra.recognizer.naive import NaiveEngine
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import RecognitionEngine
 from terra.spool import Spool
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 EngineFactory = Callable[[Config], RecognitionEngine]
 
 
-def build_engine(config: Config) -> WhisperEngine:
+def build_engine(config: Config) -> RecognitionEngine:
     """Resolve and load the configured model (blocking: call it off the event loop)."""
     path = resolve_model(
         config.model.name, Path(config.model.models_dir), allow_download=config.model.allow_download
@@ -37,6 +38,8 @@ def build_engine(config: Config) -> WhisperEngine:
     log.info(
         "model %s loaded from %s in %.1f s", config.model.name, path, time.perf_counter() - started
     )
+    if config.recognizer.mode == "naive":
+        return NaiveEngine(model)
     return WhisperEngine(model, config.recognizer)
 
 

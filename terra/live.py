@@ -53,6 +53,9 @@ class Session:
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     last_progress_at: float = 0.0
     last_seen: float = field(default_factory=time.monotonic)
+    # Fragments waiting for text that covers them: (combination id, its version, arrival).
+    uncovered: list[tuple[str, int, float]] = field(default_factory=list)
+    closed_at: dict[str, float] = field(default_factory=dict)
 
     @property
     def ids(self) -> dict[str, str]:
@@ -131,6 +134,9 @@ class LiveService:
                         extra=session.ids,
                     )
                 held = update.held
+                if session.stream.open is not None and not held:
+                    opened = session.stream.open
+                    session.uncovered.append((opened.id, opened.version, time.monotonic()))
                 self._dispatch_finals(session, update.closed)
                 self._request_progress(session)
         if not fragment.online:
@@ -167,10 +173,28 @@ class LiveService:
         session.in_flight.add(task)
         task.add_done_callback(session.in_flight.discard)
 
+    def _observe_coverage(
+        self, session: Session, combination: Combination, version: int | None
+    ) -> None:
+        """Text latency: from a fragment's arrival to text made from audio that includes it."""
+        now = time.monotonic()
+        keep = []
+        for entry in session.uncovered:
+            combination_id, needed, arrived = entry
+            if combination_id == combination.id and (version is None or needed <= version):
+                self._metrics.text_latency.labels("progress").observe(now - arrived)
+            else:
+                keep.append(entry)
+        session.uncovered = keep
+        if version is None and combination.id in session.closed_at:
+            closed = session.closed_at.pop(combination.id)
+            self._metrics.text_latency.labels("final").observe(now - closed)
+
     def _dispatch_finals(
         self, session: Session, closed: tuple[Combination, ...] | list[Combination]
     ) -> None:
         for combination in closed:
+            session.closed_at[combination.id] = time.monotonic()
             request = RecognitionRequest(
                 audio=combination.audio,
                 language=session.language,
@@ -192,6 +216,7 @@ class LiveService:
         if result is not None:
             self._learn_language(session, result)
         session.stream.set_final(combination, text)
+        self._observe_coverage(session, combination, None)
         if text.strip():
             self._metrics.finals.inc()
         log.info(
@@ -249,6 +274,7 @@ class LiveService:
             combination.hypothesis_tokens, result.tokens, self._timestamp_begin, self._starts_word
         )
         session.stream.set_progress(combination, version, result.text, result.tokens, stable)
+        self._observe_coverage(session, combination, version)
 
     def _learn_language(self, session: Session, result: Recognition) -> None:
         if session.language is None and (
@@ -270,6 +296,8 @@ class LiveService:
             for key, session in list(self._sessions.items()):
                 if session.lock.locked():
                     continue
+                # Fragments of a combination dropped as noise are never covered: forget them.
+                session.uncovered = [e for e in session.uncovered if now - e[2] < 60.0]
                 closed = session.stream.tick(now, REORDER_MS)
                 if closed:
                     self._dispatch_finals(session, closed)

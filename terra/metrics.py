@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+TEXT_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 31)) + (4.0, 5.0, 7.5, 10.0, 20.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
 
@@ -25,6 +26,7 @@ class Metrics:
     audio_seconds: Counter
     dropped_requests: Counter
     finals: Counter
+    text_latency: Histogram
     active_participants: Gauge
 
     def render(self) -> bytes:
@@ -91,6 +93,11 @@ def create_metrics() -> Metrics:
             registry=registry,
         ),
         finals=Counter("terra_finals", "Final TextElems produced", registry=registry),
+        text_latency=Histogram(
+            "terra_text_latency_seconds",
+            "progress: fragment arrival to text covering it; final: VAD close to final text",
+            ["kind"], buckets=TEXT_BUCKETS, registry=registry,
+        ),
         active_participants=Gauge(
             "terra_active_participants", "Participants with a live session", registry=registry
         ),

@@ -38,6 +38,7 @@ def nothing_spooled(tmp_path: Path) -> bool:
         ({"audio_bytes": b"RIFF\x00\x00not really a wav"}, 400, "cannot decode audio"),
         ({"audio_bytes": b""}, 400, "empty"),
         ({"lang": "r1"}, 400, "lang1 must be"),
+        ({"post_id": "x" * 257}, 400, "post_id is longer"),
     ],
 )
 async def test_bad_requests(

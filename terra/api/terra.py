@@ -65,6 +65,9 @@ async def process(request: web.Request) -> web.Response:
         offline = parse_bool("offline", param("offline"), default=True)
     except ParamError as e:
         raise BadRequest(str(e)) from e
+    post_id = param("post_id")
+    if post_id is not None and len(post_id) > 256:
+        raise BadRequest("post_id is longer than 256 characters")
     language = (param("lang1") or "").strip().lower() or None
     if language is not None and (len(language) > 8 or not language.isalpha()):
         raise BadRequest(f"lang1 must be a language code such as ru or en, got {language!r}")
@@ -79,7 +82,7 @@ async def process(request: web.Request) -> web.Response:
         participant_id=participant_id,
         participant_name=(param("participant_name") or "UNKNOWN")[:256],
         start_time=start_time,
-        post_id=param("post_id"),
+        post_id=post_id,
         language=language,
         online=online,
         offline=offline,
