@@ -438,10 +438,12 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["levels"]:
         lines.append(
-            f"| {r['mode']} | {r['talkers']} | {r['progress_p50_s']:.2f} | {r['progress_p95_s']:.2f} "
+            f"| {r['mode']} | {r['talkers']} "
+            f"| {r['progress_p50_s']:.2f} | {r['progress_p95_s']:.2f} "
             f"| {r['final_p50_s']:.2f} | {r['final_p95_s']:.2f} | {r['post_p95_s']:.2f} "
             f"| {r['queue_depth_max']:.0f} | {r['mean_batch_size']:.1f} "
-            f"| {r['server_cpu_percent']:.0f} | {r['server_peak_rss_mb']:.0f} | {'yes' if r['ok'] else 'no'} |"
+            f"| {r['server_cpu_percent']:.0f} | {r['server_peak_rss_mb']:.0f} "
+            f"| {'yes' if r['ok'] else 'no'} |"
         )
     if report.get("ratios"):
         lines += ["", "Ratios at equal N (naive / terra; >1 means terra is faster):", ""]
