@@ -11,7 +11,9 @@ from pathlib import Path
 from aiohttp import web
 
 from terra import keys
+from terra.api import minutes as minutes_api
 from terra.api import terra as terra_api
+from terra.api import translate as translate_api
 from terra.api.errors import Handler, error_middleware
 from terra.config import Config
 from terra.live import LiveService
@@ -22,6 +24,9 @@ from terra.recognizer.naive import NaiveEngine
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import RecognitionEngine
 from terra.spool import Spool
+from terra.translate.backends import open_translator
+from terra.translate.langid import LanguageDetector
+from terra.translate.service import TranslationService
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +89,14 @@ def create_app(config: Config, engine: RecognitionEngine | None = None) -> web.A
     app[keys.CONFIG] = config
     app[keys.METRICS] = create_metrics()
     app[keys.SPOOL] = Spool(Path(config.spool.dir), fsync=config.spool.fsync)
+    app.cleanup_ctx.append(_translation_ctx)
     app.cleanup_ctx.append(_recognizer_ctx(engine))
+    app.cleanup_ctx.append(minutes_api.minutes_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     terra_api.add_routes(app)
+    minutes_api.add_routes(app)
+    translate_api.add_routes(app)
     return app
 
 
@@ -105,8 +114,7 @@ def _recognizer_ctx(
             scheduler,
             app[keys.SPOOL],
             app[keys.METRICS],
-            loaded.timestamp_begin(),
-            loaded.starts_word,
+            loaded,
         )
         app[keys.SCHEDULER] = scheduler
         app[keys.LIVE] = live
@@ -117,3 +125,24 @@ def _recognizer_ctx(
         await scheduler.stop()
 
     return context
+
+
+async def _translation_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The translator and the language detector, loaded once, when translation is configured."""
+    config = app[keys.CONFIG]
+    translator = await open_translator(config.translate, Path(config.model.models_dir))
+    if translator is None:
+        log.info("translation is off (translate.enabled / USE_TRANSLATOR, url or models)")
+        yield
+        return
+    try:
+        detector = await asyncio.to_thread(LanguageDetector, config.translate.detect_min_score)
+        app[keys.TRANSLATION] = TranslationService(translator, detector, config.translate)
+        log.info(
+            "translation on: %s backend, %s",
+            config.translate.backend,
+            ", ".join(f"{s}->{t}" for s, t in sorted(translator.directions())),
+        )
+        yield
+    finally:
+        await translator.close()

@@ -78,6 +78,10 @@ class RecognizerConfig:
     final_beam_size: int = 5
     use_timestamp_tokens: bool = True
     stable_prefix: bool = False
+    commit: bool = True
+    commit_edge_guard_s: float = 1.0
+    commit_force_after_s: float = 8.0
+    commit_force_guard_s: float = 3.0
     no_speech_threshold: float = 0.6
     no_speech_drop_threshold: float = 0.7
     logprob_threshold: float = -1.0
@@ -95,12 +99,65 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MinutesConfig:
+    """GET /minutes/{conference_id}: offline compiles of the spooled audio (see config.yaml)."""
+
+    dir: str = "var/minutes"
+    jobs_dir: str = "var/jobs"
+    workers: int = 1
+    max_in_flight: int = 3
+    beam_size: int = 5
+    word_timestamps: bool = True
+    context: bool = True
+    vad_aggressiveness: int = 2
+    min_speech_ms: int = 250
+    min_silence_ms: int = 500
+    speech_pad_ms: int = 300
+    chunk_join_ms: int = 2000
+    max_chunk_s: float = 25.0
+    phrase_pause_ms: int = 1000
+    sentence_pause_ms: int = 300
+
+
+@dataclass(frozen=True, slots=True)
+class TranslateConfig:
+    """POST /translate_to_any: off until enabled with a URL (http) or a model (ctranslate2)."""
+
+    enabled: bool = False
+    backend: str = "http"  # http (LibreTranslate-compatible) | ctranslate2 (local models)
+    url: str = ""
+    skip_check_en: bool = False
+    skip_check_ru: bool = False
+    detect_min_score: float = 0.2
+    max_items: int = 1000
+    max_content_chars: int = 5000
+    batch_size: int = 16
+    # http
+    api_key: str = ""
+    timeout_s: float = 10.0
+    retries: int = 2
+    retry_backoff_s: float = 0.5
+    concurrency: int = 2
+    # ctranslate2
+    model_ru_en: str = ""
+    model_en_ru: str = ""
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = 0
+    beam_size: int = 2
+    max_input_tokens: int = 512
+    max_output_tokens: int = 512
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     recognizer: RecognizerConfig = field(default_factory=RecognizerConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    minutes: MinutesConfig = field(default_factory=MinutesConfig)
+    translate: TranslateConfig = field(default_factory=TranslateConfig)
 
 
 T = TypeVar("T")
@@ -117,7 +174,16 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "TERRA_COMPUTE_TYPE": ("model", "compute_type"),
     "TERRA_CPU_THREADS": ("model", "cpu_threads"),
     "TERRA_SPOOL_DIR": ("spool", "dir"),
+    "TERRA_MINUTES_DIR": ("minutes", "dir"),
+    "TERRA_JOBS_DIR": ("minutes", "jobs_dir"),
+    "TERRA_MINUTES_WORKERS": ("minutes", "workers"),
     "TERRA_RECOGNIZER_MODE": ("recognizer", "mode"),
+    # The translator's variables keep the names the IVA Terra spec gives them (no prefix).
+    "USE_TRANSLATOR": ("translate", "enabled"),
+    "TRANSLATOR_URL": ("translate", "url"),
+    "SKIP_CHECK_EN": ("translate", "skip_check_en"),
+    "SKIP_CHECK_RU": ("translate", "skip_check_ru"),
+    "TERRA_TRANSLATOR_BACKEND": ("translate", "backend"),
 }
 
 
@@ -222,3 +288,15 @@ def _validate(config: Config) -> None:
         raise ConfigError("recognizer.window_buckets_s: non-empty, each at most 30 s")
     if config.stream.max_combination_ms > 30_000:
         raise ConfigError("stream.max_combination_ms: at most 30000 (Whisper's window)")
+    minutes = config.minutes
+    if minutes.workers < 1 or minutes.max_in_flight < 1 or minutes.beam_size < 1:
+        raise ConfigError("minutes.workers, max_in_flight and beam_size must be at least 1")
+    if not 0 <= minutes.vad_aggressiveness <= 3:
+        raise ConfigError("minutes.vad_aggressiveness must be 0..3")
+    if not 1.0 <= minutes.max_chunk_s <= 28.0:
+        raise ConfigError("minutes.max_chunk_s: 1 to 28 (Whisper's window less the margin)")
+    if config.translate.backend not in ("http", "ctranslate2"):
+        raise ConfigError("translate.backend must be 'http' or 'ctranslate2'")
+    translate = config.translate
+    if min(translate.batch_size, translate.concurrency, translate.max_items) < 1:
+        raise ConfigError("translate.batch_size, concurrency and max_items must be at least 1")

@@ -7,9 +7,11 @@ from aiohttp import web
 from terra.config import Config
 from terra.live import LiveService
 from terra.metrics import Metrics
+from terra.minutes.service import MinutesService
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import RecognitionEngine
 from terra.spool import Spool
+from terra.translate.service import TranslationService
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
@@ -17,3 +19,6 @@ SPOOL = web.AppKey("spool", Spool)
 ENGINE = web.AppKey("engine", RecognitionEngine)
 SCHEDULER = web.AppKey("scheduler", RecognizerScheduler)
 LIVE = web.AppKey("live", LiveService)
+MINUTES = web.AppKey("minutes", MinutesService)
+# Present only while a translator is enabled and configured (else /translate_to_any is 404).
+TRANSLATION = web.AppKey("translation", TranslationService)

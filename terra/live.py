@@ -10,16 +10,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from terra.audio import Samples, encode_wav, samples_to_ms
+from terra.audio import SAMPLE_RATE, Samples, encode_wav, samples_to_ms
 from terra.config import RecognizerConfig, StreamConfig
 from terra.metrics import Metrics
+from terra.recognizer.commit import (
+    TimedSegment,
+    agreed_count,
+    settled_count,
+    shift,
+    split_segments,
+)
 from terra.recognizer.prefix import agreed_prefix
 from terra.recognizer.scheduler import RecognizerScheduler
-from terra.recognizer.types import Priority, Recognition, RecognitionRequest
+from terra.recognizer.types import Priority, Recognition, RecognitionEngine, RecognitionRequest
 from terra.spool import Spool, post_key
 from terra.stream import Combination, Fragment, ParticipantStream, TextElem
 
@@ -44,6 +51,23 @@ class FragmentInput:
     samples: Samples
 
 
+@dataclass(frozen=True, slots=True)
+class _Pass:
+    """What a progress request was made from."""
+
+    version: int
+    committed_samples: int
+    audio_samples: int
+
+
+def _join(committed: str, tail: str) -> str:
+    if not committed:
+        return tail
+    if not tail.strip():
+        return committed
+    return committed.rstrip() + " " + tail.lstrip()
+
+
 @dataclass(slots=True)
 class Session:
     stream: ParticipantStream
@@ -56,6 +80,8 @@ class Session:
     # Fragments waiting for text that covers them: (combination id, its version, arrival).
     uncovered: list[tuple[str, int, float]] = field(default_factory=list)
     closed_at: dict[str, float] = field(default_factory=dict)
+    # The last progress pass's segments of each open combination's uncommitted audio.
+    segments: dict[str, list[TimedSegment]] = field(default_factory=dict)
 
     @property
     def ids(self) -> dict[str, str]:
@@ -73,16 +99,16 @@ class LiveService:
         scheduler: RecognizerScheduler,
         spool: Spool,
         metrics: Metrics,
-        timestamp_begin: int,
-        starts_word: Callable[[int], bool],
+        vocabulary: RecognitionEngine,
     ) -> None:
+        """``vocabulary`` is used for its token helpers only; recognition goes through the
+        scheduler."""
         self._stream_config = stream_config
         self._recognizer_config = recognizer_config
         self._scheduler = scheduler
         self._spool = spool
         self._metrics = metrics
-        self._timestamp_begin = timestamp_begin
-        self._starts_word = starts_word
+        self._vocabulary = vocabulary
         self._sessions: dict[tuple[str, str], Session] = {}
         self._ticker: asyncio.Task[None] | None = None
 
@@ -195,11 +221,13 @@ class LiveService:
     ) -> None:
         for combination in closed:
             session.closed_at[combination.id] = time.monotonic()
+            # Only the uncommitted tail is decoded, with the committed text as context.
             request = RecognitionRequest(
-                audio=combination.audio,
+                audio=combination.uncommitted_audio,
                 language=session.language,
                 priority=Priority.FINAL,
                 beam_size=self._recognizer_config.final_beam_size,
+                prompt_tokens=combination.committed_tokens,
             )
             future = self._scheduler.submit(request)
             self._track(session, self._settle_final(session, combination, future))
@@ -212,8 +240,10 @@ class LiveService:
         except Exception:
             log.exception("final recognition failed; keeping the progress text", extra=session.ids)
             result = None
-        text = combination.text if result is None else result.text
-        if result is not None:
+        if result is None:
+            text = combination.text
+        else:
+            text = _join(combination.committed_text, result.text)
             self._learn_language(session, result)
         session.stream.set_final(combination, text)
         self._observe_coverage(session, combination, None)
@@ -243,23 +273,22 @@ class LiveService:
         combination.requested_version = combination.version
         prefix = combination.stable_tokens if self._recognizer_config.stable_prefix else ()
         request = RecognitionRequest(
-            audio=combination.audio,
+            audio=combination.uncommitted_audio,
             language=session.language,
             priority=Priority.PROGRESS,
             beam_size=self._recognizer_config.progress_beam_size,
             prefix_tokens=prefix,
+            prompt_tokens=combination.committed_tokens,
         )
-        key = f"{combination.id}"
-        future = self._scheduler.submit(request, coalesce_key=key)
-        self._track(
-            session, self._settle_progress(session, combination, combination.version, future)
-        )
+        future = self._scheduler.submit(request, coalesce_key=combination.id)
+        pass_ = _Pass(combination.version, combination.committed_samples, request.audio.size)
+        self._track(session, self._settle_progress(session, combination, pass_, future))
 
     async def _settle_progress(
         self,
         session: Session,
         combination: Combination,
-        version: int,
+        pass_: _Pass,
         future: asyncio.Future[Recognition | None],
     ) -> None:
         try:
@@ -270,11 +299,38 @@ class LiveService:
         if result is None:
             return
         self._learn_language(session, result)
+        if combination.committed_samples != pass_.committed_samples:
+            return  # a newer pass committed meanwhile: this one's text is stale
         stable = agreed_prefix(
-            combination.hypothesis_tokens, result.tokens, self._timestamp_begin, self._starts_word
+            combination.hypothesis_tokens, result.tokens, self._vocabulary.timestamp_begin(),
+            self._vocabulary.starts_word,
         )
-        session.stream.set_progress(combination, version, result.text, result.tokens, stable)
-        self._observe_coverage(session, combination, version)
+        text = _join(combination.committed_text, result.text)
+        session.stream.set_progress(combination, pass_.version, text, result.tokens, stable)
+        if self._recognizer_config.commit:
+            self._commit_agreed(session, combination, pass_, result)
+        self._observe_coverage(session, combination, pass_.version)
+
+    def _commit_agreed(
+        self, session: Session, combination: Combination, pass_: _Pass, result: Recognition
+    ) -> None:
+        segments = split_segments(result.tokens, self._vocabulary.timestamp_begin())
+        log.debug("pass segments %s", [(s.start_s, s.end_s, len(s.tokens)) for s in segments])
+        config = self._recognizer_config
+        audio_s = pass_.audio_samples / SAMPLE_RATE
+        previous = session.segments.get(combination.id, [])
+        count = agreed_count(previous, segments, audio_s, config.commit_edge_guard_s)
+        if count == 0 and audio_s > config.commit_force_after_s:
+            count = settled_count(segments, audio_s, config.commit_force_guard_s)
+        if count == 0:
+            session.segments = {combination.id: segments}
+            return
+        cut_s = segments[count - 1].end_s
+        tokens = tuple(t for s in segments[:count] for t in s.tokens)
+        text = self._vocabulary.decode_text(tokens)
+        session.stream.commit(combination, int(round(cut_s * SAMPLE_RATE)), tokens, text)
+        log.debug("committed %.2f s: %s", cut_s, text, extra=session.ids)
+        session.segments = {combination.id: shift(segments[count:], cut_s)}
 
     def _learn_language(self, session: Session, result: Recognition) -> None:
         if session.language is None and (

@@ -136,3 +136,69 @@ class Spool:
             except (OSError, ValueError):
                 pass
         write_atomic(path, json.dumps(info, ensure_ascii=False).encode("utf-8"), self.fsync)
+
+
+# -- reading a conference back (the minutes compiler) ------------------------------------
+
+_FRAGMENT_NAME = re.compile(r"^(?P<start>\d{17})_(?P<key>[A-Za-z0-9_-]+)\.wav$")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFragment:
+    start_us: int  # unix microseconds of its first sample
+    path: Path
+    size: int  # bytes on disk
+
+
+@dataclass(frozen=True, slots=True)
+class StoredParticipant:
+    participant_id: str
+    name: str
+    language: str | None
+    fragments: tuple[StoredFragment, ...]  # in time order
+
+
+def read_conference(root: Path, conference_id: str) -> list[StoredParticipant]:
+    """Every participant of a spooled conference with its fragments, from the file names.
+
+    Temporary files of writes in progress are skipped; a participant without fragments is
+    left out. The index is not needed: a WAV's name carries its start and post key.
+    """
+    folder = root / conference_id
+    if not _SAFE.match(conference_id) or not folder.is_dir():
+        return []
+    participants = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not entry.is_dir() or not _SAFE.match(entry.name):
+            continue
+        fragments = []
+        with os.scandir(entry) as files:
+            for file in files:
+                match = _FRAGMENT_NAME.match(file.name)
+                if match is None or not file.is_file():
+                    continue
+                fragments.append(
+                    StoredFragment(int(match["start"]), Path(file.path), file.stat().st_size)
+                )
+        if not fragments:
+            continue
+        fragments.sort(key=lambda f: (f.start_us, f.path.name))
+        name, language = entry.name, None
+        try:
+            info = json.loads((entry / "participant.json").read_text(encoding="utf-8"))
+            name = str(info.get("participant_name") or name)
+            language = info.get("language") or None
+        except (OSError, ValueError, AttributeError):
+            pass
+        participants.append(StoredParticipant(entry.name, name, language, tuple(fragments)))
+    return participants
+
+
+def conference_digest(participants: list[StoredParticipant]) -> str:
+    """Changes whenever a fragment is added, removed or rewritten, or a name changes."""
+    digest = hashlib.sha1()
+    for participant in participants:
+        digest.update(f"{participant.participant_id}\0{participant.name}\0".encode())
+        for fragment in participant.fragments:
+            digest.update(f"{fragment.path.name}\0{fragment.size}\0".encode())
+    return digest.hexdigest()

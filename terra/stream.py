@@ -89,10 +89,18 @@ class Combination:
     hypothesis_tokens: tuple[int, ...] = ()
     stable_tokens: tuple[int, ...] = ()
     requested_version: int = -1
+    # The settled start (see recognizer/commit.py): its text, tokens and audio length.
+    committed_samples: int = 0
+    committed_tokens: tuple[int, ...] = ()
+    committed_text: str = ""
 
     @property
     def audio(self) -> Samples:
         return self.buffer[: self.length]
+
+    @property
+    def uncommitted_audio(self) -> Samples:
+        return self.buffer[self.committed_samples : self.length]
 
     @property
     def duration_ms(self) -> int:
@@ -338,6 +346,18 @@ class ParticipantStream:
         combination.text_version = version
         combination.hypothesis_tokens = tokens
         combination.stable_tokens = stable_tokens
+
+    def commit(
+        self, combination: Combination, samples: int, tokens: tuple[int, ...], text: str
+    ) -> None:
+        """Settle the next ``samples`` of the combination's audio with their text."""
+        if combination.state is CombinationState.FINAL:
+            return
+        combination.committed_samples = min(
+            combination.committed_samples + samples, combination.length
+        )
+        combination.committed_tokens += tokens
+        combination.committed_text += text
 
     def set_final(self, combination: Combination, text: str) -> None:
         combination.text = text

@@ -41,6 +41,10 @@ class PayloadTooLarge(ApiError):
     status = 413
 
 
+class ServerError(ApiError):
+    status = 500
+
+
 class Unavailable(ApiError):
     status = 503
 

@@ -9,6 +9,7 @@ budget proportional to the audio. See DESIGN.md, "Where the speed is".
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -24,13 +25,20 @@ from numpy.typing import NDArray
 from terra.audio import SAMPLE_RATE, Samples
 from terra.config import ModelConfig, RecognizerConfig
 from terra.recognizer import guards
-from terra.recognizer.types import Recognition, RecognitionRequest
+from terra.recognizer.types import Recognition, RecognitionRequest, Segment, Word
 
 log = logging.getLogger(__name__)
 
 FRAMES_PER_SECOND = 100  # Whisper's mel hop is 10 ms
 MAX_WINDOW_S = 30.0
 MAX_DECODER_TOKENS = 448
+MAX_PROMPT_TOKENS = MAX_DECODER_TOKENS // 2 - 1  # previous-text context, as Whisper does
+SECONDS_PER_TIMESTAMP = 0.02  # one timestamp token step
+ALIGN_FRAMES_PER_SECOND = 50  # cross-attention steps per second (encoder stride 2)
+SAMPLES_PER_FRAME = SAMPLE_RATE // FRAMES_PER_SECOND
+_SENTENCE_END = ".。!！?？"
+_PREPEND_PUNCTUATION = "\"'“¿([{-«"
+_APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、»"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,7 @@ class WhisperEngine:
         self.multilingual = bool(model.model.is_multilingual)
         self.last_timings: list[EngineTimings] = []
         self._word_starts: dict[int, bool] = {}
+        self._eot = int(self._tokenizer("en", "transcribe").eot)
 
     # -- window sizing -------------------------------------------------------------------
     def window_seconds(self, n_samples: int) -> float:
@@ -89,11 +98,15 @@ class WhisperEngine:
     def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
         """Recognize requests, batching those that share a window length and beam size."""
         results: list[Recognition | None] = [None] * len(requests)
-        groups: dict[tuple[float, int], list[int]] = {}
+        # CTranslate2 needs <|startoftranscript|> at one position across a batch: requests
+        # with previous-text context of different lengths go in separate calls.
+        groups: dict[tuple[float, int, int], list[int]] = {}
         for index, request in enumerate(requests):
-            groups.setdefault(self.batch_key(request), []).append(index)
+            context = self._context(request)
+            key = (*self.batch_key(request), len(context) + 1 if context else 0)
+            groups.setdefault(key, []).append(index)
         self.last_timings = []
-        for (window_s, beam_size), indices in groups.items():
+        for (window_s, beam_size, _), indices in groups.items():
             started = time.perf_counter()
             batch = [requests[i] for i in indices]
             for i, result in zip(indices, self._recognize_group(batch, window_s, beam_size)):
@@ -145,6 +158,9 @@ class WhisperEngine:
     ) -> list[Recognition]:
         stacked = np.stack([self._features(r.audio, window_s) for r in batch])
         features = ctranslate2.StorageView.from_array(stacked)
+        wants_words = any(r.word_timestamps for r in batch)
+        if wants_words:  # encode once; generation and alignment both read the encoder output
+            features = self._ct2.encode(features, to_cpu=False)
         needs_detection = [i for i, r in enumerate(batch) if r.language is None]
         detected = self._detect_languages(features, needs_detection)
 
@@ -155,7 +171,9 @@ class WhisperEngine:
         for i, request in enumerate(batch):
             language, probability = detected.get(i, (request.language or "en", 1.0))
             tokenizer = self._tokenizer(language, request.task)
-            prompt = list(tokenizer.sot_sequence)
+            context = self._context(request)
+            prompt = [tokenizer.sot_prev, *context] if context else []
+            prompt.extend(tokenizer.sot_sequence)
             # CTranslate2 applies the timestamp rules from the first generated token, so
             # after a text prefix it would force a timestamp and start over: a request with
             # a prefix is decoded without timestamps.
@@ -182,10 +200,13 @@ class WhisperEngine:
             suppress_tokens=[-1],
             max_initial_timestamp_index=50,
         )
-        return [
+        recognitions = [
             self._to_recognition(request, result, tokenizer, language, window_s)
             for request, result, tokenizer, language in zip(batch, generated, tokenizers, languages)
         ]
+        if wants_words:
+            recognitions = self._add_words(batch, recognitions, tokenizers, features)
+        return recognitions
 
     def _to_recognition(
         self,
@@ -223,6 +244,15 @@ class WhisperEngine:
             tokens = ()
         else:
             text = guards.collapse_repeats(text)
+        if dropped or not text.strip():
+            segments: tuple[Segment, ...] = ()
+        elif not tokens:
+            segments = (Segment(0.0, request.audio.size / SAMPLE_RATE, text),)
+        else:
+            segments = tuple(
+                self._segment(tokenizer, part) for part in self._split(request, tokens, tokenizer)
+            )
+            segments = tuple(s for s in segments if s.text.strip())
         return Recognition(
             text=text,
             tokens=tokens,
@@ -233,7 +263,96 @@ class WhisperEngine:
             compression_ratio=ratio,
             window_s=window_s,
             dropped_reason=dropped,
+            segments=segments,
         )
+
+    def _context(self, request: RecognitionRequest) -> tuple[int, ...]:
+        """The text tokens of ``prompt_tokens`` (timestamps and specials dropped), the last
+        MAX_PROMPT_TOKENS of them: a previous Recognition's tokens may be passed as they are."""
+        if not request.prompt_tokens:
+            return ()
+        text = tuple(t for t in request.prompt_tokens if t < self._eot)
+        return text[-MAX_PROMPT_TOKENS:]
+
+    # -- segments and word timestamps ---------------------------------------------------
+    def _split(
+        self, request: RecognitionRequest, tokens: Sequence[int], tokenizer: Tokenizer
+    ) -> list[_TokenSegment]:
+        """Cut decoded tokens at timestamp tokens; text without a closing one runs to the end."""
+        duration_s = request.audio.size / SAMPLE_RATE
+        begin = tokenizer.timestamp_begin
+        parts: list[_TokenSegment] = []
+        start = 0.0
+        current: list[int] = []
+        for token in tokens[len(request.prefix_tokens) :]:
+            if token >= begin:
+                moment = min((token - begin) * SECONDS_PER_TIMESTAMP, duration_s)
+                if current:
+                    parts.append(_TokenSegment(start, max(moment, start), current))
+                    current = []
+                start = moment
+            elif token < tokenizer.eot:
+                current.append(token)
+        if request.prefix_tokens:  # forced text has no timestamps: it opens the first segment
+            head = [t for t in request.prefix_tokens if t < tokenizer.eot]
+            if parts:
+                parts[0] = _TokenSegment(0.0, parts[0].end_s, head + parts[0].tokens)
+            else:
+                current = head + current
+                start = 0.0
+        if current:
+            parts.append(_TokenSegment(start, duration_s, current))
+        return parts
+
+    @staticmethod
+    def _segment(tokenizer: Tokenizer, part: _TokenSegment) -> Segment:
+        text = tokenizer.decode(part.tokens)
+        if guards.is_known_hallucination(text) or guards.is_sound_caption(text):
+            text = ""
+        return Segment(part.start_s, part.end_s, guards.collapse_repeats(text))
+
+    def _add_words(
+        self,
+        batch: list[RecognitionRequest],
+        recognitions: list[Recognition],
+        tokenizers: list[Tokenizer],
+        encoded: ctranslate2.StorageView,
+    ) -> list[Recognition]:
+        """Time every word of the requests that asked for it (one align call per item)."""
+        out = list(recognitions)
+        for i, (request, recognition) in enumerate(zip(batch, recognitions)):
+            if not request.word_timestamps or not recognition.tokens:
+                continue
+            tokenizer = tokenizers[i]
+            parts = self._split(request, recognition.tokens, tokenizer)
+            text_tokens = [t for part in parts for t in part.tokens]
+            if not text_tokens:
+                continue
+            item = encoded if len(batch) == 1 else _batch_item(encoded, i)
+            num_frames = max(1, min(request.audio.size // SAMPLES_PER_FRAME, 3000))
+            alignment = self._ct2.align(
+                item, list(tokenizer.sot_sequence), [text_tokens], num_frames
+            )[0]
+            words = _words_from_alignment(tokenizer, text_tokens, alignment)
+            segments = []
+            at = 0
+            for part in parts:
+                taken: list[_TimedWord] = []
+                used = 0
+                while at < len(words) and used < len(part.tokens):
+                    used += len(words[at].tokens)
+                    if words[at].text:
+                        taken.append(words[at])
+                    at += 1
+                segment = self._segment(tokenizer, part)
+                if not segment.text.strip():
+                    continue
+                timed = tuple(Word(w.start_s, w.end_s, w.text, w.probability) for w in taken)
+                if timed:
+                    segment = Segment(timed[0].start_s, timed[-1].end_s, segment.text, timed)
+                segments.append(segment)
+            out[i] = dataclasses.replace(recognition, segments=tuple(segments))
+        return out
 
     def timestamp_begin(self) -> int:
         return int(self._tokenizer("en", "transcribe").timestamp_begin)
@@ -245,3 +364,103 @@ class WhisperEngine:
             piece = self._model.hf_tokenizer.decode([token])
             cached = self._word_starts[token] = piece[:1].isspace()
         return cached
+
+    def decode_text(self, tokens: Sequence[int]) -> str:
+        """The text of text tokens (timestamps and special tokens are skipped)."""
+        eot = self._model.hf_tokenizer.token_to_id("<|endoftext|>")
+        decoded: str = self._model.hf_tokenizer.decode([t for t in tokens if t < eot])
+        return decoded
+
+
+@dataclass(slots=True)
+class _TokenSegment:
+    start_s: float
+    end_s: float
+    tokens: list[int]
+
+
+@dataclass(slots=True)
+class _TimedWord:
+    text: str
+    tokens: list[int]
+    start_s: float
+    end_s: float
+    probability: float
+
+
+def _batch_item(encoded: ctranslate2.StorageView, index: int) -> ctranslate2.StorageView:
+    """One item of a batched encoder output, as a batch of one."""
+    if encoded.device != "cpu":
+        encoded = encoded.to_device(ctranslate2.Device.cpu)
+    array = np.asarray(encoded)
+    return ctranslate2.StorageView.from_array(np.ascontiguousarray(array[index : index + 1]))
+
+
+def _words_from_alignment(
+    tokenizer: Tokenizer,
+    text_tokens: list[int],
+    alignment: ctranslate2.models.WhisperAlignmentResult,
+) -> list[_TimedWord]:
+    """Word times from the DTW path over the alignment heads (faster-whisper's method)."""
+    pairs = alignment.alignments
+    if not pairs:
+        return []
+    text_indices = np.array([p[0] for p in pairs])
+    time_indices = np.array([p[1] for p in pairs])
+    names, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
+    if len(word_tokens) <= 1:
+        return []
+    boundaries = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
+    jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
+    jump_times = time_indices[jumps] / ALIGN_FRAMES_PER_SECOND
+    if jump_times.size <= int(boundaries[-1]):
+        return []
+    probabilities = np.asarray(alignment.text_token_probs, dtype=np.float64)
+    words = [
+        _TimedWord(
+            text=name,
+            tokens=list(tokens),
+            start_s=float(jump_times[i]),
+            end_s=float(jump_times[j]),
+            probability=float(probabilities[i:j].mean()) if j > i else 0.0,
+        )
+        for name, tokens, i, j in zip(names, word_tokens, boundaries[:-1], boundaries[1:])
+    ]
+    _cap_long_words(words)
+    _merge_punctuation(words)
+    return words
+
+
+def _cap_long_words(words: list[_TimedWord]) -> None:
+    """DTW stretches a word across a pause before or after it: cap words at sentence
+    boundaries and at the ends at twice the median word duration."""
+    durations = np.array([w.end_s - w.start_s for w in words])
+    durations = durations[durations.nonzero()]
+    if durations.size == 0:
+        return
+    longest = 2 * min(0.7, float(np.median(durations)))
+    for i, word in enumerate(words):
+        if word.end_s - word.start_s <= longest:
+            continue
+        if i == 0 or words[i - 1].text.strip()[-1:] in _SENTENCE_END:
+            word.start_s = word.end_s - longest
+        elif i == len(words) - 1 or word.text.strip()[-1:] in _SENTENCE_END:
+            word.end_s = word.start_s + longest
+
+
+def _merge_punctuation(words: list[_TimedWord]) -> None:
+    """Attach opening punctuation to the next word and closing to the previous one."""
+    for i in range(len(words) - 2, -1, -1):
+        word, following = words[i], words[i + 1]
+        if word.text.startswith(" ") and word.text.strip() in _PREPEND_PUNCTUATION:
+            following.text = word.text + following.text
+            following.tokens = word.tokens + following.tokens
+            word.text, word.tokens = "", []
+    for i in range(1, len(words)):
+        previous, word = words[i - 1], words[i]
+        if word.text and not previous.text.endswith(" ") and word.text in _APPEND_PUNCTUATION:
+            if not previous.text:
+                continue
+            previous.text += word.text
+            previous.tokens = previous.tokens + word.tokens
+            word.text, word.tokens = "", []

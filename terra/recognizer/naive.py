@@ -50,6 +50,11 @@ class NaiveEngine:
     def timestamp_begin(self) -> int:
         return int(self._model.hf_tokenizer.token_to_id("<|0.00|>"))
 
+    def decode_text(self, tokens: Sequence[int]) -> str:
+        eot = self._model.hf_tokenizer.token_to_id("<|endoftext|>")
+        decoded: str = self._model.hf_tokenizer.decode([t for t in tokens if t < eot])
+        return decoded
+
     def starts_word(self, token: int) -> bool:
         piece: str = self._model.hf_tokenizer.decode([token])
         return piece[:1].isspace()

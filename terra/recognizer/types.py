@@ -26,6 +26,32 @@ class RecognitionRequest:
     beam_size: int
     prefix_tokens: tuple[int, ...] = ()
     task: str = "transcribe"
+    # Text said before this audio (Whisper's <|startofprev|> context), e.g. the tokens of the
+    # previous Recognition: the engine keeps the text tokens, at most the last 223. Empty: none.
+    prompt_tokens: tuple[int, ...] = ()
+    # Align every word with the audio (cross-attention DTW) and fill Recognition.segments'
+    # words. Costs one more decoder pass over the text.
+    word_timestamps: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    """A word and its time inside the request's audio (seconds from its first sample)."""
+
+    start_s: float
+    end_s: float
+    text: str
+    probability: float
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A stretch of text between two timestamp tokens, timed inside the request's audio."""
+
+    start_s: float
+    end_s: float
+    text: str
+    words: tuple[Word, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +65,9 @@ class Recognition:
     compression_ratio: float
     window_s: float
     dropped_reason: str = ""
+    # Filled when the text was decoded with timestamp tokens (one segment spanning the
+    # audio otherwise); words only when the request asked for word_timestamps.
+    segments: tuple[Segment, ...] = ()
 
 
 class RecognitionEngine(Protocol):
@@ -56,4 +85,8 @@ class RecognitionEngine(Protocol):
 
     def starts_word(self, token: int) -> bool:
         """Whether a text token begins a new word."""
+        ...
+
+    def decode_text(self, tokens: Sequence[int]) -> str:
+        """The text of a token sequence (non-text tokens skipped)."""
         ...

@@ -1,0 +1,75 @@
+"""The IVA Terra dialect: POST /translate_to_any (thin: read, authorise, validate, translate)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from aiohttp import web
+
+from terra import keys
+from terra.api.errors import BadRequest, PayloadTooLarge
+from terra.api.form import read_form
+from terra.api.terra import check_token
+from terra.translate.service import PayloadError, parse_payload
+
+# The spec's 404 body: a bare JSON string, not {"detail": ...}.
+DISABLED = "TRANSLATOR DISABLED OR URL IS NOT CONFIGURED"
+_BODY_SHAPE = 'the body must be a JSON object {"token": ..., "payload": [...]}'
+
+
+async def _read_fields(request: web.Request, max_bytes: int) -> tuple[dict[str, Any], str | None]:
+    """The request's fields and, if the body is malformed, why (reported after the token)."""
+    content_type = request.content_type
+    if content_type.startswith("multipart/") or content_type == "application/x-www-form-urlencoded":
+        form = await read_form(request, max_bytes)
+        fields: dict[str, Any] = dict(form.fields)
+        if "payload" in fields:
+            try:
+                fields["payload"] = json.loads(fields["payload"])
+            except ValueError:
+                return fields, "the payload field is not valid JSON"
+        return fields, None
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge("the request body is larger than the configured limit")
+    raw = await request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge("the request body is larger than the configured limit")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return {}, _BODY_SHAPE
+    return (body, None) if isinstance(body, dict) else ({}, _BODY_SHAPE)
+
+
+async def translate_to_any(request: web.Request) -> web.Response:
+    """POST /translate_to_any: translate each parcel of ``payload`` per the spec's rules."""
+    config = request.app[keys.CONFIG]
+    fields, malformed = await _read_fields(request, config.server.max_upload_bytes)
+    token = fields.get("token")
+    check_token(config, token if isinstance(token, str) and token else request.query.get("token"))
+    service = request.app.get(keys.TRANSLATION)
+    if service is None:
+        return web.json_response(DISABLED, status=404)
+    if malformed:
+        raise BadRequest(malformed)
+    if "payload" not in fields:
+        raise BadRequest("payload is required")
+    try:
+        items = parse_payload(
+            fields["payload"],
+            max_items=config.translate.max_items,
+            max_content_chars=config.translate.max_content_chars,
+        )
+    except PayloadError as e:
+        raise BadRequest(str(e)) from e
+    translated = await service.translate(items)
+    return web.json_response(
+        {"payload": [item.to_json() for item in translated]},
+        dumps=functools.partial(json.dumps, ensure_ascii=False),
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/translate_to_any", translate_to_any)

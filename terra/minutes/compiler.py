@@ -1,0 +1,543 @@
+"""The minutes compiler: spooled fragments -> participant timelines -> VAD -> recognition ->
+phrases of every participant in time order. Blocking; no asyncio.
+
+Each participant is recognized on their own track, so two people talking at once stay two
+phrases. Speech regions found by webrtcvad are joined into chunks of whole utterances (up
+to ``max_chunk_s``, pauses included) and recognized with beam search, timestamp tokens and,
+optionally, the participant's previous text as context and word timestamps; phrases are
+then cut at pauses and sentence ends. Recognition is injected (``recognize``): the server
+passes its scheduler (background priority), the command line the engine itself.
+
+Time inside is counted in samples at 16 kHz from the conference origin (the earliest
+fragment of anyone); seconds appear only in the phrases.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from terra.audio import SAMPLE_RATE, Samples, decode_audio, ms_to_samples
+from terra.config import MinutesConfig
+from terra.minutes.types import Minutes, Phrase, Speaker
+from terra.recognizer.types import Priority, Recognition, RecognitionRequest, Word
+from terra.spool import StoredParticipant, conference_digest, read_conference
+from terra.vad import FrameVad
+
+log = logging.getLogger(__name__)
+
+Recognize = Callable[[Sequence[RecognitionRequest]], Sequence[Recognition]]
+Progress = Callable[[float], None]
+Cancelled = Callable[[], bool]
+
+VAD_FRAME_MS = 30
+# Fragments whose start is this close to the end of the previous one continue its run
+# (clients' clocks jitter); a larger hole is silence.
+CONTIGUOUS_TOLERANCE_MS = 60
+# The share of progress given to reading and VAD; recognition takes the rest.
+READ_SHARE = 0.1
+# A single speech region at least this long can be split in two when its text looks wrong.
+MIN_SPLIT_S = 4.0
+# Above this the text of a chunk is re-recognized in pieces (the engine's own collapse
+# threshold, 2.4, is for live text; a minutes compile can afford a second look).
+RETRY_COMPRESSION_RATIO = 2.0
+_SENTENCE_END = (".", "!", "?", "…", "。", "！", "？")
+
+
+class CompileCancelled(Exception):
+    """The compile was asked to stop (the server is shutting down)."""
+
+
+class NothingSpooled(LookupError):
+    """The conference has no spooled audio."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a fragment's samples ``[skip:skip+length]`` lie on the timeline."""
+
+    offset: int
+    skip: int
+    length: int
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    participant: int  # index into the participants
+    start: int  # samples from the origin
+    end: int
+    # Shorter pieces to recognize one by one when the whole looks like a decoding failure.
+    fallback: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(slots=True)
+class _Run:
+    """Contiguous fragments: where they start, and the VAD's frame flags over them."""
+
+    start: int
+    flags: list[NDArray[np.bool_]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Track:
+    """One participant: where their audio lies, and what is left to recognize."""
+
+    stored: StoredParticipant
+    placements: list[Placement] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
+    next_chunk: int = 0
+    language: str | None = None
+    context: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CompileResult:
+    minutes: Minutes
+    digest: str  # of the spooled input it was compiled from (spool.conference_digest)
+    speech_s: float  # audio given to the recognizer
+    seconds: float
+
+
+# -- pure helpers: frames -> regions -> chunks -> phrases --------------------------------
+
+
+def speech_regions(
+    flags: NDArray[np.bool_], min_speech: int, min_silence: int, pad: int
+) -> list[tuple[int, int]]:
+    """Frame ranges ``[start, end)`` of speech: runs of speech frames joined across pauses
+    shorter than ``min_silence``, dropped when shorter than ``min_speech``, padded by ``pad``."""
+    if flags.size == 0:
+        return []
+    padded = np.concatenate(([False], flags, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    runs = [(int(s), int(e)) for s, e in zip(edges[::2], edges[1::2])]
+    joined: list[tuple[int, int]] = []
+    for start, end in runs:
+        if joined and start - joined[-1][1] < min_silence:
+            joined[-1] = (joined[-1][0], end)
+        else:
+            joined.append((start, end))
+    regions: list[tuple[int, int]] = []
+    for start, end in joined:
+        if end - start < min_speech:
+            continue
+        start, end = max(0, start - pad), min(flags.size, end + pad)
+        if regions and start <= regions[-1][1]:
+            regions[-1] = (regions[-1][0], end)
+        else:
+            regions.append((start, end))
+    return regions
+
+
+def split_long(
+    start: int, end: int, flags: NDArray[np.bool_], max_frames: int
+) -> list[tuple[int, int]]:
+    """Cut a region longer than ``max_frames`` in the middle of its longest pause within the
+    second half of each allowed stretch (a hard cut where there is none)."""
+    pieces = []
+    while end - start > max_frames:
+        low, high = start + max_frames // 2, start + max_frames
+        window = ~flags[low:high]
+        cut = high
+        if window.any():
+            padded = np.concatenate(([False], window, [False])).astype(np.int8)
+            edges = np.flatnonzero(np.diff(padded))
+            runs = list(zip(edges[::2], edges[1::2]))
+            s, e = max(runs, key=lambda r: (r[1] - r[0], r[0]))
+            cut = low + int(s + e) // 2
+        pieces.append((start, cut))
+        start = cut
+    pieces.append((start, end))
+    return pieces
+
+
+def plan_chunks(
+    regions: list[tuple[int, int]],
+    flags: NDArray[np.bool_],
+    max_frames: int,
+    join_frames: int,
+    min_split_frames: int,
+) -> list[tuple[int, int, tuple[tuple[int, int], ...]]]:
+    """Join consecutive regions closer than ``join_frames`` into chunks of at most
+    ``max_frames`` (pauses inside included: Whisper reads whole utterances with context).
+
+    Each chunk comes with its fallback: the regions it joined, or for a single region at
+    least ``min_split_frames`` long, its two halves cut at a pause in its middle third."""
+    joined: list[list[tuple[int, int]]] = []
+    for region in regions:
+        for start, end in split_long(*region, flags, max_frames):
+            last = joined[-1] if joined else None
+            if last and start - last[-1][1] <= join_frames and end - last[0][0] <= max_frames:
+                last.append((start, end))
+            else:
+                joined.append([(start, end)])
+    chunks = []
+    for pieces in joined:
+        start, end = pieces[0][0], pieces[-1][1]
+        if len(pieces) > 1:
+            fallback = tuple(pieces)
+        elif end - start >= min_split_frames:
+            fallback = tuple(split_long(start, end, flags, max(1, (end - start) * 2 // 3)))
+        else:
+            fallback = ()
+        chunks.append((start, end, fallback))
+    return chunks
+
+
+def looks_wrong(result: Recognition, max_compression_ratio: float) -> bool:
+    """Whisper's failure modes that survive the engine's guards: a loop that repeats a phrase,
+    text much more repetitive than speech, or a decoding it was itself unsure of."""
+    if result.dropped_reason or not result.text.strip():
+        return False
+    if result.compression_ratio > max_compression_ratio or result.avg_logprob < -1.0:
+        return True
+    words = [w.strip(".,!?;:…«»\"'()-–—").lower() for w in result.text.split()]
+    words = [w for w in words if w]
+    for n in range(2, 7):
+        seen: dict[tuple[str, ...], int] = {}
+        for i in range(len(words) - n + 1):
+            gram = tuple(words[i : i + n])
+            seen[gram] = seen.get(gram, 0) + 1
+            if seen[gram] >= (2 if n >= 4 else 3):
+                return True
+    return False
+
+
+def _ends_sentence(text: str) -> bool:
+    return text.rstrip().endswith(_SENTENCE_END)
+
+
+def phrases_of(
+    recognition: Recognition,
+    participant_id: str,
+    chunk_start_s: float,
+    chunk_end_s: float,
+    phrase_pause_s: float,
+    sentence_pause_s: float,
+) -> list[Phrase]:
+    """Cut a chunk's text into phrases at pauses and at sentence ends followed by a pause.
+
+    Words are used when the recognizer timed them; otherwise each timestamp segment is one
+    unit, and text without segments is one phrase spanning the chunk."""
+    units: list[Word] = []
+    for segment in recognition.segments:
+        if segment.words:
+            units.extend(segment.words)
+        elif segment.text.strip():
+            units.append(Word(segment.start_s, segment.end_s, " " + segment.text.strip(), 1.0))
+    if not units and recognition.text.strip():
+        units.append(Word(0.0, chunk_end_s - chunk_start_s, recognition.text, 1.0))
+    groups: list[list[Word]] = []
+    for unit in units:
+        if groups:
+            previous = groups[-1][-1]
+            gap = unit.start_s - previous.end_s
+            if gap >= phrase_pause_s or (gap >= sentence_pause_s and _ends_sentence(previous.text)):
+                groups.append([unit])
+                continue
+            groups[-1].append(unit)
+        else:
+            groups.append([unit])
+    phrases = []
+    for group in groups:
+        text = " ".join("".join(w.text for w in group).split())
+        if not text:
+            continue
+        start = min(max(chunk_start_s + group[0].start_s, chunk_start_s), chunk_end_s)
+        end = min(max(chunk_start_s + group[-1].end_s, start), chunk_end_s)
+        phrases.append(
+            Phrase(participant_id, round(start, 3), round(end, 3), text, recognition.language)
+        )
+    return phrases
+
+
+# -- reading the spool -------------------------------------------------------------------
+
+
+class _AudioCache:
+    """The few fragments last decoded (chunks are read in time order)."""
+
+    def __init__(self, size: int = 8) -> None:
+        self._size = size
+        self._items: OrderedDict[Path, Samples] = OrderedDict()
+
+    def get(self, path: Path) -> Samples:
+        samples = self._items.get(path)
+        if samples is None:
+            samples = read_fragment(path)
+            self._items[path] = samples
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(path)
+        return samples
+
+
+def read_fragment(path: Path) -> Samples:
+    """A spooled fragment as 16 kHz mono; an unreadable one is logged and read as nothing."""
+    try:
+        return decode_audio(path.read_bytes())
+    except (OSError, ValueError) as e:
+        log.warning("spooled fragment %s is unreadable (%s): skipped", path, e)
+        return np.zeros(0, dtype=np.float32)
+
+
+def read_range(
+    placements: Sequence[Placement], start: int, end: int, cache: _AudioCache
+) -> Samples:
+    """The timeline's samples ``[start, end)``; holes are silence."""
+    out = np.zeros(max(0, end - start), dtype=np.float32)
+    for placement in placements:
+        p_start, p_end = placement.offset, placement.offset + placement.length
+        if p_end <= start or p_start >= end:
+            continue
+        samples = cache.get(placement.path)
+        lo, hi = max(p_start, start), min(p_end, end)
+        source = samples[placement.skip + lo - p_start : placement.skip + hi - p_start]
+        out[lo - start : lo - start + source.size] = source
+    return out
+
+
+# -- the compiler --------------------------------------------------------------------------
+
+
+class MinutesCompiler:
+    """Compiles one conference. ``recognize`` is called from the compiling thread."""
+
+    def __init__(
+        self,
+        config: MinutesConfig,
+        recognize: Recognize,
+        *,
+        language_confidence: float = 0.6,
+        model: str = "",
+        progress: Progress | None = None,
+        cancelled: Cancelled | None = None,
+    ) -> None:
+        self._config = config
+        self._recognize = recognize
+        self._language_confidence = language_confidence
+        self._model = model
+        self._progress = progress or (lambda _: None)
+        self._cancelled = cancelled or (lambda: False)
+
+    def compile(self, spool_root: Path, conference_id: str) -> CompileResult:
+        started = time.perf_counter()
+        stored = read_conference(spool_root, conference_id)
+        if not stored:
+            raise NothingSpooled(conference_id)
+        digest = conference_digest(stored)
+        origin_us = min(p.fragments[0].start_us for p in stored)
+        tracks = [Track(p, language=p.language) for p in stored]
+        total_bytes = sum(f.size for p in stored for f in p.fragments) or 1
+        read_bytes = 0
+        audio_samples = 0
+        end_sample = 0
+        for index, track in enumerate(tracks):
+            runs = self._place(track, origin_us)
+            for placement in track.placements:
+                audio_samples += placement.length
+                end_sample = max(end_sample, placement.offset + placement.length)
+            read_bytes += sum(f.size for f in track.stored.fragments)
+            self._progress(READ_SHARE * read_bytes / total_bytes)
+            track.chunks = self._find_chunks(runs, index)
+        phrases = self._recognize_all(tracks)
+        phrases.sort(key=lambda p: (p.start_s, p.end_s, p.participant_id))
+        origin = origin_us / 1_000_000
+        minutes = Minutes(
+            conference_id=conference_id,
+            start_time=origin,
+            end_time=origin + end_sample / SAMPLE_RATE,
+            participants=tuple(
+                Speaker(t.stored.participant_id, t.stored.name, t.language) for t in tracks
+            ),
+            phrases=tuple(phrases),
+            audio_s=round(audio_samples / SAMPLE_RATE, 3),
+            generated_at=time.time(),
+            model=self._model,
+        )
+        speech = sum(c.end - c.start for t in tracks for c in t.chunks) / SAMPLE_RATE
+        self._progress(1.0)
+        return CompileResult(minutes, digest, speech, time.perf_counter() - started)
+
+    # -- timeline and VAD ----------------------------------------------------------------
+    def _place(self, track: Track, origin_us: int) -> list[_Run]:
+        """Lay the fragments on the timeline in runs of contiguous fragments (filling
+        ``track.placements``) and run the VAD over each run."""
+        config = self._config
+        tolerance = ms_to_samples(CONTIGUOUS_TOLERANCE_MS)
+        runs: list[_Run] = []
+        vad = FrameVad(config.vad_aggressiveness, VAD_FRAME_MS)
+        expected: int | None = None
+        for fragment in track.stored.fragments:
+            if self._cancelled():
+                raise CompileCancelled()
+            samples = read_fragment(fragment.path)
+            offset = round((fragment.start_us - origin_us) * SAMPLE_RATE / 1_000_000)
+            skip = 0
+            if expected is not None and abs(offset - expected) <= tolerance:
+                offset = expected  # the same run: trust its own sample count over the clock
+            elif expected is not None and offset < expected:
+                skip = expected - offset  # overlaps what is already there: keep the new part
+                offset = expected
+            else:
+                vad = FrameVad(config.vad_aggressiveness, VAD_FRAME_MS)
+                runs.append(_Run(offset))
+            length = max(0, samples.size - skip)
+            if length == 0:
+                continue
+            _, flags = vad.frames(samples[skip:])
+            runs[-1].flags.append(flags)
+            track.placements.append(Placement(offset, skip, length, fragment.path))
+            expected = offset + length
+        return runs
+
+    def _find_chunks(self, runs: list[_Run], index: int) -> list[Chunk]:
+        config = self._config
+        frame = SAMPLE_RATE * VAD_FRAME_MS // 1000
+
+        def frames(ms: float) -> int:
+            return max(1, round(ms / VAD_FRAME_MS))
+
+        chunks: list[Chunk] = []
+        for run in runs:
+            flags = np.concatenate(run.flags) if run.flags else np.zeros(0, dtype=np.bool_)
+            regions = speech_regions(
+                flags,
+                frames(config.min_speech_ms),
+                frames(config.min_silence_ms),
+                frames(config.speech_pad_ms),
+            )
+            planned = plan_chunks(
+                regions,
+                flags,
+                frames(config.max_chunk_s * 1000),
+                frames(config.chunk_join_ms),
+                frames(MIN_SPLIT_S * 1000),
+            )
+            chunks.extend(
+                Chunk(
+                    index,
+                    run.start + s * frame,
+                    run.start + e * frame,
+                    tuple((run.start + a * frame, run.start + b * frame) for a, b in fallback),
+                )
+                for s, e, fallback in planned
+            )
+        return chunks
+
+    # -- recognition ---------------------------------------------------------------------
+    def _recognize_all(self, tracks: list[Track]) -> list[Phrase]:
+        cache = _AudioCache()
+        total = sum(c.end - c.start for t in tracks for c in t.chunks) or 1
+        done = 0
+        phrases: list[Phrase] = []
+        while True:
+            if self._cancelled():
+                raise CompileCancelled()
+            batch = self._next_batch(tracks)
+            if not batch:
+                return phrases
+            requests = [
+                self._request(tracks[c.participant], c.start, c.end, cache, context=True)
+                for c in batch
+            ]
+            results = list(self._recognize(requests))
+            retry = [
+                (i, piece)
+                for i, (chunk, result) in enumerate(zip(batch, results))
+                if chunk.fallback and looks_wrong(result, RETRY_COMPRESSION_RATIO)
+                for piece in chunk.fallback
+            ]
+            pieces: dict[int, list[tuple[int, int, Recognition]]] = {}
+            if retry:
+                log.info(
+                    "re-recognizing %d chunk(s) in %d pieces",
+                    len({i for i, _ in retry}),
+                    len(retry),
+                )
+                retried = self._recognize(
+                    [
+                        self._request(tracks[batch[i].participant], a, b, cache, context=False)
+                        for i, (a, b) in retry
+                    ]
+                )
+                for (i, (a, b)), result in zip(retry, retried):
+                    pieces.setdefault(i, []).append((a, b, result))
+            for i, (chunk, result) in enumerate(zip(batch, results)):
+                track = tracks[chunk.participant]
+                track.next_chunk += 1
+                parts = pieces.get(i, [(chunk.start, chunk.end, result)])
+                for start, end, part in parts:
+                    phrases.extend(self._phrases(track, start, end, part))
+                done += chunk.end - chunk.start
+            self._progress(READ_SHARE + (1 - READ_SHARE) * done / total)
+
+    def _request(
+        self, track: Track, start: int, end: int, cache: _AudioCache, *, context: bool
+    ) -> RecognitionRequest:
+        config = self._config
+        return RecognitionRequest(
+            audio=read_range(track.placements, start, end, cache),
+            language=track.language,
+            priority=Priority.BACKGROUND,
+            beam_size=config.beam_size,
+            prompt_tokens=track.context if context and config.context else (),
+            word_timestamps=config.word_timestamps,
+        )
+
+    def _phrases(self, track: Track, start: int, end: int, result: Recognition) -> list[Phrase]:
+        """Learn the language and context from a result, and cut it into phrases."""
+        if track.language is None and result.language_probability >= self._language_confidence:
+            track.language = result.language
+        if self._config.context:
+            track.context = result.tokens if result.text.strip() else ()
+        return phrases_of(
+            result,
+            track.stored.participant_id,
+            start / SAMPLE_RATE,
+            end / SAMPLE_RATE,
+            self._config.phrase_pause_ms / 1000,
+            self._config.sentence_pause_ms / 1000,
+        )
+
+    def _next_batch(self, tracks: list[Track]) -> list[Chunk]:
+        """The earliest waiting chunks; with context, one per participant (each needs the text
+        of the one before)."""
+        candidates: list[Chunk] = []
+        for track in tracks:
+            waiting = track.chunks[track.next_chunk :]
+            candidates.extend(waiting[:1] if self._config.context else waiting)
+        candidates.sort(key=lambda c: c.start)
+        return candidates[: self._config.max_in_flight]
+
+
+def compile_minutes(
+    spool_root: Path,
+    conference_id: str,
+    config: MinutesConfig,
+    recognize: Recognize,
+    *,
+    language_confidence: float = 0.6,
+    model: str = "",
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> CompileResult:
+    """Compile one conference from the spool; raises NothingSpooled or CompileCancelled."""
+    compiler = MinutesCompiler(
+        config,
+        recognize,
+        language_confidence=language_confidence,
+        model=model,
+        progress=progress,
+        cancelled=cancelled,
+    )
+    return compiler.compile(spool_root, conference_id)
