@@ -63,6 +63,7 @@ class StreamConfig:
     progress_min_interval_ms: int = 1_000
     min_speech_ms: int = 250
     timezone: str = ""
+    captions: str = ""
 
 
 @dataclass(frozen=True, slots=True)

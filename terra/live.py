@@ -46,6 +46,7 @@ class FragmentInput:
     start_time: float
     post_id: str | None
     language: str | None  # lang1 when the client sent one
+    captions: str | None  # "en": add English translations to finals
     online: bool
     offline: bool
     samples: Samples
@@ -74,6 +75,7 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     seen_posts: set[str] = field(default_factory=set)
     language: str | None = None
+    captions: str | None = None
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     last_progress_at: float = 0.0
     last_seen: float = field(default_factory=time.monotonic)
@@ -135,6 +137,7 @@ class LiveService:
         session.last_seen = time.monotonic()
         if fragment.language and session.language != fragment.language:
             session.language = fragment.language
+        session.captions = fragment.captions
         held = False
         async with session.lock:
             key = post_key(fragment.post_id) if fragment.post_id is not None else None
@@ -230,22 +233,48 @@ class LiveService:
                 prompt_tokens=combination.committed_tokens,
             )
             future = self._scheduler.submit(request)
-            self._track(session, self._settle_final(session, combination, future))
+            translation = None
+            if session.captions == "en" and session.language != "en":
+                # Whisper's translate task over the whole combination, batched with the rest.
+                translation = self._scheduler.submit(
+                    RecognitionRequest(
+                        audio=combination.audio,
+                        language=session.language,
+                        priority=Priority.FINAL,
+                        beam_size=self._recognizer_config.final_beam_size,
+                        task="translate",
+                    )
+                )
+            self._track(session, self._settle_final(session, combination, future, translation))
 
     async def _settle_final(
-        self, session: Session, combination: Combination, future: asyncio.Future[Recognition | None]
+        self,
+        session: Session,
+        combination: Combination,
+        future: asyncio.Future[Recognition | None],
+        translation: asyncio.Future[Recognition | None] | None = None,
     ) -> None:
         try:
             result = await future
         except Exception:
             log.exception("final recognition failed; keeping the progress text", extra=session.ids)
             result = None
+        english: str | None = None
+        if translation is not None:
+            try:
+                translated = await translation
+                english = translated.text if translated is not None else ""
+            except Exception:
+                log.exception("caption translation failed", extra=session.ids)
+                english = ""
         if result is None:
             text = combination.text
         else:
             text = _join(combination.committed_text, result.text)
             self._learn_language(session, result)
-        session.stream.set_final(combination, text)
+        if english is None and session.captions == "en":
+            english = text  # an English speaker's caption is the text itself
+        session.stream.set_final(combination, text, english)
         self._observe_coverage(session, combination, None)
         if text.strip():
             self._metrics.finals.inc()

@@ -56,8 +56,12 @@ class TextElem:
     id: str
     post_ids: tuple[str, ...]
     status: str
+    translation: str | None = None  # live English captions, only when asked for
 
     def to_json(self) -> dict[str, object]:
+        extra: dict[str, object] = {}
+        if self.translation is not None:
+            extra["translation"] = self.translation
         return {
             "timestamp": self.timestamp,
             "timestamp_float": self.timestamp_float,
@@ -68,6 +72,7 @@ class TextElem:
             "id": self.id,
             "post_ids": list(self.post_ids),
             "status": self.status,
+            **extra,
         }
 
 
@@ -93,6 +98,7 @@ class Combination:
     committed_samples: int = 0
     committed_tokens: tuple[int, ...] = ()
     committed_text: str = ""
+    translation: str | None = None
 
     @property
     def audio(self) -> Samples:
@@ -359,7 +365,10 @@ class ParticipantStream:
         combination.committed_tokens += tokens
         combination.committed_text += text
 
-    def set_final(self, combination: Combination, text: str) -> None:
+    def set_final(
+        self, combination: Combination, text: str, translation: str | None = None
+    ) -> None:
+        combination.translation = translation
         combination.text = text
         combination.text_version = combination.version
         combination.state = CombinationState.FINAL
@@ -375,6 +384,7 @@ class ParticipantStream:
             id=combination.id,
             post_ids=tuple(combination.post_ids),
             status=status,
+            translation=combination.translation,
         )
 
     def take_answer(self) -> list[TextElem]:

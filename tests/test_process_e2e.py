@@ -249,3 +249,23 @@ async def test_out_of_order_fragments_are_put_in_time_order(make_server: ServerF
     text = " ".join(e["text"] for e in settled)
     assert cer(EN.transcript, text) <= EN_CER_BOUND, text
     assert [p for e in settled for p in e["post_ids"]][:3] == ["a", "b", "c"]
+
+
+async def test_live_english_captions_for_a_russian_speaker(make_server: ServerFactory) -> None:
+    client = await make_server()
+    answers = await stream_samples(
+        client, load_clip(RU_2.path), lang="ru", extra={"lang2": "en"}
+    )
+    settled = finals(answers)
+    assert settled and cer(RU_2.transcript, " ".join(e["text"] for e in settled)) <= RU_CER_BOUND
+    english = " ".join(e["translation"] for e in settled).lower()
+    # "Какая погода в Нью-Йорке": Whisper base says "What kind of weather in New York?"
+    assert "weather" in english and "new york" in english, english
+    # Progress elems and answers without lang2 keep the spec's exact shape.
+    assert all("translation" not in e for a in answers for e in a if e["status"] == "progress")
+
+
+async def test_captions_only_to_english(make_server: ServerFactory) -> None:
+    client = await make_server()
+    status, body = await post_fragment(client, extra={"lang2": "de"})
+    assert status == 400 and "only en" in body["detail"]

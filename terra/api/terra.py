@@ -68,6 +68,9 @@ async def process(request: web.Request) -> web.Response:
     post_id = param("post_id")
     if post_id is not None and len(post_id) > 256:
         raise BadRequest("post_id is longer than 256 characters")
+    captions = (param("lang2") or config.stream.captions or "").strip().lower() or None
+    if captions not in (None, "en"):
+        raise BadRequest("lang2 (live captions) supports only en: Whisper translates to English")
     language = (param("lang1") or "").strip().lower() or None
     if language is not None and (len(language) > 8 or not language.isalpha()):
         raise BadRequest(f"lang1 must be a language code such as ru or en, got {language!r}")
@@ -84,6 +87,7 @@ async def process(request: web.Request) -> web.Response:
         start_time=start_time,
         post_id=post_id,
         language=language,
+        captions=captions,
         online=online,
         offline=offline,
         samples=samples,
