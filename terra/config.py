@@ -81,7 +81,7 @@ class RecognizerConfig:
     stable_prefix: bool = False
     commit: bool = True
     commit_edge_guard_s: float = 1.0
-    commit_force_after_s: float = 8.0
+    commit_force_after_s: float = 6.0
     commit_force_guard_s: float = 3.0
     no_speech_threshold: float = 0.6
     no_speech_drop_threshold: float = 0.7
@@ -151,6 +151,41 @@ class TranslateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FilesConfig:
+    """The file dialects (SaluteSpeech async, connecte predictions): see config.yaml."""
+
+    dir: str = "var/files"
+    jobs_dir: str = "var/file-jobs"
+    retention_s: int = 72 * 3600
+    sweep_interval_s: int = 600
+    workers: int = 1
+    max_queued: int = 64
+    max_upload_bytes: int = 100 * 1024 * 1024
+    max_in_flight: int = 3
+    beam_size: int = 5
+    vad_aggressiveness: int = 2
+    min_speech_ms: int = 250
+    min_silence_ms: int = 500
+    speech_pad_ms: int = 300
+    chunk_join_ms: int = 2000
+    max_chunk_s: float = 25.0
+    # Words starting with one of these are masked when a client asks for the filter.
+    profanity_words: tuple[str, ...] = (
+        "хуй", "хуе", "хуё", "пизд", "ебат", "ебан", "блят", "fuck", "shit",
+    )  # fmt: skip
+    # connecte predictions
+    connecte_models: tuple[str, ...] = ("openai/whisper",)
+    cost_per_audio_s: float = 0.0
+    sync_timeout_s: float = 30.0
+    url_max_bytes: int = 100 * 1024 * 1024
+    url_timeout_s: float = 60.0
+    url_allow: tuple[str, ...] = ()
+    webhook_tries: int = 12
+    webhook_backoff_s: float = 0.5
+    webhook_backoff_max_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -159,6 +194,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     minutes: MinutesConfig = field(default_factory=MinutesConfig)
     translate: TranslateConfig = field(default_factory=TranslateConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
 
 
 T = TypeVar("T")
@@ -296,6 +332,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("minutes.vad_aggressiveness must be 0..3")
     if not 1.0 <= minutes.max_chunk_s <= 28.0:
         raise ConfigError("minutes.max_chunk_s: 1 to 28 (Whisper's window less the margin)")
+    files = config.files
+    if min(files.workers, files.max_queued, files.max_in_flight, files.beam_size) < 1:
+        raise ConfigError("files.workers, max_queued, max_in_flight and beam_size: at least 1")
+    if not 1.0 <= files.max_chunk_s <= 28.0:
+        raise ConfigError("files.max_chunk_s: 1 to 28 (Whisper's window less the margin)")
     if config.translate.backend not in ("http", "ctranslate2"):
         raise ConfigError("translate.backend must be 'http' or 'ctranslate2'")
     translate = config.translate
