@@ -11,7 +11,9 @@ from pathlib import Path
 from aiohttp import web
 
 from terra import keys
+from terra.api import connecte as connecte_api
 from terra.api import minutes as minutes_api
+from terra.api import salute as salute_api
 from terra.api import terra as terra_api
 from terra.api import translate as translate_api
 from terra.api.errors import Handler, error_middleware
@@ -92,11 +94,15 @@ def create_app(config: Config, engine: RecognitionEngine | None = None) -> web.A
     app.cleanup_ctx.append(_translation_ctx)
     app.cleanup_ctx.append(_recognizer_ctx(engine))
     app.cleanup_ctx.append(minutes_api.minutes_ctx)
+    app.cleanup_ctx.append(salute_api.salute_ctx)
+    app.cleanup_ctx.append(connecte_api.connecte_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     terra_api.add_routes(app)
     minutes_api.add_routes(app)
     translate_api.add_routes(app)
+    salute_api.add_routes(app)
+    connecte_api.add_routes(app)
     return app
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``terra serve | models | stream``."""
+"""Command line: ``terra serve | models | stream | minutes``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from terra.minutes.cli import add_minutes_arguments
     from terra.models import add_models_arguments
     from terra.streamclient import add_stream_arguments
 
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     stream = commands.add_parser("stream", help="play audio files to a server as participants")
     add_stream_arguments(stream)
+
+    minutes = commands.add_parser("minutes", help="compile a conference's minutes from the spool")
+    add_minutes_arguments(minutes)
     return parser
 
 
@@ -68,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from terra.models import run_models_command
 
         return run_models_command(args)
+    if args.command == "minutes":
+        from terra.minutes.cli import run_minutes_command
+
+        return run_minutes_command(args)
     if args.command == "stream":
         from terra.streamclient import run_stream_command
 

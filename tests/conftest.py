@@ -72,6 +72,7 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     overrides: dict[str, dict[str, Any]] = {
         "server": {"tokens": [TOKEN]},
         "spool": {"dir": str(tmp_path / "spool")},
+        "minutes": {"dir": str(tmp_path / "minutes"), "jobs_dir": str(tmp_path / "jobs")},
     }
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -13,6 +14,10 @@ from terra.recognizer.scheduler import QueueFullError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A dialect's error JSON from (status, detail). Registered per path prefix in ERROR_BODIES;
+# paths under no registered prefix get Terra's {"detail": ...}.
+ErrorBody = Callable[[int, str], dict[str, Any]]
+ERROR_BODIES = web.AppKey("error_bodies", dict[str, ErrorBody])
 
 
 class ApiError(Exception):
@@ -41,6 +46,10 @@ class PayloadTooLarge(ApiError):
     status = 413
 
 
+class TooManyRequests(ApiError):
+    status = 429
+
+
 class ServerError(ApiError):
     status = 500
 
@@ -63,6 +72,13 @@ def _status_and_detail(error: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def _error_json(request: web.Request, status: int, detail: str) -> web.Response:
+    for prefix, body in request.app.get(ERROR_BODIES, {}).items():
+        if request.path.startswith(prefix):
+            return web.json_response(body(status, detail), status=status)
+    return web.json_response({"detail": detail}, status=status)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as JSON ``{"detail": ...}`` with the right status."""
@@ -73,10 +89,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         mapped = _status_and_detail(e)
         assert mapped is not None
-        return web.json_response({"detail": mapped[1]}, status=mapped[0])
+        return _error_json(request, mapped[0], mapped[1])
     except Exception as e:
         mapped = _status_and_detail(e)
         if mapped is None:
             log.exception("unhandled error on %s %s", request.method, request.path)
-            return web.json_response({"detail": "internal server error"}, status=500)
-        return web.json_response({"detail": mapped[1]}, status=mapped[0])
+            return _error_json(request, 500, "internal server error")
+        return _error_json(request, mapped[0], mapped[1])

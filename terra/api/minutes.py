@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +16,9 @@ from terra.config import zone_of
 from terra.minutes.formats import CONTENT_TYPES, FORMATS, render
 from terra.minutes.service import MinutesService, State
 from terra.params import ParamError, validate_id
+
+# Cyrillic as it is, like the spec's examples.
+_dumps = functools.partial(json.dumps, ensure_ascii=False)
 
 # The spec's texts, word for word.
 NOT_FOUND = "Conference minutes status file not found"
@@ -46,12 +51,13 @@ async def minutes(request: web.Request) -> web.Response:
     if answer.state is State.NOT_FOUND:
         raise NotFound(NOT_FOUND)
     if answer.state is State.QUEUED_NOW:
-        return web.json_response(QUEUEPLACING)
+        return web.json_response(QUEUEPLACING, dumps=_dumps)
     if answer.state is State.RUNNING:
         job = answer.job
         assert job is not None
         return web.json_response(
-            {**RUNNING, "timestamp": job.queued_at, "progress": round(job.progress, 3)}
+            {**RUNNING, "timestamp": job.queued_at, "progress": round(job.progress, 3)},
+            dumps=_dumps,
         )
     if answer.state is State.FAILED:
         assert answer.job is not None

@@ -365,6 +365,11 @@ class WhisperEngine:
             cached = self._word_starts[token] = piece[:1].isspace()
         return cached
 
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        """Text tokens of ``text`` (no special tokens), e.g. for a previous-text prompt."""
+        encoding = self._model.hf_tokenizer.encode(text, add_special_tokens=False)
+        return tuple(int(t) for t in encoding.ids)
+
     def decode_text(self, tokens: Sequence[int]) -> str:
         """The text of text tokens (timestamps and special tokens are skipped)."""
         eot = self._model.hf_tokenizer.token_to_id("<|endoftext|>")

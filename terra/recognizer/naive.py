@@ -50,6 +50,11 @@ class NaiveEngine:
     def timestamp_begin(self) -> int:
         return int(self._model.hf_tokenizer.token_to_id("<|0.00|>"))
 
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        """Text tokens of ``text`` (no special tokens), e.g. for a previous-text prompt."""
+        encoding = self._model.hf_tokenizer.encode(text, add_special_tokens=False)
+        return tuple(int(t) for t in encoding.ids)
+
     def decode_text(self, tokens: Sequence[int]) -> str:
         eot = self._model.hf_tokenizer.token_to_id("<|endoftext|>")
         decoded: str = self._model.hf_tokenizer.decode([t for t in tokens if t < eot])

@@ -18,7 +18,10 @@ class Priority(IntEnum):
     BACKGROUND = 2
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: requests are equal only to themselves. Value equality would compare the audio
+# arrays, which numpy refuses (ValueError), and the scheduler's list.remove() compares a
+# request with every one queued before it.
+@dataclass(frozen=True, slots=True, eq=False)
 class RecognitionRequest:
     audio: Samples
     language: str | None  # None: detect, then lock
@@ -85,6 +88,10 @@ class RecognitionEngine(Protocol):
 
     def starts_word(self, token: int) -> bool:
         """Whether a text token begins a new word."""
+        ...
+
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        """Text tokens of ``text`` (no special tokens)."""
         ...
 
     def decode_text(self, tokens: Sequence[int]) -> str:

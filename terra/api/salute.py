@@ -1,0 +1,433 @@
+"""The SaluteSpeech async dialect: upload, async_recognize, task:get/cancel, data:download.
+
+Answers are wrapped as ``{"status": 200, "result": {...}}``; errors as
+``{"status": <code>, "message": ...}`` (registered with the error middleware by path prefix).
+Task states map onto the job store's: queued → NEW, running → RUNNING, succeeded → DONE,
+failed → ERROR, canceled → CANCELED. ``response_file_id`` is the task's id.
+
+The result file is a JSON list of utterances in SaluteSpeech's shape::
+
+    [{"results": [{"text": "какая погода", "normalized_text": "Какая погода?",
+                   "start": "0.420s", "end": "1.980s", "word_alignments": []}],
+      "eou": true, "eou_reason": "ORGANIC", "channel": 0,
+      "processed_audio_start": "0.420s", "processed_audio_end": "1.980s",
+      "speaker_info": {"speaker_id": -1, "main_speaker_confidence": 1.0},
+      "language": "ru"}]
+
+``normalized_text`` is Whisper's text as it comes (cased, punctuated, digits); ``text`` is the
+same lower-cased without punctuation. Times are protobuf Duration strings, as SaluteSpeech's.
+``results`` holds one hypothesis: the beam's best (``hypotheses_count`` is accepted, but
+Whisper gives no n-best list). ``speaker_id`` is the channel when speaker separation is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from terra import keys
+from terra.api.errors import (
+    ERROR_BODIES,
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unauthorized,
+)
+from terra.api.terra import check_token
+from terra.audio import AudioDecodeError
+from terra.config import FilesConfig
+from terra.files.codecs import ENCODINGS, decode_channels
+from terra.files.service import FileJobService, JobFailed, QueueFull
+from terra.files.transcribe import FileOptions, Utterance, hint_tokens, transcribe
+from terra.jobs import Job, JobStatus
+
+KIND = "salute"
+PREFIX = "/rest/v1/"
+SALUTE = web.AppKey("salute", FileJobService)
+
+_STATUS = {
+    JobStatus.QUEUED: "NEW",
+    JobStatus.RUNNING: "RUNNING",
+    JobStatus.SUCCEEDED: "DONE",
+    JobStatus.FAILED: "ERROR",
+    JobStatus.CANCELED: "CANCELED",
+}
+_LANGUAGE = re.compile(r"^([a-z]{2,3})(?:-[A-Za-z]{2,4})?$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
+_WORD = re.compile(r"\w+", re.UNICODE)
+_PUNCTUATION = re.compile(r"[^\w\s'-]+", re.UNICODE)
+
+
+# -- options ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SaluteOptions:
+    """The ``options`` of speech:async_recognize, validated (durations in ms)."""
+
+    language: str = "ru"
+    audio_encoding: str = "PCM_S16LE"
+    sample_rate: int | None = None
+    channels_count: int = 1
+    hypotheses_count: int = 1
+    enable_profanity_filter: bool = False
+    no_speech_timeout_ms: int = 7000
+    max_speech_timeout_ms: int = 20000
+    eou_timeout_ms: int | None = None
+    words: tuple[str, ...] = ()
+    separate_speakers: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _duration_ms(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise BadRequest(f'options.{name} must be a duration such as "7s"')
+    if isinstance(value, int | float):
+        return int(value * 1000)
+    match = _DURATION.match(str(value).strip())
+    if not match:
+        raise BadRequest(f'options.{name} must be a duration such as "7s", got {value!r}')
+    number, unit = float(match.group(1)), match.group(2) or "s"
+    return int(number * {"ms": 1, "s": 1000, "m": 60_000}[unit])
+
+
+def _int(options: dict[str, Any], name: str, default: int | None, low: int, high: int) -> Any:
+    value = options.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise BadRequest(f"options.{name} must be an integer")
+    try:
+        number = int(value)
+    except ValueError as e:
+        raise BadRequest(f"options.{name} must be an integer") from e
+    if not low <= number <= high:
+        raise BadRequest(f"options.{name} must be {low}..{high}")
+    return number
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"options.{name} must be true or false")
+    return value
+
+
+def parse_options(raw: Any) -> SaluteOptions:
+    """Validate the request's ``options`` (a 400 names the first bad field)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BadRequest("options must be an object")
+    language = str(raw.get("language", "ru-RU"))
+    match = _LANGUAGE.match(language)
+    if not match:
+        raise BadRequest(f"options.language: expected a code such as ru-RU, got {language!r}")
+    encoding = str(raw.get("audio_encoding", "PCM_S16LE")).upper()
+    if encoding not in ENCODINGS:
+        raise BadRequest(
+            f"options.audio_encoding: {encoding!r} is not one of {', '.join(sorted(ENCODINGS))}"
+        )
+    hints = raw.get("hints") or {}
+    if not isinstance(hints, dict):
+        raise BadRequest("options.hints must be an object")
+    words = hints.get("words") or []
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise BadRequest("options.hints.words must be a list of strings")
+    separation = raw.get("speaker_separation_options") or {}
+    if not isinstance(separation, dict):
+        raise BadRequest("options.speaker_separation_options must be an object")
+    default_rate = (
+        16000 if encoding == "PCM_S16LE" else 8000 if encoding in ("ALAW", "MULAW") else None
+    )
+    return SaluteOptions(
+        language=match.group(1),
+        audio_encoding=encoding,
+        sample_rate=_int(raw, "sample_rate", default_rate, 1000, 192_000),
+        channels_count=_int(raw, "channels_count", 1, 1, 8),
+        hypotheses_count=_int(raw, "hypotheses_count", 1, 1, 10),
+        enable_profanity_filter=_bool(
+            raw.get("enable_profanity_filter", False), "enable_profanity_filter"
+        ),
+        no_speech_timeout_ms=_duration_ms(raw.get("no_speech_timeout", "7s"), "no_speech_timeout"),
+        max_speech_timeout_ms=_duration_ms(
+            raw.get("max_speech_timeout", "20s"), "max_speech_timeout"
+        ),
+        eou_timeout_ms=(
+            _duration_ms(hints["eou_timeout"], "hints.eou_timeout")
+            if "eou_timeout" in hints
+            else None
+        ),
+        words=tuple(words[:100]),
+        separate_speakers=_bool(
+            separation.get("enable", False), "speaker_separation_options.enable"
+        ),
+    )
+
+
+def file_options(
+    options: SaluteOptions, config: FilesConfig, prompt: tuple[int, ...]
+) -> FileOptions:
+    """Salute's timeouts as VAD settings: ``max_speech_timeout`` caps an utterance's length,
+    ``hints.eou_timeout`` is the pause that ends one, and no utterance spans a stretch without
+    speech longer than ``no_speech_timeout``."""
+    return FileOptions(
+        language=options.language,
+        beam_size=config.beam_size,
+        prompt_tokens=prompt,
+        vad_aggressiveness=config.vad_aggressiveness,
+        min_speech_ms=config.min_speech_ms,
+        min_silence_ms=options.eou_timeout_ms or config.min_silence_ms,
+        speech_pad_ms=config.speech_pad_ms,
+        chunk_join_ms=min(config.chunk_join_ms, options.no_speech_timeout_ms),
+        max_chunk_s=min(config.max_chunk_s, max(1.0, options.max_speech_timeout_ms / 1000)),
+        max_in_flight=config.max_in_flight,
+    )
+
+
+# -- results ------------------------------------------------------------------------------
+def mask_profanity(text: str, stems: Sequence[str]) -> str:
+    """Replace every word that starts with one of ``stems`` by asterisks of its length."""
+    lowered = tuple(s.lower() for s in stems)
+
+    def mask(match: re.Match[str]) -> str:
+        word = match.group(0)
+        return "*" * len(word) if word.lower().startswith(lowered) else word
+
+    return _WORD.sub(mask, text) if lowered else text
+
+
+def plain_text(text: str) -> str:
+    """SaluteSpeech's ``text``: lower case, no punctuation."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def result_json(
+    utterances: Sequence[Utterance], options: SaluteOptions, profanity: Sequence[str]
+) -> list[dict[str, Any]]:
+    out = []
+    for u in utterances:
+        normalized, text = u.text, plain_text(u.text)
+        if options.enable_profanity_filter:
+            normalized, text = (
+                mask_profanity(normalized, profanity),
+                mask_profanity(text, profanity),
+            )
+        start, end = _duration(u.start_s), _duration(u.end_s)
+        out.append(
+            {
+                "results": [
+                    {
+                        "text": text,
+                        "normalized_text": normalized,
+                        "start": start,
+                        "end": end,
+                        "word_alignments": [],
+                    }
+                ],
+                "eou": True,
+                "eou_reason": "ORGANIC",
+                "channel": u.channel,
+                "processed_audio_start": start,
+                "processed_audio_end": end,
+                "speaker_info": {
+                    "speaker_id": u.channel if options.separate_speakers else -1,
+                    "main_speaker_confidence": 1.0,
+                },
+                "language": u.language,
+            }
+        )
+    return out
+
+
+# -- the job ------------------------------------------------------------------------------
+def _runner(app: web.Application) -> Any:
+    async def run(job: Job) -> list[dict[str, Any]]:
+        config = app[keys.CONFIG].files
+        service = app[SALUTE]
+        options = SaluteOptions(**job.params["options"])
+        path = service.upload_path(str(job.params["request_file_id"]))
+        if path is None:
+            raise JobFailed("the uploaded file is gone (expired?)")
+        try:
+            tracks = await asyncio.to_thread(
+                lambda: decode_channels(
+                    Path(path).read_bytes(),
+                    options.audio_encoding,
+                    options.sample_rate,
+                    options.channels_count,
+                    split=options.channels_count > 1,
+                )
+            )
+        except AudioDecodeError as e:
+            raise JobFailed(str(e)) from e
+        prompt = hint_tokens(app[keys.ENGINE], options.words)
+        utterances = await transcribe(
+            tracks, file_options(options, config, prompt), app[keys.SCHEDULER].submit
+        )
+        return result_json(utterances, options, config.profanity_words)
+
+    return run
+
+
+async def salute_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The SaluteSpeech job service; after the recognizer's context (it submits there)."""
+    config = app[keys.CONFIG]
+    service = FileJobService(config.files, KIND, _runner(app), fsync=config.spool.fsync)
+    app[SALUTE] = service
+    await service.start()
+    yield
+    await service.stop()
+
+
+# -- handlers -----------------------------------------------------------------------------
+def _authorize(request: web.Request) -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Unauthorized")
+    try:
+        check_token(request.app[keys.CONFIG], token.strip())
+    except Unauthorized as e:
+        raise Unauthorized("Unauthorized") from e
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it is longer than ``limit``."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge("Payload too large")
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(256 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge("Payload too large")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _ok(result: dict[str, Any]) -> web.Response:
+    return web.json_response({"status": 200, "result": result}, dumps=_dumps)
+
+
+_dumps = functools.partial(json.dumps, ensure_ascii=False)
+
+
+def _time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds).astimezone().isoformat()
+
+
+def task_json(job: Job) -> dict[str, Any]:
+    updated = max(t for t in (job.created_at, job.started_at, job.finished_at) if t is not None)
+    task: dict[str, Any] = {
+        "id": job.id,
+        "created_at": _time(job.created_at),
+        "updated_at": _time(updated),
+        "status": _STATUS[job.status],
+    }
+    if job.status is JobStatus.SUCCEEDED:
+        task["response_file_id"] = job.id
+    if job.status is JobStatus.FAILED:
+        task["error"] = job.error or "internal error"
+    return task
+
+
+async def upload(request: web.Request) -> web.Response:
+    """POST /rest/v1/data:upload: the body is the audio."""
+    _authorize(request)
+    data = await read_limited(request, request.app[keys.CONFIG].files.max_upload_bytes)
+    if not data:
+        raise BadRequest("the request body (the audio file) is empty")
+    file_id = await request.app[SALUTE].save_upload(data)
+    return _ok({"request_file_id": file_id})
+
+
+async def async_recognize(request: web.Request) -> web.Response:
+    """POST /rest/v1/speech:async_recognize: a task for an uploaded file."""
+    _authorize(request)
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body must be JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    options = parse_options(body.get("options"))
+    file_id = body.get("request_file_id")
+    if not file_id or not isinstance(file_id, str):
+        raise BadRequest("request_file_id must not be empty")
+    service = request.app[SALUTE]
+    if service.upload_path(file_id) is None:
+        raise NotFound(f"file {file_id} not found")
+    try:
+        job = await service.create(request_file_id=file_id, options=options.to_json())
+    except QueueFull as e:
+        raise TooManyRequests("Too Many Requests") from e
+    return _ok(task_json(job))
+
+
+async def _task(request: web.Request) -> Job:
+    task_id = request.query.get("id", "")
+    if not task_id:
+        raise BadRequest("Id must not be empty")
+    job = await request.app[SALUTE].get(task_id)
+    if job is None:
+        raise NotFound(f"task {task_id} not found")
+    return job
+
+
+async def task_get(request: web.Request) -> web.Response:
+    """GET /rest/v1/task:get?id=: the task's state."""
+    _authorize(request)
+    return _ok(task_json(await _task(request)))
+
+
+async def task_cancel(request: web.Request) -> web.Response:
+    """POST /rest/v1/task:cancel?id=: cancel a task that is still NEW."""
+    _authorize(request)
+    job = await _task(request)
+    canceled, ok = await request.app[SALUTE].cancel(job.id, running_too=False)
+    if canceled is None:
+        raise NotFound(f"task {job.id} not found")
+    if not ok:
+        raise BadRequest(f"task is {_STATUS[canceled.status]}: only a NEW task can be canceled")
+    return _ok(task_json(canceled))
+
+
+async def download(request: web.Request) -> web.Response:
+    """GET /rest/v1/data:download?response_file_id=: the result file."""
+    _authorize(request)
+    file_id = request.query.get("response_file_id", "")
+    if not file_id:
+        raise BadRequest("response_file_id must not be empty")
+    path = request.app[SALUTE].result_path(file_id)
+    if path is None:
+        raise NotFound(f"file {file_id} not found")
+    body = await asyncio.to_thread(path.read_bytes)
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    return {"status": status, "message": message}
+
+
+def add_routes(app: web.Application) -> None:
+    app.setdefault(ERROR_BODIES, {})[PREFIX] = _error_body
+    app.router.add_post("/rest/v1/data:upload", upload)
+    app.router.add_post("/rest/v1/speech:async_recognize", async_recognize)
+    app.router.add_get("/rest/v1/task:get", task_get)
+    app.router.add_post("/rest/v1/task:cancel", task_cancel)
+    app.router.add_get("/rest/v1/data:download", download)

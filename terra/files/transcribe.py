@@ -1,0 +1,163 @@
+"""Recognize decoded tracks: VAD regions per channel, chunks of whole utterances, requests
+through the recognizer scheduler at background priority, timed utterances back.
+
+The VAD planning reuses the minutes compiler's pure helpers (same rules as the minutes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from terra.audio import SAMPLE_RATE, Samples
+from terra.minutes.compiler import plan_chunks, speech_regions
+from terra.recognizer.types import (
+    Priority,
+    Recognition,
+    RecognitionEngine,
+    RecognitionRequest,
+    Word,
+)
+from terra.vad import FrameVad
+
+log = logging.getLogger(__name__)
+
+VAD_FRAME_MS = 30
+RETRY_MAX_S = 10.0
+
+Submit = Callable[[RecognitionRequest], "asyncio.Future[Recognition | None]"]
+
+
+@dataclass(frozen=True, slots=True)
+class FileOptions:
+    """Per-file recognition settings (the dialects map their parameters onto these)."""
+
+    language: str | None = None  # None: detect per chunk
+    task: str = "transcribe"
+    beam_size: int = 5
+    prompt_tokens: tuple[int, ...] = ()
+    word_timestamps: bool = False
+    vad_aggressiveness: int = 2
+    min_speech_ms: int = 250
+    min_silence_ms: int = 500
+    speech_pad_ms: int = 300
+    chunk_join_ms: int = 2000
+    max_chunk_s: float = 25.0
+    max_in_flight: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Utterance:
+    """Text of one channel between ``start_s`` and ``end_s`` (seconds from the file's start)."""
+
+    channel: int
+    start_s: float
+    end_s: float
+    text: str
+    language: str
+    words: tuple[Word, ...] = ()
+
+
+def plan(track: Samples, options: FileOptions) -> list[tuple[int, int]]:
+    """Sample ranges ``[start, end)`` to recognize: VAD speech joined into utterance chunks."""
+    _, flags = FrameVad(options.vad_aggressiveness, VAD_FRAME_MS).frames(track)
+    per_frame = SAMPLE_RATE * VAD_FRAME_MS // 1000
+
+    def frames(ms: float) -> int:
+        return max(1, round(ms / VAD_FRAME_MS))
+
+    regions = speech_regions(
+        flags,
+        frames(options.min_speech_ms),
+        frames(options.min_silence_ms),
+        frames(options.speech_pad_ms),
+    )
+    max_frames = frames(options.max_chunk_s * 1000)
+    chunks = plan_chunks(regions, flags, max_frames, frames(options.chunk_join_ms), max_frames)
+    return [(start * per_frame, min(track.size, end * per_frame)) for start, end, _ in chunks]
+
+
+async def recognize_once(submit: Submit, request: RecognitionRequest) -> Recognition:
+    """One request through the scheduler; dropped (queue full) means: wait, send again."""
+    delay = 0.5
+    while True:
+        result = await submit(request)
+        if result is not None:
+            return result
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX_S)
+
+
+async def transcribe(
+    tracks: Sequence[Samples], options: FileOptions, submit: Submit
+) -> list[Utterance]:
+    """All channels' utterances, ordered by start time then channel."""
+    plans = await asyncio.gather(*(asyncio.to_thread(plan, t, options) for t in tracks))
+    gate = asyncio.Semaphore(options.max_in_flight)
+
+    async def one(channel: int, start: int, end: int) -> list[Utterance]:
+        request = RecognitionRequest(
+            audio=tracks[channel][start:end],
+            language=options.language,
+            priority=Priority.BACKGROUND,
+            beam_size=options.beam_size,
+            task=options.task,
+            prompt_tokens=options.prompt_tokens,
+            word_timestamps=options.word_timestamps,
+        )
+        async with gate:
+            result = await recognize_once(submit, request)
+        return utterances_of(result, channel, start, end)
+
+    jobs = [one(c, s, e) for c, ranges in enumerate(plans) for s, e in ranges]
+    found = [u for part in await asyncio.gather(*jobs) for u in part]
+    return sorted(found, key=lambda u: (u.start_s, u.channel))
+
+
+def utterances_of(result: Recognition, channel: int, start: int, end: int) -> list[Utterance]:
+    """A chunk's result as utterances: one per timed segment (the chunk when untimed)."""
+    if result.dropped_reason or not result.text.strip():
+        return []
+    offset = start / SAMPLE_RATE
+    chunk_end = end / SAMPLE_RATE
+    out = []
+    for segment in result.segments:
+        text = segment.text.strip()
+        if not text:
+            continue
+        words = tuple(
+            Word(
+                round(offset + w.start_s, 3),
+                round(min(chunk_end, offset + w.end_s), 3),
+                w.text,
+                w.probability,
+            )
+            for w in segment.words
+        )
+        out.append(
+            Utterance(
+                channel,
+                round(offset + segment.start_s, 3),
+                round(min(chunk_end, offset + segment.end_s), 3),
+                text,
+                result.language,
+                words,
+            )
+        )
+    if not out:
+        out.append(
+            Utterance(
+                channel, round(offset, 3), round(chunk_end, 3), result.text.strip(), result.language
+            )
+        )
+    return out
+
+
+def hint_tokens(engine: RecognitionEngine, words: Sequence[str]) -> tuple[int, ...]:
+    """Hint words as Whisper previous-text tokens, made with the engine's own tokenizer."""
+    text = ", ".join(w.strip() for w in words if w.strip())
+    if not text:
+        return ()
+    return engine.encode_text(" " + text)

@@ -1,0 +1,489 @@
+"""Minutes without the model: chunking and phrases, the job store, the formats against the
+XSD, the compiler on real speech with a stand-in recognizer, and the service's durability."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lxml import etree
+
+from terra.audio import SAMPLE_RATE, Samples, encode_wav, samples_to_ms
+from terra.config import MinutesConfig
+from terra.jobs import Job, JobStatus, JobStore, new_job
+from terra.minutes.compiler import (
+    CompileCancelled,
+    NothingSpooled,
+    compile_minutes,
+    looks_wrong,
+    phrases_of,
+    plan_chunks,
+    speech_regions,
+    split_long,
+)
+from terra.minutes.formats import render, to_json, to_md, to_srt, to_vtt, to_xml, validate_xml
+from terra.minutes.service import MinutesService, State
+from terra.minutes.types import Minutes, Phrase, Speaker
+from terra.recognizer.types import (
+    Priority,
+    Recognition,
+    RecognitionRequest,
+    Segment,
+    Word,
+)
+from terra.spool import Spool
+
+from .conftest import SPEECH, load_clip
+
+T0 = 1_719_512_467.0
+
+
+def flags(pattern: str) -> np.ndarray:
+    return np.array([c == "#" for c in pattern], dtype=np.bool_)
+
+
+def recognition(text: str, segments: tuple[Segment, ...] = (), **kwargs: object) -> Recognition:
+    values: dict[str, object] = {
+        "text": text,
+        "tokens": (1, 2, 3),
+        "language": "ru",
+        "language_probability": 0.99,
+        "no_speech_prob": 0.01,
+        "avg_logprob": -0.2,
+        "compression_ratio": 1.2,
+        "window_s": 10.0,
+        "segments": segments,
+    }
+    values.update(kwargs)
+    return Recognition(**values)  # type: ignore[arg-type]
+
+
+# -- chunking and phrases ------------------------------------------------------------------
+
+
+def test_speech_regions_join_short_pauses_drop_blips_and_pad() -> None:
+    #              0         1         2         3
+    #              0123456789012345678901234567890123
+    pattern = flags("..####.##........#.......#####....")
+    regions = speech_regions(pattern, min_speech=3, min_silence=3, pad=1)
+    # 2-9 joined across a 1-frame pause, the lone frame at 17 dropped, 25-30 kept; padded.
+    assert regions == [(1, 10), (24, 31)]
+    assert speech_regions(flags(""), 1, 1, 1) == []
+    # padding that makes two regions touch merges them
+    assert speech_regions(flags("###...###"), 1, 2, 2) == [(0, 9)]
+
+
+def test_split_long_cuts_in_the_longest_pause() -> None:
+    pattern = flags("#" * 12 + "...." + "#" * 4 + "." + "#" * 9)
+    pieces = split_long(0, pattern.size, pattern, max_frames=20)
+    assert pieces[0] == (0, 14)  # the middle of the 4-frame pause at 12..16
+    assert pieces[-1][1] == pattern.size
+    assert all(b - a <= 20 for a, b in pieces)
+    hard = split_long(0, 50, flags("#" * 50), max_frames=20)
+    assert hard == [(0, 20), (20, 40), (40, 50)]
+
+
+def test_plan_chunks_joins_close_regions_up_to_the_limit() -> None:
+    pattern = flags("#" * 100)
+    chunks = plan_chunks([(0, 10), (15, 30), (60, 70), (72, 95)], pattern, 40, 10, 30)
+    assert [(s, e) for s, e, _ in chunks] == [(0, 30), (60, 95)]
+    # each joined chunk falls back to its regions
+    assert chunks[0][2] == ((0, 10), (15, 30))
+    # a chunk of one short region has no fallback; a long one is split in two
+    single = plan_chunks([(0, 20)], pattern, 40, 10, 30)
+    assert single[0][2] == ()
+    long = plan_chunks([(0, 36)], flags("#" * 20 + ".." + "#" * 14), 40, 10, 30)
+    assert long[0][2] == ((0, 21), (21, 36))
+
+
+def test_phrases_cut_at_pauses_and_sentence_ends() -> None:
+    words = (
+        Word(0.1, 0.5, " Доброе", 0.9),
+        Word(0.5, 0.9, " утро.", 0.9),
+        Word(1.3, 1.8, " Начнём", 0.9),  # 0.4 s after a sentence end: new phrase
+        Word(1.9, 2.3, " планёрку", 0.9),
+        Word(4.0, 4.5, " итак", 0.9),  # 1.7 s pause: new phrase
+    )
+    result = recognition("...", (Segment(0.1, 4.5, "...", words),))
+    phrases = phrases_of(result, "anna", 10.0, 15.0, phrase_pause_s=1.0, sentence_pause_s=0.3)
+    assert [p.text for p in phrases] == ["Доброе утро.", "Начнём планёрку", "итак"]
+    assert phrases[0].start_s == pytest.approx(10.1) and phrases[0].end_s == pytest.approx(10.9)
+    assert phrases[2].start_s == pytest.approx(14.0)
+    assert {p.participant_id for p in phrases} == {"anna"} and phrases[0].language == "ru"
+
+
+def test_phrases_without_words_or_segments() -> None:
+    segments = (Segment(0.0, 2.0, " Раз."), Segment(3.5, 5.0, " Два."))
+    by_segment = phrases_of(recognition("Раз. Два.", segments), "p", 1.0, 7.0, 1.0, 0.3)
+    assert [(p.start_s, p.end_s, p.text) for p in by_segment] == [
+        (1.0, 3.0, "Раз."),
+        (4.5, 6.0, "Два."),
+    ]
+    plain = phrases_of(recognition(" Всё вместе"), "p", 1.0, 7.0, 1.0, 0.3)
+    assert [(p.start_s, p.end_s, p.text) for p in plain] == [(1.0, 7.0, "Всё вместе")]
+    assert phrases_of(recognition(""), "p", 0.0, 1.0, 1.0, 0.3) == []
+
+
+def test_looks_wrong_catches_loops_not_speech() -> None:
+    loop = "Доброе утро, коллеги. Давайте начнем. Доброе утро, коллеги. Доброе утро, коллеги."
+    assert looks_wrong(recognition(loop), 2.0)
+    assert looks_wrong(recognition("ok", compression_ratio=2.5), 2.0)
+    assert looks_wrong(recognition("ok", avg_logprob=-1.5), 2.0)
+    fine = "Доброе утро, коллеги. Давайте начнём планёрку, у нас сегодня три вопроса."
+    assert not looks_wrong(recognition(fine), 2.0)
+    assert not looks_wrong(recognition("", dropped_reason="no_speech", avg_logprob=-3), 2.0)
+
+
+# -- the job store -------------------------------------------------------------------------
+
+
+def test_job_store_round_trip_and_recovery(tmp_path: Path) -> None:
+    store = JobStore(tmp_path, fsync=False)
+    assert store.get("minutes", "c1") is None
+    queued = new_job("minutes", "c1", 100.0, digest="abc")
+    store.put(queued)
+    assert store.get("minutes", "c1") == queued
+    running = queued.started(101.0).progressed(0.4)
+    store.put(running)
+    store.put(new_job("minutes", "c2", 99.0))
+    store.put(new_job("minutes", "c3", 98.0).started(99.0).succeeded(100.0, "/x.json"))
+    (tmp_path / "minutes" / "broken.json").write_text("{not json", encoding="utf-8")
+    (tmp_path / "minutes" / ".tmp-123.json").write_text("{}", encoding="utf-8")
+
+    recovered = store.recover("minutes")
+    assert [j.id for j in recovered] == ["c2", "c1"]  # oldest queue time first
+    again = store.get("minutes", "c1")
+    assert again is not None and again.status is JobStatus.QUEUED
+    assert again.queued_at == 100.0 and again.attempts == 1 and again.progress == 0.0
+    assert again.params == {"digest": "abc"}
+    assert JobStatus.SUCCEEDED.is_terminal() and not JobStatus.RUNNING.is_terminal()
+    with pytest.raises(ValueError):
+        store.path("minutes", "../etc")
+
+
+def test_job_json_ignores_unknown_fields() -> None:
+    job = new_job("minutes", "c1", 1.0)
+    data = job.to_json() | {"added_later": 1}
+    assert Job.from_json(data) == job
+
+
+# -- formats -------------------------------------------------------------------------------
+
+
+def sample_minutes() -> Minutes:
+    return Minutes(
+        conference_id="trash6bb3f34f-b29a",
+        start_time=T0,
+        end_time=T0 + 65.5,
+        participants=(
+            Speaker("p-1", "Анна <Иванова> & Co", "ru"),
+            Speaker("p-2", 'John "JJ" Smith', None),
+        ),
+        phrases=(
+            Phrase("p-1", 0.35, 2.35, "Доброе утро, коллеги! <b>Скобки</b> & *звёзды*", "ru"),
+            Phrase("p-2", 1.0, 1.0, "Overlapping, at the same time.", "en"),
+            Phrase("p-1", 61.2, 65.5, "Спасибо.", "ru"),
+        ),
+        audio_s=131.0,
+        generated_at=T0 + 100,
+        model="base",
+    )
+
+
+def test_xml_validates_and_keeps_everything() -> None:
+    minutes = sample_minutes()
+    data = to_xml(minutes)
+    assert data.startswith(b"<?xml version='1.0' encoding='UTF-8'?>")
+    assert validate_xml(data) == []
+    root = etree.fromstring(data)
+    assert root.get("conference_id") == minutes.conference_id
+    assert float(root.get("duration_s")) == pytest.approx(65.5)
+    names = [p.get("name") for p in root.iterfind("participants/participant")]
+    assert names == ["Анна <Иванова> & Co", 'John "JJ" Smith']
+    phrases = root.findall("phrases/phrase")
+    assert [p.text for p in phrases] == [p.text for p in minutes.phrases]
+    assert "Доброе утро".encode() in data  # UTF-8, not character references
+    first = phrases[0]
+    assert first.get("speaker") == "Анна <Иванова> & Co" and first.get("participant_id") == "p-1"
+    assert float(first.get("start_float")) == pytest.approx(T0 + 0.35)
+    assert float(first.get("start_s")) == pytest.approx(0.35)
+    assert first.get("start").startswith("2024-06-2")  # ISO 8601 with the zone offset
+
+
+def test_xsd_rejects_a_phrase_of_an_unknown_participant() -> None:
+    root = etree.fromstring(to_xml(sample_minutes()))
+    root.find("phrases/phrase").set("participant_id", "nobody")
+    assert any("nobody" in e for e in validate_xml(etree.tostring(root)))
+    root = etree.fromstring(to_xml(sample_minutes()))
+    root.find("phrases/phrase").set("start", "yesterday")
+    assert validate_xml(etree.tostring(root))
+
+
+def test_text_formats_name_the_speakers() -> None:
+    minutes = sample_minutes()
+    srt = to_srt(minutes).decode()
+    assert srt.startswith("1\n00:00:00,350 --> 00:00:02,350\nАнна <Иванова> & Co: Доброе утро")
+    assert "00:01:01,200 --> 00:01:05,500" in srt
+    assert "00:00:01,000 --> 00:00:01,500" in srt  # an instant still gets a visible cue
+    vtt = to_vtt(minutes).decode()
+    assert vtt.startswith("WEBVTT\n\n1\n00:00:00.350 --> 00:00:02.350\n")
+    assert "<v Анна &lt;Иванова&gt; &amp; Co>Доброе утро, коллеги! &lt;b&gt;" in vtt
+    md = to_md(minutes).decode()
+    assert "**[00:00:00] Анна \\<Иванова\\> & Co:** Доброе утро" in md
+    assert "\\*звёзды\\*" in md and "Participants: Анна" in md
+    document = json.loads(to_json(minutes))
+    assert [p["speaker"] for p in document["phrases"]] == [
+        "Анна <Иванова> & Co",
+        'John "JJ" Smith',
+        "Анна <Иванова> & Co",
+    ]
+    assert document["phrases"][0]["start_s"] == 0.35
+    assert document["participants"][1]["language"] is None
+    assert render(minutes, "md") == md.encode()
+    assert Minutes.from_json(json.loads(json.dumps(minutes.to_json()))) == minutes
+
+
+# -- the compiler on real audio with a stand-in recognizer ----------------------------------
+
+
+MEETING = SPEECH / "meetings" / "standup_en"
+
+
+def spool_track(
+    spool: Spool,
+    conference: str,
+    participant: str,
+    samples: Samples,
+    start: float,
+    chunk_s: float = 2.0,
+    name: str | None = None,
+) -> None:
+    step = int(chunk_s * SAMPLE_RATE)
+    for i, offset in enumerate(range(0, samples.size, step)):
+        piece = samples[offset : offset + step]
+        spool.write(
+            conference,
+            participant,
+            name or participant.title(),
+            start + offset / SAMPLE_RATE,
+            samples_to_ms(piece.size),
+            f"{participant}-{i}",
+            None,
+            encode_wav(piece),
+        )
+
+
+class StandIn:
+    """Says which participant's audio it got, timed over the whole request."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[list[RecognitionRequest]] = []
+        self.fail = fail
+
+    def __call__(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
+        if self.fail:
+            raise RuntimeError("the recognizer broke")
+        self.calls.append(list(requests))
+        out = []
+        for request in requests:
+            seconds = request.audio.size / SAMPLE_RATE
+            text = f" speech of {seconds:.1f} seconds."
+            out.append(recognition(text, (Segment(0.0, seconds, text),), language="en"))
+        return out
+
+
+def test_compiler_keeps_overlapping_speech_as_two_phrases(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    maria = load_clip(MEETING / "maria.flac")[: 10 * SAMPLE_RATE]  # speech 0.5-4.8, 5.4-9.2
+    peter = load_clip(MEETING / "peter.flac")[int(9.5 * SAMPLE_RATE) : 20 * SAMPLE_RATE]
+    spool_track(spool, "c1", "maria", maria, T0)
+    spool_track(spool, "c1", "peter", peter, T0 + 1.0)  # speaks 1.3-5.9 and 6.5-11.5
+    (tmp_path / "c1" / "maria" / ".tmp-x.wav").write_bytes(b"half-written")
+    seen: list[float] = []
+    stand_in = StandIn()
+    result = compile_minutes(tmp_path, "c1", MinutesConfig(), stand_in, progress=seen.append)
+
+    minutes = result.minutes
+    assert [s.participant_id for s in minutes.participants] == ["maria", "peter"]
+    assert minutes.start_time == T0 and minutes.end_time == pytest.approx(T0 + 11.5, abs=0.01)
+    assert minutes.audio_s == pytest.approx(20.5, abs=0.01)
+    starts = [p.start_s for p in minutes.phrases]
+    assert starts == sorted(starts)
+    by = {
+        pid: [p for p in minutes.phrases if p.participant_id == pid] for pid in ("maria", "peter")
+    }
+    assert by["maria"] and by["peter"]
+    assert any(
+        a.start_s < b.end_s and b.start_s < a.end_s for a in by["maria"] for b in by["peter"]
+    ), "overlapping speech must stay two overlapping phrases"
+    assert by["maria"][0].start_s == pytest.approx(0.5, abs=0.4)
+    assert by["peter"][0].start_s == pytest.approx(1.3, abs=0.4)
+    assert all(
+        r.priority is Priority.BACKGROUND and r.beam_size == 5 for c in stand_in.calls for r in c
+    )
+    assert all(r.word_timestamps for c in stand_in.calls for r in c)
+    assert max(len(c) for c in stand_in.calls) <= MinutesConfig().max_in_flight
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    assert result.digest and result.speech_s > 10
+
+
+def test_compiler_rebuilds_the_timeline_with_holes_and_jitter(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    maria = load_clip(MEETING / "maria.flac")[: 10 * SAMPLE_RATE]
+    # 1 s fragments: three, then nothing for 20 s, then seven whose clock jitters by 20 ms.
+    spool_track(spool, "c1", "maria", maria[: 3 * SAMPLE_RATE], T0, chunk_s=1.0)
+    for i in range(7):
+        piece = maria[(3 + i) * SAMPLE_RATE : (4 + i) * SAMPLE_RATE]
+        jitter = (-0.02, 0.02)[i % 2]
+        start = T0 + 23.0 + i + jitter
+        spool.write("c1", "maria", "Maria", start, 1000, f"late-{i}", None, encode_wav(piece))
+    result = compile_minutes(tmp_path, "c1", MinutesConfig(), StandIn())
+    minutes = result.minutes
+    # Jitter within the tolerance keeps the run's own clock: nothing lost, nothing doubled.
+    assert minutes.audio_s == pytest.approx(10.0)
+    assert minutes.end_time == pytest.approx(T0 + 23.0 - 0.02 + 7.0, abs=0.001)
+    starts = [p.start_s for p in minutes.phrases]
+    assert starts[0] == pytest.approx(0.5, abs=0.4)
+    assert any(s >= 22.9 for s in starts), "speech after the hole is placed after it"
+    assert not any(3.5 < s < 22.9 for s in starts), "the hole is silence"
+
+
+def test_compiler_stops_when_cancelled_and_needs_audio(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    spool_track(spool, "c1", "maria", load_clip(MEETING / "maria.flac")[: 5 * SAMPLE_RATE], T0)
+    with pytest.raises(CompileCancelled):
+        compile_minutes(tmp_path, "c1", MinutesConfig(), StandIn(), cancelled=lambda: True)
+    with pytest.raises(NothingSpooled):
+        compile_minutes(tmp_path, "nothing", MinutesConfig(), StandIn())
+
+
+# -- the service: states, one job per conference, restarts ----------------------------------
+
+
+def fake_submit(recognize: StandIn, delay_s: float = 0.0):  # type: ignore[no-untyped-def]
+    def submit(request: RecognitionRequest) -> asyncio.Future[Recognition | None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Recognition | None] = loop.create_future()
+
+        def answer() -> None:
+            if future.done():
+                return
+            try:
+                future.set_result(recognize([request])[0])
+            except Exception as e:  # noqa: BLE001 - handed to the awaiting side
+                future.set_exception(e)
+
+        loop.call_later(delay_s, answer)
+        return future
+
+    return submit
+
+
+def service_for(tmp_path: Path, recognize: StandIn, delay_s: float = 0.0) -> MinutesService:
+    config = MinutesConfig(dir=str(tmp_path / "minutes"), jobs_dir=str(tmp_path / "jobs"))
+    return MinutesService(
+        config, tmp_path / "spool", fake_submit(recognize, delay_s), model="stand-in", fsync=False
+    )
+
+
+async def wait_for(predicate, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_service_states_and_one_compile_per_conference(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    service = service_for(tmp_path, StandIn(), delay_s=0.05)
+    await service.start()
+    try:
+        assert (await service.request("c1")).state is State.NOT_FOUND
+        spool_track(spool, "c1", "maria", load_clip(MEETING / "maria.flac")[: 6 * SAMPLE_RATE], T0)
+        answers = await asyncio.gather(*(service.request("c1") for _ in range(5)))
+        assert [a.state for a in answers].count(State.QUEUED_NOW) == 1
+        assert {a.state for a in answers[1:]} == {State.RUNNING}
+        queued_at = answers[0].job.queued_at  # type: ignore[union-attr]
+        assert all(a.job.queued_at == queued_at for a in answers)  # type: ignore[union-attr]
+
+        await wait_for(lambda: not service._jobs)
+        done = await service.request("c1")
+        assert done.state is State.DONE and done.minutes is not None and done.minutes.phrases
+        assert (tmp_path / "minutes" / "c1.xml").is_file()
+        assert (await service.request("c1")).state is State.DONE  # no second compile
+
+        spool_track(spool, "c1", "john", load_clip(MEETING / "john.flac")[: 2 * SAMPLE_RATE], T0)
+        assert (await service.request("c1")).state is State.QUEUED_NOW  # new audio: fresh one
+        await wait_for(lambda: not service._jobs)
+        again = await service.request("c1")
+        assert again.state is State.DONE
+        assert [s.participant_id for s in again.minutes.participants] == ["john", "maria"]  # type: ignore[union-attr]
+    finally:
+        await service.stop()
+
+
+async def test_service_reports_a_failed_compile(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool_track(spool, "c1", "maria", load_clip(MEETING / "maria.flac")[: 4 * SAMPLE_RATE], T0)
+    service = service_for(tmp_path, StandIn(fail=True))
+    await service.start()
+    try:
+        assert (await service.request("c1")).state is State.QUEUED_NOW
+        await wait_for(lambda: not service._jobs)
+        failed = await service.request("c1")
+        assert failed.state is State.FAILED and "the recognizer broke" in str(failed.job.error)  # type: ignore[union-attr]
+    finally:
+        await service.stop()
+
+
+async def test_service_takes_up_jobs_left_by_a_dead_process(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    for conference in ("c1", "c2"):
+        spool_track(spool, conference, "maria", load_clip(MEETING / "maria.flac")[:64000], T0)
+    store = JobStore(tmp_path / "jobs", fsync=False)
+    store.put(new_job("minutes", "c1", 50.0).started(51.0).progressed(0.7))  # killed mid-run
+    store.put(new_job("minutes", "c2", 60.0))  # still in the queue
+    service = service_for(tmp_path, StandIn())
+    await service.start()  # nobody asks for the minutes
+    try:
+        await wait_for(
+            lambda: all(
+                (j := store.get("minutes", c)) is not None and j.status is JobStatus.SUCCEEDED
+                for c in ("c1", "c2")
+            )
+        )
+        c1 = store.get("minutes", "c1")
+        assert c1 is not None and c1.attempts == 2 and c1.queued_at == 50.0
+        assert (await service.request("c1")).state is State.DONE
+    finally:
+        await service.stop()
+
+
+async def test_service_stop_leaves_a_running_job_to_resume(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool_track(spool, "c1", "maria", load_clip(MEETING / "maria.flac"), T0)
+    service = service_for(tmp_path, StandIn(), delay_s=0.5)
+    await service.start()
+    assert (await service.request("c1")).state is State.QUEUED_NOW
+    await wait_for(lambda: service._jobs["c1"].status is JobStatus.RUNNING)
+    await service.stop()
+    job = service.store.get("minutes", "c1")
+    assert job is not None and job.status is JobStatus.RUNNING
+    assert not (tmp_path / "minutes" / "c1.json").exists()
+
+    resumed = service_for(tmp_path, StandIn())
+    await resumed.start()
+    try:
+        await wait_for(
+            lambda: (
+                (j := resumed.store.get("minutes", "c1")) is not None
+                and j.status is JobStatus.SUCCEEDED
+            )
+        )
+    finally:
+        await resumed.stop()
