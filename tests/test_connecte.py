@@ -287,3 +287,17 @@ async def test_errors(make_server: ServerFactory, tmp_path: Path) -> None:
     assert await expect(
         400, "POST", "/api/v1/openai/whisper", json=ok, headers={**AUTH, "Webhook-URL": "x"}
     )
+
+
+async def test_model_names_map_to_the_served_model(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    section = files_section(tmp_path)
+    section["connecte_models"] = ["openai/whisper", "acme/base=base", "openai/large=large-v3"]
+    client = await make_server(files=section)
+    ok = {"audio": "data:audio/wav;base64,"}
+    response = await client.post("/api/v1/openai/large", json=ok, headers=AUTH)
+    assert response.status == 404
+    assert "does not run" in (await response.json())["detail"]
+    response = await client.post("/api/v1/acme/base", json=ok, headers=AUTH)
+    assert response.status != 404  # mapped to the model this server runs (base)

@@ -323,10 +323,13 @@ def test_compiler_keeps_overlapping_speech_as_two_phrases(tmp_path: Path) -> Non
     ), "overlapping speech must stay two overlapping phrases"
     assert by["maria"][0].start_s == pytest.approx(0.5, abs=0.4)
     assert by["peter"][0].start_s == pytest.approx(1.3, abs=0.4)
-    assert all(
-        r.priority is Priority.BACKGROUND and r.beam_size == 5 for c in stand_in.calls for r in c
-    )
-    assert all(r.word_timestamps for c in stand_in.calls for r in c)
+    # No lang1: one greedy request per participant detects the language on their speech.
+    detection, *recognition_calls = stand_in.calls
+    assert [(r.language, r.beam_size) for r in detection] == [(None, 1), (None, 1)]
+    assert all(r.audio.size > 4 * SAMPLE_RATE for r in detection)
+    requests = [r for call in recognition_calls for r in call]
+    assert all(r.priority is Priority.BACKGROUND and r.beam_size == 5 for r in requests)
+    assert all(r.word_timestamps and r.language == "en" for r in requests)
     assert max(len(c) for c in stand_in.calls) <= MinutesConfig().max_in_flight
     assert seen == sorted(seen) and seen[-1] == 1.0
     assert result.digest and result.speech_s > 10

@@ -8,6 +8,7 @@ people talking at once from disk."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -16,8 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import pytest
@@ -96,9 +98,13 @@ def check_xml(body: bytes, meeting: Path, names: dict[str, str]) -> list[etree._
     return phrases
 
 
+def load_tracks(meeting: Path) -> dict[str, Samples]:
+    return {p.stem: load_clip(p) for p in sorted(meeting.glob("*.flac")) if p.stem != "mix"}
+
+
 async def spool_meeting(client: Any, meeting: Path, conference: str, lang: str) -> None:
     """POST every participant's track in 2 s fragments, in time order, offline only."""
-    tracks = {p.stem: load_clip(p) for p in sorted(meeting.glob("*.flac")) if p.stem != "mix"}
+    tracks = load_tracks(meeting)
     step = 2 * SAMPLE_RATE
     for offset in range(0, max(t.size for t in tracks.values()), step):
         for participant, samples in tracks.items():
@@ -209,14 +215,12 @@ async def test_minutes_walk_from_404_to_the_protocol(make_server: ServerFactory)
 
 async def test_minutes_refuses_bad_requests(make_server: ServerFactory) -> None:
     client = await make_server()
-    for conference in ("..", "a.b", "имя", "a%2F..%2Fb", "%2E%2E", "x" * 129):
+    # Encoded slashes reach the handler as part of the id; a bare ".." never does (clients
+    # normalise it away).
+    for conference in ("a.b", "имя", "a%2Fb", "..%2F..%2Fetc", "a%2F..%2Fb", "x" * 129):
         response = await client.get(f"/minutes/{conference}", params={"token": TOKEN})
-        assert response.status in (400, 404), conference
-        body = await response.json()
-        assert body != {"detail": "Conference minutes status file not found"}, conference
-        if response.status == 400:
-            assert "conference_id" in body["detail"]
-    assert (await client.get("/minutes/..", params={"token": TOKEN})).status == 400
+        assert response.status == 400, conference
+        assert "conference_id must match" in (await response.json())["detail"]
     response = await client.get("/minutes/conf-1")
     assert response.status == 401
     response = await client.get("/minutes/conf-1", params={"token": "wrong"})
@@ -235,11 +239,8 @@ def free_port() -> int:
 
 
 def spool_directly(spool: Spool, meeting: Path, conference: str, lang: str | None) -> None:
-    for path in sorted(meeting.glob("*.flac")):
-        if path.stem == "mix":
-            continue
-        samples = load_clip(path)
-        write_track(spool, conference, path.stem, path.stem.title(), samples, T0, lang)
+    for participant, samples in load_tracks(meeting).items():
+        write_track(spool, conference, participant, participant.title(), samples, T0, lang)
 
 
 def write_track(
@@ -278,12 +279,19 @@ def write_config(tmp_path: Path, port: int = 9001) -> Path:
     return path
 
 
-def start_server(config: Path, log: Path) -> subprocess.Popen[bytes]:
+@contextlib.contextmanager
+def server_log(folder: Path) -> Iterator[IO[bytes]]:
+    """The servers' stderr, kept beside the test's files (read it when a run fails)."""
+    with open(folder / "server.log", "ab") as log:
+        yield log
+
+
+def start_server(config: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "terra.cli", "serve", "--config", str(config)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=open(log, "ab"),  # noqa: SIM115 - the child owns it
+        stderr=log,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -310,8 +318,13 @@ async def test_minutes_survive_sigkill_mid_compile(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     config = write_config(tmp_path, port)
     store = JobStore(tmp_path / "jobs")
-    log = tmp_path / "server.log"
+    with server_log(tmp_path) as log:
+        await kill_and_restart(url, config, store, conference, log)
 
+
+async def kill_and_restart(
+    url: str, config: Path, store: JobStore, conference: str, log: IO[bytes]
+) -> None:
     first = start_server(config, log)
     try:
         await wait_healthy(url, first)
@@ -332,7 +345,7 @@ async def test_minutes_survive_sigkill_mid_compile(tmp_path: Path) -> None:
             first.wait()
     killed = store.get("minutes", conference)
     assert killed is not None and killed.status is JobStatus.RUNNING, killed
-    assert not (tmp_path / "minutes" / f"{conference}.json").exists()
+    assert not (config.parent / "minutes" / f"{conference}.json").exists()
 
     second = start_server(config, log)
     try:
@@ -368,7 +381,7 @@ def test_cli_compiles_two_people_talking_at_once(
     spool = Spool(tmp_path / "spool", fsync=False)
     maria = load_clip(STANDUP / "maria.flac")[: 10 * SAMPLE_RATE]  # turns at 0.5 and 5.4 s
     peter = load_clip(STANDUP / "peter.flac")[int(9.5 * SAMPLE_RATE) : 20 * SAMPLE_RATE]
-    write_track(spool, "overlap", "maria", "Maria", maria, T0, None)
+    write_track(spool, "overlap", "maria", "Maria", maria, T0, "en")
     write_track(spool, "overlap", "peter", "Peter", peter, T0 + 1.0, None)  # 1.3 and 6.5 s
     out = tmp_path / "minutes.json"
     code = terra_main(
@@ -391,7 +404,7 @@ def test_cli_compiles_two_people_talking_at_once(
     document = json.loads(out.read_text(encoding="utf-8"))
     phrases = document["phrases"]
     by = {pid: [p for p in phrases if p["participant_id"] == pid] for pid in ("maria", "peter")}
-    assert all(p["language"] == "en" for p in phrases)  # detected: no lang1 was given
+    assert all(p["language"] == "en" for p in phrases)  # Peter's detected: no lang1 given
     assert any(
         a["start_s"] < b["end_s"] and b["start_s"] < a["end_s"]
         for a in by["maria"]

@@ -186,6 +186,32 @@ async def test_raw_pcm_upload_recognized(make_server: ServerFactory, tmp_path: P
 
 
 @pytest.mark.model
+async def test_hypotheses_count_gives_an_n_best_list(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    reference = clip("clips/speech_to_phrase_ru/ru_05.wav")
+    client = await make_server(files=files_section(tmp_path))
+    file_id = await upload(client, to_pcm16(load_clip(reference.path)))
+    task = await create_task(
+        client,
+        file_id,
+        language="ru-RU",
+        audio_encoding="PCM_S16LE",
+        sample_rate=16000,
+        hypotheses_count=3,
+    )
+    done = await wait_task(client, task["id"])
+    assert done["status"] == "DONE", done
+    utterances = await download(client, done["response_file_id"])
+    assert len(utterances) == 1
+    results = utterances[0]["results"]
+    assert 2 <= len(results) <= 3
+    texts = [r["normalized_text"] for r in results]
+    assert len(set(texts)) == len(texts), texts  # distinct beam hypotheses, best first
+    assert cer(reference.transcript, texts[0]) < 0.2, texts
+
+
+@pytest.mark.model
 async def test_two_channels_one_speaker_each(make_server: ServerFactory, tmp_path: Path) -> None:
     client = await make_server(files=files_section(tmp_path))
     stereo, rate = sf.read(STEREO, dtype="int16", always_2d=True)

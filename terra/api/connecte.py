@@ -21,7 +21,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -295,13 +295,29 @@ async def _answer(request: web.Request, job: Job, status: int = 200) -> web.Resp
 _dumps = functools.partial(json.dumps, ensure_ascii=False)
 
 
+def model_map(entries: Sequence[str], served: str) -> dict[str, str]:
+    """``files.connecte_models``: ``company/model`` (the served model) or ``company/model=NAME``."""
+    mapping = {}
+    for entry in entries:
+        name, _, model = entry.partition("=")
+        mapping[name.strip()] = model.strip() or served
+    return mapping
+
+
 async def create(request: web.Request) -> web.Response:
     """POST /api/v1/{company}/{model}: a prediction; ``Prefer: SYNC`` waits for its end."""
     _authorize(request)
     config = request.app[keys.CONFIG].files
     name = f"{request.match_info['company']}/{request.match_info['model']}"
-    if name not in config.connecte_models:
+    served = request.app[keys.CONFIG].model.name
+    mapped = model_map(config.connecte_models, served).get(name)
+    if mapped is None:
         raise NotFound(f"model {name} not found")
+    if mapped != served:
+        raise NotFound(
+            f"model {name} maps to {mapped!r}, which this server does not run (it runs "
+            f"{served!r}; one model per server)"
+        )
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

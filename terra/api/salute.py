@@ -16,8 +16,10 @@ The result file is a JSON list of utterances in SaluteSpeech's shape::
 
 ``normalized_text`` is Whisper's text as it comes (cased, punctuated, digits); ``text`` is the
 same lower-cased without punctuation. Times are protobuf Duration strings, as SaluteSpeech's.
-``results`` holds one hypothesis: the beam's best (``hypotheses_count`` is accepted, but
-Whisper gives no n-best list). ``speaker_id`` is the channel when speaker separation is on.
+``results`` holds up to ``hypotheses_count`` hypotheses, best first: the other beam
+hypotheses of the utterance's chunk (given when the chunk is one utterance; a chunk Whisper
+splits into several keeps only its best). ``speaker_id`` is the channel when speaker
+separation is on.
 """
 
 from __future__ import annotations
@@ -192,6 +194,7 @@ def file_options(
         chunk_join_ms=min(config.chunk_join_ms, options.no_speech_timeout_ms),
         max_chunk_s=min(config.max_chunk_s, max(1.0, options.max_speech_timeout_ms / 1000)),
         max_in_flight=config.max_in_flight,
+        num_hypotheses=options.hypotheses_count,
     )
 
 
@@ -222,22 +225,25 @@ def result_json(
     out = []
     for u in utterances:
         normalized, text = u.text, plain_text(u.text)
-        if options.enable_profanity_filter:
-            normalized, text = (
-                mask_profanity(normalized, profanity),
-                mask_profanity(text, profanity),
-            )
         start, end = _duration(u.start_s), _duration(u.end_s)
+        hypotheses = [(text, normalized)] + [
+            (plain_text(a), a) for a in u.alternatives[: max(0, options.hypotheses_count - 1)]
+        ]
+        if options.enable_profanity_filter:
+            hypotheses = [
+                (mask_profanity(t, profanity), mask_profanity(n, profanity)) for t, n in hypotheses
+            ]
         out.append(
             {
                 "results": [
                     {
-                        "text": text,
-                        "normalized_text": normalized,
+                        "text": t,
+                        "normalized_text": n,
                         "start": start,
                         "end": end,
                         "word_alignments": [],
                     }
+                    for t, n in hypotheses
                 ],
                 "eou": True,
                 "eou_reason": "ORGANIC",

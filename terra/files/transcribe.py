@@ -7,6 +7,7 @@ The VAD planning reuses the minutes compiler's pure helpers (same rules as the m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class FileOptions:
     chunk_join_ms: int = 2000
     max_chunk_s: float = 25.0
     max_in_flight: int = 3
+    num_hypotheses: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,7 @@ class Utterance:
     text: str
     language: str
     words: tuple[Word, ...] = ()
+    alternatives: tuple[str, ...] = ()  # other hypotheses of a chunk that is one utterance
 
 
 def plan(track: Samples, options: FileOptions) -> list[tuple[int, int]]:
@@ -106,6 +109,7 @@ async def transcribe(
             task=options.task,
             prompt_tokens=options.prompt_tokens,
             word_timestamps=options.word_timestamps,
+            num_hypotheses=options.num_hypotheses,
         )
         async with gate:
             result = await recognize_once(submit, request)
@@ -151,6 +155,11 @@ def utterances_of(result: Recognition, channel: int, start: int, end: int) -> li
             Utterance(
                 channel, round(offset, 3), round(chunk_end, 3), result.text.strip(), result.language
             )
+        )
+    if len(out) == 1 and result.alternatives:
+        # n-best hypotheses are of the whole chunk: they fit only a chunk that is one utterance
+        out[0] = dataclasses.replace(
+            out[0], alternatives=tuple(a.strip() for a in result.alternatives)
         )
     return out
 

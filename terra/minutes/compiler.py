@@ -48,6 +48,8 @@ MIN_SPLIT_S = 4.0
 # Above this the text of a chunk is re-recognized in pieces (the engine's own collapse
 # threshold, 2.4, is for live text; a minutes compile can afford a second look).
 RETRY_COMPRESSION_RATIO = 2.0
+# Language detection of a participant without lang1 reads this much of their speech.
+DETECT_S = 28.0
 _SENTENCE_END = (".", "!", "?", "…", "。", "！", "？")
 
 
@@ -349,7 +351,9 @@ class MinutesCompiler:
             read_bytes += sum(f.size for f in track.stored.fragments)
             self._progress(READ_SHARE * read_bytes / total_bytes)
             track.chunks = self._find_chunks(runs, index)
-        phrases = self._recognize_all(tracks)
+        cache = _AudioCache()
+        self._detect_languages(tracks, cache)
+        phrases = self._recognize_all(tracks, cache)
         phrases.sort(key=lambda p: (p.start_s, p.end_s, p.participant_id))
         origin = origin_us / 1_000_000
         minutes = Minutes(
@@ -435,8 +439,46 @@ class MinutesCompiler:
         return chunks
 
     # -- recognition ---------------------------------------------------------------------
-    def _recognize_all(self, tracks: list[Track]) -> list[Phrase]:
-        cache = _AudioCache()
+    def _detect_languages(self, tracks: list[Track], cache: _AudioCache) -> None:
+        """A participant without lang1 gets the language of up to DETECT_S of their speech:
+        a few seconds of one chunk are often too little for Whisper to be sure."""
+        pending = [t for t in tracks if t.language is None and t.chunks]
+        step = self._config.max_in_flight
+        for group in (pending[i : i + step] for i in range(0, len(pending), step)):
+            if self._cancelled():
+                raise CompileCancelled()
+            requests = [
+                RecognitionRequest(
+                    audio=self._speech_sample(track, cache),
+                    language=None,
+                    priority=Priority.BACKGROUND,
+                    beam_size=1,
+                )
+                for track in group
+            ]
+            for track, result in zip(group, self._recognize(requests)):
+                if result.language_probability >= self._language_confidence:
+                    track.language = result.language
+                log.info(
+                    "participant %s: language %s (p=%.2f)",
+                    track.stored.participant_id,
+                    track.language or "not sure",
+                    result.language_probability,
+                )
+
+    @staticmethod
+    def _speech_sample(track: Track, cache: _AudioCache) -> Samples:
+        pieces, total = [], 0
+        limit = int(DETECT_S * SAMPLE_RATE)
+        for chunk in track.chunks:
+            take = min(chunk.end - chunk.start, limit - total)
+            if take <= 0:
+                break
+            pieces.append(read_range(track.placements, chunk.start, chunk.start + take, cache))
+            total += take
+        return np.concatenate(pieces)
+
+    def _recognize_all(self, tracks: list[Track], cache: _AudioCache) -> list[Phrase]:
         total = sum(c.end - c.start for t in tracks for c in t.chunks) or 1
         done = 0
         phrases: list[Phrase] = []

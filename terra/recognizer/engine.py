@@ -100,16 +100,22 @@ class WhisperEngine:
         results: list[Recognition | None] = [None] * len(requests)
         # CTranslate2 needs <|startoftranscript|> at one position across a batch: requests
         # with previous-text context of different lengths go in separate calls.
-        groups: dict[tuple[float, int, int], list[int]] = {}
+        # An n-best request needs its own call too (one num_hypotheses per call).
+        groups: dict[tuple[float, int, int, int], list[int]] = {}
         for index, request in enumerate(requests):
             context = self._context(request)
-            key = (*self.batch_key(request), len(context) + 1 if context else 0)
+            key = (
+                *self.batch_key(request),
+                len(context) + 1 if context else 0,
+                request.num_hypotheses,
+            )
             groups.setdefault(key, []).append(index)
         self.last_timings = []
-        for (window_s, beam_size, _), indices in groups.items():
+        for (window_s, beam_size, _, hypotheses), indices in groups.items():
             started = time.perf_counter()
             batch = [requests[i] for i in indices]
-            for i, result in zip(indices, self._recognize_group(batch, window_s, beam_size)):
+            recognized = self._recognize_group(batch, window_s, max(beam_size, hypotheses))
+            for i, result in zip(indices, recognized):
                 results[i] = result
             self.last_timings.append(
                 EngineTimings(len(batch), window_s, time.perf_counter() - started)
@@ -191,6 +197,7 @@ class WhisperEngine:
             features,
             prompts,
             beam_size=beam_size,
+            num_hypotheses=batch[0].num_hypotheses,
             # Measured with CTranslate2 4.8: Whisper generate returns at most max_length / 2
             # tokens, so the budget is passed doubled (and the result trimmed to it below).
             max_length=min(2 * max_length, MAX_DECODER_TOKENS),
@@ -264,6 +271,7 @@ class WhisperEngine:
             window_s=window_s,
             dropped_reason=dropped,
             segments=segments,
+            alternatives=self._alternatives(result, tokenizer, dropped),
         )
 
     def _context(self, request: RecognitionRequest) -> tuple[int, ...]:
@@ -273,6 +281,22 @@ class WhisperEngine:
             return ()
         text = tuple(t for t in request.prompt_tokens if t < self._eot)
         return text[-MAX_PROMPT_TOKENS:]
+
+    @staticmethod
+    def _alternatives(
+        result: ctranslate2.models.WhisperGenerationResult, tokenizer: Tokenizer, dropped: str
+    ) -> tuple[str, ...]:
+        """The texts of the 2nd..nth beam hypotheses (n-best), when asked for."""
+        if dropped:
+            return ()
+        texts = []
+        for sequence in result.sequences_ids[1:]:
+            text = guards.collapse_repeats(
+                tokenizer.decode([t for t in sequence if t < tokenizer.eot])
+            )
+            if text.strip():
+                texts.append(text)
+        return tuple(texts)
 
     # -- segments and word timestamps ---------------------------------------------------
     def _split(

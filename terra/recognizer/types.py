@@ -35,6 +35,8 @@ class RecognitionRequest:
     # Align every word with the audio (cross-attention DTW) and fill Recognition.segments'
     # words. Costs one more decoder pass over the text.
     word_timestamps: bool = False
+    # Beam hypotheses to return (n-best): the best is the text, the others alternatives.
+    num_hypotheses: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,7 @@ class Recognition:
     # Filled when the text was decoded with timestamp tokens (one segment spanning the
     # audio otherwise); words only when the request asked for word_timestamps.
     segments: tuple[Segment, ...] = ()
+    alternatives: tuple[str, ...] = ()
 
 
 class RecognitionEngine(Protocol):
