@@ -249,7 +249,7 @@ async def priority_pass(url: str, config: Config) -> dict[str, Any]:
     return result
 
 
-async def measure(model_name: str, priority: bool) -> dict[str, Any]:
+async def measure(model_name: str, priority: bool, in_flight: int | None) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="terra-minutes-bench-"))
     config = load_config(
         ROOT / "config.yaml",
@@ -258,7 +258,11 @@ async def measure(model_name: str, priority: bool) -> dict[str, Any]:
             "model": {"name": model_name},
             "server": {"tokens": [TOKEN]},
             "spool": {"dir": str(folder / "spool"), "fsync": False},
-            "minutes": {"dir": str(folder / "minutes"), "jobs_dir": str(folder / "jobs")},
+            "minutes": {
+                "dir": str(folder / "minutes"),
+                "jobs_dir": str(folder / "jobs"),
+                **({"max_in_flight": in_flight} if in_flight else {}),
+            },
         },
     )
     path = resolve_model(model_name, ROOT / config.model.models_dir, allow_download=False)
@@ -318,6 +322,20 @@ async def measure(model_name: str, priority: bool) -> dict[str, Any]:
             )
         priority_result = await priority_pass(url, config) if priority else None
 
+    pooled: dict[str, list[str]] = {"reference": [], "live": [], "minutes": []}
+    for meeting, row in meetings.items():
+        reference = texts_by_speaker(reference_turns(meeting))
+        for speaker in sorted(reference):
+            pooled["reference"].append(reference[speaker])
+            pooled["live"].append(row["live_finals"].get(speaker, ""))
+            pooled["minutes"].append(
+                " ".join(p["text"] for p in row["minutes"] if p["participant_id"] == speaker)
+            )
+    both = {
+        "live_finals_vs_reference": error_rates(pooled["reference"], pooled["live"]),
+        "minutes_vs_reference": error_rates(pooled["reference"], pooled["minutes"]),
+    }
+
     direct: dict[str, Any] = {}
     for meeting, _ in MEETINGS:
         direct[meeting] = {}
@@ -347,6 +365,7 @@ async def measure(model_name: str, priority: bool) -> dict[str, Any]:
         },
         "seconds": round(time.perf_counter() - started, 1),
         "meetings": meetings,
+        "both_meetings": both,
         "direct_compile": direct,
         "priority": priority_result,
     }
@@ -359,7 +378,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{m['cores']} cores, {m['cpu']}, CTranslate2 {m['ctranslate2']}, "
         f"{result['config']['compute_type']}; minutes defaults (beam "
-        f"{result['config']['minutes']['beam_size']}, word timestamps, context).",
+        f"{result['config']['minutes']['beam_size']}, word timestamps, context; server "
+        f"max_in_flight {result['config']['minutes']['max_in_flight']}).",
         "",
         "CER pooled over the participants of a meeting (lowercase, punctuation stripped, ё→е); "
         "live = the finals of the same meeting streamed through POST /process.",
@@ -378,6 +398,16 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['minutes_vs_live']['cer']:.3f} "
             f"| {row['phrase_start_error']['mean_s']} / {row['phrase_start_error']['max_s']} |"
         )
+    live, mine = (
+        result["both_meetings"][k] for k in ("live_finals_vs_reference", "minutes_vs_reference")
+    )
+    lines += [
+        "",
+        f"Both meetings pooled: live finals CER {live['cer']:.3f} (WER {live['wer']:.3f}), "
+        f"minutes CER {mine['cer']:.3f} (WER {mine['wer']:.3f}).",
+        "RTF audio = spooled audio of all participants / compile seconds; RTF meeting = the "
+        "meeting's duration / compile seconds.",
+    ]
     lines += ["", "Per participant CER (live → minutes):", ""]
     for name, row in result["meetings"].items():
         live = row["live_finals_vs_reference"]["participants"]
@@ -422,9 +452,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="base")
     parser.add_argument("--skip-priority", action="store_true", help="skip the live-load pass")
+    parser.add_argument(
+        "--max-in-flight", type=int, default=None, help="minutes.max_in_flight of the server"
+    )
+    parser.add_argument("--name", default=None, help="results name (default minutes_MODEL)")
     args = parser.parse_args()
-    result = asyncio.run(measure(args.model, priority=not args.skip_priority))
-    path = write_results(f"minutes_{args.model}", result, markdown(result))
+    result = asyncio.run(measure(args.model, not args.skip_priority, args.max_in_flight))
+    path = write_results(args.name or f"minutes_{args.model}", result, markdown(result))
     print(markdown(result))
     print(f"written: {path}")
     print(

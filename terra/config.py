@@ -106,7 +106,7 @@ class MinutesConfig:
     dir: str = "var/minutes"
     jobs_dir: str = "var/jobs"
     workers: int = 1
-    max_in_flight: int = 3
+    max_in_flight: int = 1
     beam_size: int = 5
     word_timestamps: bool = True
     context: bool = True

@@ -152,26 +152,31 @@ class LiveService:
                     session.seen_posts.add(key)
                 self._metrics.fragments.inc()
                 self._metrics.fragment_audio_seconds.inc(fragment.samples.size / 16_000)
-                update = session.stream.add(
-                    Fragment(fragment.post_id, fragment.start_time, fragment.samples),
-                    now=time.monotonic(),
-                )
-                if update.late:
-                    log.warning(
-                        "fragment %s is older than the live timeline: spooled only",
-                        fragment.post_id,
-                        extra=session.ids,
-                    )
-                held = update.held
-                if session.stream.open is not None and not held:
-                    opened = session.stream.open
-                    session.uncovered.append((opened.id, opened.version, time.monotonic()))
-                self._dispatch_finals(session, update.closed)
-                self._request_progress(session)
+                if fragment.online:  # online=false: store only, no recognizer time
+                    held = self._feed(session, fragment)
         if not fragment.online:
             return []
         await self._wait_for_text(session, fragment.post_id if held else None)
         return session.stream.take_answer()
+
+    def _feed(self, session: Session, fragment: FragmentInput) -> bool:
+        """Add a fragment to the live stream; True if it is held for an earlier one."""
+        update = session.stream.add(
+            Fragment(fragment.post_id, fragment.start_time, fragment.samples),
+            now=time.monotonic(),
+        )
+        if update.late:
+            log.warning(
+                "fragment %s is older than the live timeline: spooled only",
+                fragment.post_id,
+                extra=session.ids,
+            )
+        if session.stream.open is not None and not update.held:
+            opened = session.stream.open
+            session.uncovered.append((opened.id, opened.version, time.monotonic()))
+        self._dispatch_finals(session, update.closed)
+        self._request_progress(session)
+        return update.held
 
     def _spool_fragment(self, fragment: FragmentInput) -> None:
         self._spool.write(

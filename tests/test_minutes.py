@@ -74,8 +74,8 @@ def test_speech_regions_join_short_pauses_drop_blips_and_pad() -> None:
     # 2-9 joined across a 1-frame pause, the lone frame at 17 dropped, 25-30 kept; padded.
     assert regions == [(1, 10), (24, 31)]
     assert speech_regions(flags(""), 1, 1, 1) == []
-    # padding that makes two regions touch merges them
-    assert speech_regions(flags("###...###"), 1, 2, 2) == [(0, 9)]
+    # padding stops in the middle of a pause: two utterances stay two
+    assert speech_regions(flags("###...###"), 1, 2, 2) == [(0, 4), (4, 9)]
 
 
 def test_split_long_cuts_in_the_longest_pause() -> None:
@@ -324,10 +324,11 @@ def test_compiler_keeps_overlapping_speech_as_two_phrases(tmp_path: Path) -> Non
     assert by["maria"][0].start_s == pytest.approx(0.5, abs=0.4)
     assert by["peter"][0].start_s == pytest.approx(1.3, abs=0.4)
     # No lang1: one greedy request per participant detects the language on their speech.
-    detection, *recognition_calls = stand_in.calls
+    every = [r for call in stand_in.calls for r in call]
+    detection = every[:2]
     assert [(r.language, r.beam_size) for r in detection] == [(None, 1), (None, 1)]
     assert all(r.audio.size > 4 * SAMPLE_RATE for r in detection)
-    requests = [r for call in recognition_calls for r in call]
+    requests = every[2:]
     assert all(r.priority is Priority.BACKGROUND and r.beam_size == 5 for r in requests)
     assert all(r.word_timestamps and r.language == "en" for r in requests)
     assert max(len(c) for c in stand_in.calls) <= MinutesConfig().max_in_flight
@@ -490,3 +491,27 @@ async def test_service_stop_leaves_a_running_job_to_resume(tmp_path: Path) -> No
         )
     finally:
         await resumed.stop()
+
+
+async def test_service_compiles_as_many_conferences_at_once_as_configured(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    for conference in ("c1", "c2", "c3"):
+        spool_track(spool, conference, "maria", load_clip(MEETING / "maria.flac"), T0)
+    config = MinutesConfig(
+        dir=str(tmp_path / "minutes"), jobs_dir=str(tmp_path / "jobs"), workers=2
+    )
+    service = MinutesService(config, tmp_path / "spool", fake_submit(StandIn(), 0.2), fsync=False)
+    await service.start()
+    try:
+        for conference in ("c1", "c2", "c3"):
+            assert (await service.request(conference)).state is State.QUEUED_NOW
+        running: set[int] = set()
+
+        def count() -> bool:
+            running.add(sum(j.status is JobStatus.RUNNING for j in service._jobs.values()))
+            return not service._jobs
+
+        await wait_for(count)
+        assert max(running) == 2
+    finally:
+        await service.stop()

@@ -30,6 +30,8 @@ from terra.audio import SAMPLE_RATE, Samples, encode_wav, samples_to_ms
 from terra.cli import main as terra_main
 from terra.jobs import JobStatus, JobStore
 from terra.minutes.formats import validate_xml
+from terra.recognizer.engine import WhisperEngine
+from terra.recognizer.types import Priority, RecognitionRequest
 from terra.spool import Spool
 
 from .conftest import ROOT, SPEECH, TOKEN, ServerFactory, cer, load_clip, post_fragment
@@ -418,3 +420,50 @@ def test_cli_compiles_two_people_talking_at_once(
 
     assert terra_main(["minutes", "nothing", "--spool", str(tmp_path / "spool")]) == 1
     assert terra_main(["minutes", "../etc", "--spool", str(tmp_path / "spool")]) == 2
+
+
+# -- the engine's additions the compiler relies on ---------------------------------------------
+
+
+def test_engine_times_words_and_takes_context_of_any_length(engine: WhisperEngine) -> None:
+    """Word timestamps inside a batch that mixes context lengths and a plain live request."""
+    anna = load_clip(PLANERKA / "anna.flac")
+    first = anna[int(0.3 * SAMPLE_RATE) : int(7.0 * SAMPLE_RATE)]  # "Доброе утро, коллеги..."
+    second = anna[int(7.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)]  # "Первый вопрос..."
+    context = engine.recognize([RecognitionRequest(first, "ru", Priority.FINAL, 5)])[0]
+    assert context.tokens and context.segments
+    requests = [
+        RecognitionRequest(
+            second, "ru", Priority.BACKGROUND, 5, prompt_tokens=context.tokens, word_timestamps=True
+        ),
+        RecognitionRequest(
+            second,
+            "ru",
+            Priority.BACKGROUND,
+            5,
+            prompt_tokens=context.tokens[:4],
+            word_timestamps=True,
+        ),
+        RecognitionRequest(first, "ru", Priority.BACKGROUND, 5, word_timestamps=True),
+        RecognitionRequest(second, "ru", Priority.FINAL, 5),
+    ]
+    results = engine.recognize(requests)
+    assert len(results) == len(requests)
+    reference = turns(PLANERKA)
+    for request, result in zip(requests, results):
+        expected = reference[0 if request.audio is first else 1]["text"]
+        assert cer(expected, result.text) <= PARTICIPANT_CER_BOUND, result.text
+        assert result.segments and " ".join(s.text for s in result.segments).split() == (
+            result.text.split()
+        )
+        duration = request.audio.size / SAMPLE_RATE
+        words = [w for s in result.segments for w in s.words]
+        if not request.word_timestamps:
+            assert not words
+            continue
+        assert "".join(w.text for w in words).split() == result.text.split()
+        starts = [w.start_s for w in words]
+        assert starts == sorted(starts)
+        assert all(0 <= w.start_s <= w.end_s <= duration + 0.05 for w in words)
+        # speech starts at once in these cuts and ends near their end
+        assert words[0].start_s < 1.0 and words[-1].end_s > duration - 1.5

@@ -269,3 +269,13 @@ async def test_captions_only_to_english(make_server: ServerFactory) -> None:
     client = await make_server()
     status, body = await post_fragment(client, extra={"lang2": "de"})
     assert status == 400 and "only en" in body["detail"]
+
+
+async def test_online_false_costs_no_recognizer_time(make_server: ServerFactory) -> None:
+    client = await make_server()
+    answers = await stream_samples(client, load_clip(EN.path), online=False)
+    assert all(answer == [] for answer in answers)
+    await asyncio.sleep(0.3)
+    metrics = await (await client.get("/metrics")).text()
+    assert "terra_recognizer_batch_size_count 0.0" in metrics
+    assert "terra_spooled_fragments_total 7.0" in metrics

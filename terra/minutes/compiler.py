@@ -127,15 +127,14 @@ def speech_regions(
             joined[-1] = (joined[-1][0], end)
         else:
             joined.append((start, end))
+    kept = [(start, end) for start, end in joined if end - start >= min_speech]
     regions: list[tuple[int, int]] = []
-    for start, end in joined:
-        if end - start < min_speech:
-            continue
-        start, end = max(0, start - pad), min(flags.size, end + pad)
-        if regions and start <= regions[-1][1]:
-            regions[-1] = (regions[-1][0], end)
-        else:
-            regions.append((start, end))
+    for i, (start, end) in enumerate(kept):
+        # Padding never crosses the middle of the pause to the next region: two utterances
+        # stay two (a chunk may join them, but its fallback recognizes them one by one).
+        low = (kept[i - 1][1] + start) // 2 if i else 0
+        high = (end + kept[i + 1][0]) // 2 if i + 1 < len(kept) else flags.size
+        regions.append((max(low, start - pad), min(high, end + pad)))
     return regions
 
 

@@ -28,7 +28,7 @@ class QueueFullError(RuntimeError):
     """The recognizer queue is at its configured bound."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # entries are removed by identity, never compared by value
 class _Entry:
     request: RecognitionRequest
     future: asyncio.Future[Recognition | None]
@@ -112,16 +112,20 @@ class RecognizerScheduler:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                if (
-                    self._config.batch_wait_ms > 0
-                    and len(self._pending) < self._config.max_batch_size
-                ):
-                    # A short wait lets fragments posted at the same moment share a batch.
-                    await asyncio.sleep(self._config.batch_wait_ms / 1000)
-                batch = self._take_batch()
-                if not batch:
-                    continue
-                await self._execute(loop, batch)
+                try:
+                    await self._run_one(loop)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the worker is a task boundary: log, never die silently
+                    log.exception("recognizer scheduler step failed; continuing")
+
+    async def _run_one(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._config.batch_wait_ms > 0 and len(self._pending) < self._config.max_batch_size:
+            # A short wait lets fragments posted at the same moment share a batch.
+            await asyncio.sleep(self._config.batch_wait_ms / 1000)
+        batch = self._take_batch()
+        if batch:
+            await self._execute(loop, batch)
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Entry]) -> None:
         requests = [e.request for e in batch]
