@@ -40,12 +40,14 @@ from typing import Any
 import aiohttp
 import numpy as np
 import psutil
+import yaml
 
 from benchmarks.common import ROOT, SPEECH, free_port, machine, write_results
 from terra.audio import SAMPLE_RATE, Samples, encode_wav
 from terra.streamclient import load_audio
 
 TOKEN = "bench-token"
+CONFIG_PATH = ROOT / "config.yaml"  # replaced by a tuned copy with --set
 CHUNK_S = 2.0
 CAPACITY_P95_S = 1.5
 
@@ -129,7 +131,7 @@ def metric(samples: list[tuple[str, dict[str, str], float]], name: str, **labels
 class ServerProcess:
     def __init__(self, mode: str, spool: Path) -> None:
         self.port = free_port()
-        env = dict(os.environ)
+        env = dict(os.environ)  # TERRA_* variables set by the caller pass through (tuning)
         env.update(
             {
                 "TERRA_RECOGNIZER_MODE": mode,
@@ -141,7 +143,7 @@ class ServerProcess:
             }
         )
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "terra.cli", "serve", "--config", str(ROOT / "config.yaml")],
+            [sys.executable, "-m", "terra.cli", "serve", "--config", str(CONFIG_PATH)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -471,13 +473,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         seconds = args.seconds
         terra_levels = [1, 2, 4, 6, 8, 10, 12, 16, 20, 24]
         naive_levels = [1, 2, 3, 4]
+    if args.levels:
+        terra_levels = [int(n) for n in args.levels.split(",")]
     results = await sweep("terra", terra_levels, seconds)
-    results += await sweep("naive", naive_levels, seconds)
+    if not args.terra_only:
+        results += await sweep("naive", naive_levels, seconds)
     rng = np.random.default_rng(1)
-    silence_words = await words_from(np.zeros(60 * SAMPLE_RATE, np.float32), "silence")
-    noise_words = await words_from(
-        (rng.standard_normal(60 * SAMPLE_RATE) * 0.05).astype(np.float32), "noise"
-    )
+    silence_words = noise_words = -1  # not measured in a tuning run
+    if not args.terra_only:
+        silence_words = await words_from(np.zeros(60 * SAMPLE_RATE, np.float32), "silence")
+        noise_words = await words_from(
+            (rng.standard_normal(60 * SAMPLE_RATE) * 0.05).astype(np.float32), "noise"
+        )
     cap_terra = capacity([r for r in results if r.mode == "terra"])
     cap_naive = capacity([r for r in results if r.mode == "naive"])
     ratios = []
@@ -511,13 +518,38 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def tuned_config(settings: list[str]) -> Path:
+    """config.yaml with ``section.key=value`` settings changed, in a temporary file."""
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8")
+    with handle:
+        yaml.safe_dump(raw, handle, allow_unicode=True)
+    return Path(handle.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run in under 3 minutes")
     parser.add_argument("--seconds", type=float, default=45.0, help="wall time per level")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--levels", default="", help="terra's talker counts, e.g. 2,4,8")
+    parser.add_argument("--terra-only", action="store_true", help="skip the baseline (tuning)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="run the servers with this config.yaml setting changed (repeatable)",
+    )
     args = parser.parse_args()
     args.name = args.name or ("live_quick" if args.quick else "live")
+    if args.set:
+        global CONFIG_PATH
+        CONFIG_PATH = tuned_config(args.set)
     report = asyncio.run(main_async(args))
     path = write_results(args.name, report, markdown(report))
     plot(
