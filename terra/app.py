@@ -41,7 +41,7 @@ def build_engine(config: Config) -> RecognitionEngine:
         config.model.name, Path(config.model.models_dir), allow_download=config.model.allow_download
     )
     started = time.perf_counter()
-    model = load_whisper(path, config.model)
+    model = load_whisper(path, config.model, workers=config.recognizer.workers)
     log.info(
         "model %s loaded from %s in %.1f s", config.model.name, path, time.perf_counter() - started
     )

@@ -70,6 +70,7 @@ class StreamConfig:
 class RecognizerConfig:
     mode: str = "terra"
     max_batch_size: int = 8
+    workers: int = 2
     batch_wait_ms: int = 15
     window_buckets_s: tuple[float, ...] = (5.0, 10.0, 20.0, 30.0)
     trailing_margin_s: float = 2.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,14 +49,19 @@ class EngineTimings:
     seconds: float
 
 
-def load_whisper(model_path: str, config: ModelConfig) -> WhisperModel:
-    """Load a faster-whisper model from a folder (or a hub name when downloads are allowed)."""
+def load_whisper(model_path: str, config: ModelConfig, workers: int = 1) -> WhisperModel:
+    """Load a faster-whisper model from a folder (or a hub name when downloads are allowed).
+
+    ``workers`` model replicas serve that many concurrent calls (CTranslate2 inter_threads).
+    """
     try:
         return WhisperModel(
             model_path,
             device=config.device,
             compute_type=config.compute_type,
-            cpu_threads=config.cpu_threads,
+            # 0: share the cores among the workers (oversubscribing them costs more than it gives)
+            cpu_threads=config.cpu_threads or max(1, (os.cpu_count() or 1) // workers),
+            num_workers=workers,
             local_files_only=not config.allow_download,
         )
     except (RuntimeError, ValueError, OSError) as e:
@@ -66,7 +72,10 @@ def load_whisper(model_path: str, config: ModelConfig) -> WhisperModel:
 
 
 class WhisperEngine:
-    """Fitted-window, batched Whisper recognition. Thread-compatible, not thread-safe."""
+    """Fitted-window, batched Whisper recognition.
+
+    Safe for as many concurrent calls as the model has workers (``recognizer.workers``): the
+    shared state is the CTranslate2 model and read-mostly caches."""
 
     def __init__(self, model: WhisperModel, config: RecognizerConfig) -> None:
         self._model = model

@@ -52,9 +52,10 @@ class RecognizerScheduler:
         self._by_key: dict[str, _Entry] = {}
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recognizer")
-        self._worker: asyncio.Task[None] | None = None
-        self.busy = False
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(1, config.workers), thread_name_prefix="recognizer"
+        )
+        self._workers: list[asyncio.Task[None]] = []
 
     @property
     def depth(self) -> int:
@@ -95,6 +96,8 @@ class RecognizerScheduler:
         self._metrics.dropped_requests.labels("superseded").inc()
 
     def _take_batch(self) -> list[_Entry]:
+        if not self._pending:  # another worker took it meanwhile
+            return []
         self._pending.sort(key=_Entry.order)
         head = self._pending[0]
         batch = [e for e in self._pending if e.batch_key == head.batch_key]
@@ -109,8 +112,9 @@ class RecognizerScheduler:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            if not self._pending:
+                await self._wakeup.wait()
+                self._wakeup.clear()
             while self._pending:
                 try:
                     await self._run_one(loop)
@@ -130,7 +134,6 @@ class RecognizerScheduler:
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Entry]) -> None:
         requests = [e.request for e in batch]
         started = time.perf_counter()
-        self.busy = True
         try:
             results = await loop.run_in_executor(self._executor, self._engine.recognize, requests)
         except Exception as e:  # a task boundary: fail these requests, keep serving
@@ -139,8 +142,6 @@ class RecognizerScheduler:
                 if not entry.future.done():
                     entry.future.set_exception(RuntimeError(f"recognizer failed: {e}"))
             return
-        finally:
-            self.busy = False
         elapsed = time.perf_counter() - started
         self._metrics.batch_size.observe(len(batch))
         self._metrics.batch_seconds.observe(elapsed)
@@ -154,15 +155,15 @@ class RecognizerScheduler:
                 entry.future.set_result(result)
 
     async def start(self) -> None:
-        self._worker = asyncio.create_task(self._run(), name="recognizer-scheduler")
+        self._workers = [
+            asyncio.create_task(self._run(), name=f"recognizer-scheduler-{i}")
+            for i in range(max(1, self._config.workers))
+        ]
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
         for entry in self._pending:
             if not entry.future.done():
                 entry.future.cancel()
