@@ -15,14 +15,14 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-import soundfile as sf
 from aiohttp.test_utils import TestClient, TestServer
 
 from terra.app import create_app
-from terra.audio import SAMPLE_RATE, Samples, encode_wav, to_mono_16k
+from terra.audio import SAMPLE_RATE, Samples, encode_wav
 from terra.config import Config, ModelConfig, RecognizerConfig, load_config
 from terra.models import resolve_model
 from terra.recognizer.engine import WhisperEngine, load_whisper
+from terra.streamclient import load_audio
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEECH = Path(os.environ.get("TERRA_SPEECH_DIR", ROOT.parent / "shared" / "data" / "speech"))
@@ -45,8 +45,7 @@ def clip(relative: str) -> Clip:
 
 
 def load_clip(path: Path) -> Samples:
-    data, rate = sf.read(path, dtype="float32", always_2d=True)
-    return to_mono_16k(data, rate)
+    return load_audio(path)
 
 
 def normalise(text: str) -> str:

@@ -27,6 +27,7 @@ from terra.audio import SAMPLE_RATE, Samples
 from terra.config import ModelConfig, RecognizerConfig
 from terra.recognizer import guards
 from terra.recognizer.types import Recognition, RecognitionRequest, Segment, Word
+from terra.recognizer.vocabulary import WhisperVocabulary
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +72,20 @@ def load_whisper(model_path: str, config: ModelConfig, workers: int = 1) -> Whis
         ) from e
 
 
-class WhisperEngine:
+class WhisperEngine(WhisperVocabulary):
     """Fitted-window, batched Whisper recognition.
 
     Safe for as many concurrent calls as the model has workers (``recognizer.workers``): the
     shared state is the CTranslate2 model and read-mostly caches."""
 
     def __init__(self, model: WhisperModel, config: RecognizerConfig) -> None:
+        super().__init__(model)
         self._model = model
         self._ct2: ctranslate2.models.Whisper = model.model
         self._config = config
         self._buckets = tuple(sorted(min(b, MAX_WINDOW_S) for b in config.window_buckets_s))
         self.multilingual = bool(model.model.is_multilingual)
         self.last_timings: list[EngineTimings] = []
-        self._word_starts: dict[int, bool] = {}
-        self._eot = int(self._tokenizer("en", "transcribe").eot)
 
     # -- window sizing -------------------------------------------------------------------
     def window_seconds(self, n_samples: int) -> float:
@@ -386,28 +386,6 @@ class WhisperEngine:
                 segments.append(segment)
             out[i] = dataclasses.replace(recognition, segments=tuple(segments))
         return out
-
-    def timestamp_begin(self) -> int:
-        return int(self._tokenizer("en", "transcribe").timestamp_begin)
-
-    def starts_word(self, token: int) -> bool:
-        """Whether a text token begins a new word (its text starts with a space)."""
-        cached = self._word_starts.get(token)
-        if cached is None:
-            piece = self._model.hf_tokenizer.decode([token])
-            cached = self._word_starts[token] = piece[:1].isspace()
-        return cached
-
-    def encode_text(self, text: str) -> tuple[int, ...]:
-        """Text tokens of ``text`` (no special tokens), e.g. for a previous-text prompt."""
-        encoding = self._model.hf_tokenizer.encode(text, add_special_tokens=False)
-        return tuple(int(t) for t in encoding.ids)
-
-    def decode_text(self, tokens: Sequence[int]) -> str:
-        """The text of text tokens (timestamps and special tokens are skipped)."""
-        eot = self._model.hf_tokenizer.token_to_id("<|endoftext|>")
-        decoded: str = self._model.hf_tokenizer.decode([t for t in tokens if t < eot])
-        return decoded
 
 
 @dataclass(slots=True)

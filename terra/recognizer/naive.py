@@ -14,10 +14,12 @@ from faster_whisper import WhisperModel
 
 from terra.recognizer.engine import MAX_WINDOW_S
 from terra.recognizer.types import Recognition, RecognitionRequest
+from terra.recognizer.vocabulary import WhisperVocabulary
 
 
-class NaiveEngine:
+class NaiveEngine(WhisperVocabulary):
     def __init__(self, model: WhisperModel) -> None:
+        super().__init__(model)
         self._model = model
 
     def batch_key(self, request: RecognitionRequest) -> tuple[float, int]:
@@ -46,20 +48,3 @@ class NaiveEngine:
             compression_ratio=max((s.compression_ratio for s in listed), default=0.0),
             window_s=MAX_WINDOW_S,
         )
-
-    def timestamp_begin(self) -> int:
-        return int(self._model.hf_tokenizer.token_to_id("<|0.00|>"))
-
-    def encode_text(self, text: str) -> tuple[int, ...]:
-        """Text tokens of ``text`` (no special tokens), e.g. for a previous-text prompt."""
-        encoding = self._model.hf_tokenizer.encode(text, add_special_tokens=False)
-        return tuple(int(t) for t in encoding.ids)
-
-    def decode_text(self, tokens: Sequence[int]) -> str:
-        eot = self._model.hf_tokenizer.token_to_id("<|endoftext|>")
-        decoded: str = self._model.hf_tokenizer.decode([t for t in tokens if t < eot])
-        return decoded
-
-    def starts_word(self, token: int) -> bool:
-        piece: str = self._model.hf_tokenizer.decode([token])
-        return piece[:1].isspace()
