@@ -72,12 +72,14 @@ class RecognizerConfig:
     max_batch_size: int = 8
     workers: int = 2
     batch_wait_ms: int = 15
-    window_buckets_s: tuple[float, ...] = (5.0, 10.0, 20.0, 30.0)
+    window_buckets_s: tuple[float, ...] = (5.0, 8.0, 10.0, 20.0, 30.0)
+    batch_window_s: float = 10.0
+    min_context_tokens: int = 16
     trailing_margin_s: float = 2.0
     tokens_per_second: float = 12.0
     tokens_extra: int = 10
     progress_beam_size: int = 1
-    final_beam_size: int = 5
+    final_beam_size: int = 3
     use_timestamp_tokens: bool = True
     stable_prefix: bool = False
     commit: bool = True

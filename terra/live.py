@@ -84,6 +84,8 @@ class Session:
     closed_at: dict[str, float] = field(default_factory=dict)
     # The last progress pass's segments of each open combination's uncommitted audio.
     segments: dict[str, list[TimedSegment]] = field(default_factory=dict)
+    # Each open combination's progress request, queued or running (at most one each).
+    progress_requests: dict[str, asyncio.Future[Recognition | None]] = field(default_factory=dict)
 
     @property
     def ids(self) -> dict[str, str]:
@@ -229,6 +231,9 @@ class LiveService:
     ) -> None:
         for combination in closed:
             session.closed_at[combination.id] = time.monotonic()
+            # A progress pass still waiting for this combination would be work for nothing:
+            # its final is asked for now, over the same audio.
+            self._scheduler.withdraw(combination.id)
             # Only the uncommitted tail is decoded, with the committed text as context.
             request = RecognitionRequest(
                 audio=combination.uncommitted_audio,
@@ -300,6 +305,12 @@ class LiveService:
         combination = session.stream.open
         if combination is None or combination.version <= combination.requested_version:
             return
+        if combination.id in session.progress_requests and not self._scheduler.is_waiting(
+            combination.id
+        ):
+            # Its pass is running: a second one beside it would decode the same audio and be
+            # stale when the first commits. The first one's settling asks again.
+            return
         now = time.monotonic()
         if now - session.last_progress_at < self._progress_interval():
             return
@@ -315,6 +326,7 @@ class LiveService:
             prompt_tokens=combination.committed_tokens,
         )
         future = self._scheduler.submit(request, coalesce_key=combination.id)
+        session.progress_requests[combination.id] = future
         pass_ = _Pass(combination.version, combination.committed_samples, request.audio.size)
         self._track(session, self._settle_progress(session, combination, pass_, future))
 
@@ -329,14 +341,25 @@ class LiveService:
             result = await future
         except Exception:
             log.exception("progress recognition failed", extra=session.ids)
-            return
+            result = None
+        finally:
+            if session.progress_requests.get(combination.id) is future:  # not superseded
+                del session.progress_requests[combination.id]
         if result is None:
             return
+        self._settle_progress_result(session, combination, pass_, result)
+        self._request_progress(session)  # audio that came while it ran
+
+    def _settle_progress_result(
+        self, session: Session, combination: Combination, pass_: _Pass, result: Recognition
+    ) -> None:
         self._learn_language(session, result)
         if combination.committed_samples != pass_.committed_samples:
             return  # a newer pass committed meanwhile: this one's text is stale
         stable = agreed_prefix(
-            combination.hypothesis_tokens, result.tokens, self._vocabulary.timestamp_begin(),
+            combination.hypothesis_tokens,
+            result.tokens,
+            self._vocabulary.timestamp_begin(),
             self._vocabulary.starts_word,
         )
         text = _join(combination.committed_text, result.text)

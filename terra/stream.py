@@ -356,8 +356,9 @@ class ParticipantStream:
     def commit(
         self, combination: Combination, samples: int, tokens: tuple[int, ...], text: str
     ) -> None:
-        """Settle the next ``samples`` of the combination's audio with their text."""
-        if combination.state is CombinationState.FINAL:
+        """Settle the next ``samples`` of the combination's audio with their text. Only while
+        it is open: a closed one's final was asked for with the audio uncommitted then."""
+        if combination.state is not CombinationState.OPEN:
             return
         combination.committed_samples = min(
             combination.committed_samples + samples, combination.length

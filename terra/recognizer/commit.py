@@ -1,8 +1,8 @@
 """Committing the settled start of a long combination, so later passes only see its tail.
 
 A progress pass decodes with timestamp tokens; its segments are compared with the previous
-pass over the same audio. The leading segments both passes agree on (same text, ending well
-before the live edge) are committed: their text is kept, their audio is trimmed away, and
+pass over the same audio. The leading segments whose text the previous pass said too (ending
+well before the live edge) are committed: their text is kept, their audio is trimmed away, and
 the committed text becomes the next passes' context (Whisper's previous-text prompt). This
 is whisper_streaming's LocalAgreement, applied at Whisper's own segment boundaries. Pure.
 """
@@ -45,15 +45,19 @@ def agreed_count(
     current: list[TimedSegment],
     audio_s: float,
     edge_guard_s: float,
-    boundary_tolerance_s: float = 0.5,
 ) -> int:
-    """How many leading segments two passes agree on, all ending before the live edge."""
+    """How many leading segments of the current pass the previous pass said too: their text
+    tokens start the previous pass's text (LocalAgreement-2, cut at the current pass's
+    segment ends), each ending before the live edge. The previous pass may have cut the same
+    words into other segments: over a shorter buffer Whisper often says one long segment."""
+    said = tuple(t for s in previous for t in s.tokens)
     count = 0
-    for a, b in zip(previous, current):
-        if a.tokens != b.tokens or abs(a.end_s - b.end_s) > boundary_tolerance_s:
+    at = 0
+    for segment in current:
+        end = at + len(segment.tokens)
+        if said[at:end] != segment.tokens or segment.end_s > audio_s - edge_guard_s:
             break
-        if b.end_s > audio_s - edge_guard_s:
-            break
+        at = end
         count += 1
     return count
 

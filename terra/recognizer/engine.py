@@ -72,6 +72,17 @@ def load_whisper(model_path: str, config: ModelConfig, workers: int = 1) -> Whis
         ) from e
 
 
+def generation_limit(prompt_length: int, budget: int) -> int:
+    """CTranslate2's ``max_length`` that lets Whisper generate ``budget`` tokens after a
+    prompt of ``prompt_length`` tokens (the result is trimmed to the budget afterwards).
+
+    Measured with CTranslate2 4.8 (tests/test_engine_budget.py): generate returns at most
+    ``min(max_length / 2, max_length - prompt_length + 1)`` tokens, so a long previous-text
+    context with the plain budget would leave no room at all.
+    """
+    return min(max(2 * budget, budget + prompt_length - 1), MAX_DECODER_TOKENS)
+
+
 class WhisperEngine(WhisperVocabulary):
     """Fitted-window, batched Whisper recognition.
 
@@ -101,29 +112,48 @@ class WhisperEngine(WhisperVocabulary):
         return min(budget, MAX_DECODER_TOKENS // 2)
 
     def batch_key(self, request: RecognitionRequest) -> tuple[float, int]:
-        return (self.window_seconds(request.audio.size), request.beam_size)
+        """Requests with equal keys share a model call. Windows up to ``batch_window_s``
+        share one key (the call pads them to its longest): decoding dominates the cost of a
+        short window, and decoding is what batching makes cheaper."""
+        window_s = self.window_seconds(request.audio.size)
+        shared_s = next((b for b in self._buckets if b >= self._config.batch_window_s), 0.0)
+        key_s = shared_s if window_s <= shared_s else window_s
+        return (key_s, max(request.beam_size, request.num_hypotheses))
 
     # -- recognition ---------------------------------------------------------------------
     def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
-        """Recognize requests, batching those that share a window length and beam size."""
+        """Recognize requests, batching those that share a key (see ``batch_key``)."""
         results: list[Recognition | None] = [None] * len(requests)
         # CTranslate2 needs <|startoftranscript|> at one position across a batch: requests
-        # with previous-text context of different lengths go in separate calls.
+        # with context share a call with their contexts cut to the shortest among them, and
+        # a context too short to be worth that cut is dropped instead.
         # An n-best request needs its own call too (one num_hypotheses per call).
-        groups: dict[tuple[float, int, int, int], list[int]] = {}
+        contexts = [self._context(r) for r in requests]
+        groups: dict[tuple[float, int, bool, int], list[int]] = {}
         for index, request in enumerate(requests):
-            context = self._context(request)
+            if len(contexts[index]) < self._config.min_context_tokens:
+                contexts[index] = ()
             key = (
                 *self.batch_key(request),
-                len(context) + 1 if context else 0,
+                bool(contexts[index]),
                 request.num_hypotheses,
             )
             groups.setdefault(key, []).append(index)
         self.last_timings = []
-        for (window_s, beam_size, _, hypotheses), indices in groups.items():
+        for (_, beam_size, _, _), indices in groups.items():
             started = time.perf_counter()
             batch = [requests[i] for i in indices]
-            recognized = self._recognize_group(batch, window_s, max(beam_size, hypotheses))
+            shortest = min(len(contexts[i]) for i in indices)
+            batch_contexts = [contexts[i][len(contexts[i]) - shortest :] for i in indices]
+            window_s = max(self.window_seconds(r.audio.size) for r in batch)
+            timestamps = self._config.use_timestamp_tokens
+            recognized = self._recognize_group(
+                batch, batch_contexts, window_s, beam_size, timestamps
+            )
+            if timestamps:
+                recognized = self._retry_loops(
+                    batch, batch_contexts, window_s, beam_size, recognized
+                )
             for i, result in zip(indices, recognized):
                 results[i] = result
             self.last_timings.append(
@@ -169,13 +199,14 @@ class WhisperEngine(WhisperVocabulary):
         )
 
     def _recognize_group(
-        self, batch: list[RecognitionRequest], window_s: float, beam_size: int
+        self,
+        batch: list[RecognitionRequest],
+        contexts: list[tuple[int, ...]],
+        window_s: float,
+        beam_size: int,
+        timestamps: bool,
     ) -> list[Recognition]:
-        stacked = np.stack([self._features(r.audio, window_s) for r in batch])
-        features = ctranslate2.StorageView.from_array(stacked)
-        wants_words = any(r.word_timestamps for r in batch)
-        if wants_words:  # encode once; generation and alignment both read the encoder output
-            features = self._ct2.encode(features, to_cpu=False)
+        features = self._encode(batch, window_s)
         needs_detection = [i for i, r in enumerate(batch) if r.language is None]
         detected = self._detect_languages(features, needs_detection)
 
@@ -183,23 +214,23 @@ class WhisperEngine(WhisperVocabulary):
         tokenizers: list[Tokenizer] = []
         languages: list[tuple[str, float]] = []
         max_length = 0
-        for i, request in enumerate(batch):
+        for i, (request, context) in enumerate(zip(batch, contexts)):
             language, probability = detected.get(i, (request.language or "en", 1.0))
             tokenizer = self._tokenizer(language, request.task)
-            context = self._context(request)
             prompt = [tokenizer.sot_prev, *context] if context else []
             prompt.extend(tokenizer.sot_sequence)
             # CTranslate2 applies the timestamp rules from the first generated token, so
             # after a text prefix it would force a timestamp and start over: a request with
             # a prefix is decoded without timestamps.
-            if request.prefix_tokens or not self._config.use_timestamp_tokens:
+            if request.prefix_tokens or not timestamps:
                 prompt.append(tokenizer.no_timestamps)
             prompt.extend(request.prefix_tokens)
             prompts.append(prompt)
             tokenizers.append(tokenizer)
             languages.append((language, probability))
             max_length = max(
-                max_length, len(request.prefix_tokens) + self.token_budget(request.audio.size)
+                max_length,
+                generation_limit(len(prompt), self.token_budget(request.audio.size)),
             )
 
         generated = self._ct2.generate(
@@ -207,9 +238,7 @@ class WhisperEngine(WhisperVocabulary):
             prompts,
             beam_size=beam_size,
             num_hypotheses=batch[0].num_hypotheses,
-            # Measured with CTranslate2 4.8: Whisper generate returns at most max_length / 2
-            # tokens, so the budget is passed doubled (and the result trimmed to it below).
-            max_length=min(2 * max_length, MAX_DECODER_TOKENS),
+            max_length=max_length,
             return_scores=True,
             return_no_speech_prob=True,
             suppress_blank=True,
@@ -220,9 +249,53 @@ class WhisperEngine(WhisperVocabulary):
             self._to_recognition(request, result, tokenizer, language, window_s)
             for request, result, tokenizer, language in zip(batch, generated, tokenizers, languages)
         ]
-        if wants_words:
+        if any(r.word_timestamps for r in batch):
             recognitions = self._add_words(batch, recognitions, tokenizers, features)
         return recognitions
+
+    def _retry_loops(
+        self,
+        batch: list[RecognitionRequest],
+        contexts: list[tuple[int, ...]],
+        window_s: float,
+        beam_size: int,
+        recognized: list[Recognition],
+    ) -> list[Recognition]:
+        """Decode again, in Whisper's full 30 s window, the items that came back as a
+        repetition loop. Beam search with timestamps in a shorter window can restart the text
+        after a timestamp (measured on planerka_ru/anna.flac 0.3-13 s in a 20 s window:
+        compression ratio 6.9; in 30 s: 1.6). faster-whisper's answer is a temperature
+        fallback; this one keeps the beam and the timestamps."""
+        threshold = self._config.compression_ratio_threshold
+        loops = [j for j, r in enumerate(recognized) if r.compression_ratio > threshold]
+        if not loops:
+            return recognized
+        if window_s >= MAX_WINDOW_S:
+            return recognized
+        retried = self._recognize_group(
+            [batch[j] for j in loops], [contexts[j] for j in loops], MAX_WINDOW_S, beam_size, True
+        )
+        out = list(recognized)
+        for j, again in zip(loops, retried):
+            if again.compression_ratio < out[j].compression_ratio:
+                out[j] = again
+        return out
+
+    def _encode(self, batch: list[RecognitionRequest], window_s: float) -> ctranslate2.StorageView:
+        """The encoder output of a batch; generation and alignment both read it.
+
+        On the CPU the items are encoded one at a time and stacked: measured with base int8
+        on one thread, a 10 s window costs 70 ms alone and 123 ms per item in a batch of 4.
+        """
+        features = [self._features(r.audio, window_s) for r in batch]
+        if self._ct2.device != "cpu" or len(batch) == 1:
+            stacked = ctranslate2.StorageView.from_array(np.stack(features))
+            return self._ct2.encode(stacked, to_cpu=False)
+        encoded = [
+            np.asarray(self._ct2.encode(ctranslate2.StorageView.from_array(f[np.newaxis])))
+            for f in features
+        ]
+        return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.concatenate(encoded)))
 
     def _to_recognition(
         self,
@@ -295,17 +368,20 @@ class WhisperEngine(WhisperVocabulary):
     def _alternatives(
         result: ctranslate2.models.WhisperGenerationResult, tokenizer: Tokenizer, dropped: str
     ) -> tuple[str, ...]:
-        """The texts of the 2nd..nth beam hypotheses (n-best), when asked for."""
+        """The texts of the 2nd..nth beam hypotheses (n-best), when asked for. Hypotheses that
+        differ only in their timestamp tokens read the same: each text is given once."""
         if dropped:
             return ()
+        seen: set[str] = set()
         texts = []
-        for sequence in result.sequences_ids[1:]:
+        for sequence in result.sequences_ids:
             text = guards.collapse_repeats(
                 tokenizer.decode([t for t in sequence if t < tokenizer.eot])
             )
-            if text.strip():
+            if text.strip() and text.strip() not in seen:
+                seen.add(text.strip())
                 texts.append(text)
-        return tuple(texts)
+        return tuple(texts[1:])
 
     # -- segments and word timestamps ---------------------------------------------------
     def _split(

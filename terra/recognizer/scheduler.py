@@ -1,10 +1,11 @@
 """The one place where async code meets the blocking recognizer.
 
-Requests from all participants wait in one priority queue; a single worker thread per
-device takes the most urgent request plus every other waiting request that can share its
-model call (same window bucket and beam size), up to ``max_batch_size``. Progress requests
-are coalesced per participant: a newer one replaces a waiting older one, whose future
-resolves to ``None``. Finals are never coalesced nor dropped.
+Requests from all participants wait in one priority queue; each of ``recognizer.workers``
+workers takes the most urgent request plus other waiting requests that can share its model
+call (see the engine's ``batch_key``), up to ``max_batch_size`` and no more than its share
+when other workers are idle. Progress requests are coalesced per participant: a newer one
+replaces a waiting older one, whose future resolves to ``None``. Finals are never coalesced
+nor dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +58,7 @@ class RecognizerScheduler:
             max_workers=max(1, config.workers), thread_name_prefix="recognizer"
         )
         self._workers: list[asyncio.Task[None]] = []
+        self._busy = 0  # workers inside a model call
 
     @property
     def depth(self) -> int:
@@ -89,6 +92,17 @@ class RecognizerScheduler:
         self._wakeup.set()
         return future
 
+    def is_waiting(self, coalesce_key: str) -> bool:
+        """Whether a request with this key is queued (not yet taken into a model call)."""
+        return coalesce_key in self._by_key
+
+    def withdraw(self, coalesce_key: str) -> None:
+        """Drop the waiting request with this key, if any (its future resolves to None)."""
+        entry = self._by_key.pop(coalesce_key, None)
+        if entry is not None:
+            self._drop(entry)
+            self._metrics.queue_depth.set(len(self._pending))
+
     def _drop(self, entry: _Entry) -> None:
         self._pending.remove(entry)
         if not entry.future.done():
@@ -101,7 +115,10 @@ class RecognizerScheduler:
         self._pending.sort(key=_Entry.order)
         head = self._pending[0]
         batch = [e for e in self._pending if e.batch_key == head.batch_key]
-        batch = batch[: self._config.max_batch_size]
+        # Idle workers share the waiting work: on the CPU a call's time grows with its batch,
+        # so two half batches side by side answer sooner than one whole batch.
+        idle = max(1, max(1, self._config.workers) - self._busy)
+        batch = batch[: min(self._config.max_batch_size, math.ceil(len(batch) / idle))]
         for entry in batch:
             self._pending.remove(entry)
             if entry.coalesce_key is not None and self._by_key.get(entry.coalesce_key) is entry:
@@ -134,6 +151,7 @@ class RecognizerScheduler:
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Entry]) -> None:
         requests = [e.request for e in batch]
         started = time.perf_counter()
+        self._busy += 1
         try:
             results = await loop.run_in_executor(self._executor, self._engine.recognize, requests)
         except Exception as e:  # a task boundary: fail these requests, keep serving
@@ -142,7 +160,17 @@ class RecognizerScheduler:
                 if not entry.future.done():
                     entry.future.set_exception(RuntimeError(f"recognizer failed: {e}"))
             return
+        finally:
+            self._busy -= 1
         elapsed = time.perf_counter() - started
+        log.debug(
+            "model call: %d request(s) %s, waited %s ms, ran %.0f ms, %d busy",
+            len(batch),
+            [f"{e.request.priority.name[0]}{e.request.audio.size / 16_000:.1f}s" for e in batch],
+            [round((started - e.enqueued_at) * 1000) for e in batch],
+            elapsed * 1000,
+            self._busy,
+        )
         self._metrics.batch_size.observe(len(batch))
         self._metrics.batch_seconds.observe(elapsed)
         audio_s = sum(r.audio.size for r in requests) / 16_000

@@ -1,0 +1,105 @@
+"""The engine's model calls: generation limits and batching, on the packaged model."""
+
+from __future__ import annotations
+
+import ctranslate2
+import numpy as np
+import pytest
+
+from terra.audio import SAMPLE_RATE
+from terra.recognizer.engine import WhisperEngine, generation_limit
+from terra.recognizer.types import Priority, RecognitionRequest
+
+from .conftest import SPEECH, cer, clip, load_clip
+
+PLANERKA = SPEECH / "meetings" / "planerka_ru"
+EOT = 50257
+
+
+@pytest.mark.parametrize(("context", "budget"), [(0, 20), (60, 30), (200, 40), (223, 100)])
+def test_generation_limit_leaves_room_for_the_budget(
+    engine: WhisperEngine, context: int, budget: int
+) -> None:
+    """CTranslate2 4.8 counts the prompt in max_length and halves it besides; the limit the
+    engine passes must still let the whole budget be generated (end of text suppressed)."""
+    model = engine._ct2  # the real CTranslate2 model: what is checked is its behaviour
+    audio = load_clip(SPEECH / "long" / "ru_60s.wav")[: 8 * SAMPLE_RATE]
+    features = engine._features(audio, 10.0)
+    sot = [50258, 50263, 50359]  # <|startoftranscript|><|ru|><|transcribe|>
+    prompt = ([50361, *range(300, 300 + context)] if context else []) + sot
+    limit = generation_limit(len(prompt), budget)
+    result = model.generate(
+        ctranslate2.StorageView.from_array(features[np.newaxis]),
+        [prompt],
+        max_length=limit,
+        suppress_tokens=[-1, EOT],
+    )[0]
+    assert len(result.sequences_ids[0]) >= min(budget, 448 - len(prompt) - 1)
+
+
+def test_a_short_tail_after_a_long_context_keeps_its_words(engine: WhisperEngine) -> None:
+    """A long combination's final decodes only its uncommitted tail with all the committed
+    text as context: the tail's words must all come back (they were lost when the context
+    ate the token budget)."""
+    anna = load_clip(PLANERKA / "anna.flac")
+    opening = anna[int(0.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)]
+    tail = anna[int(7.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)]  # "Первый вопрос ..."
+    context = engine.recognize([RecognitionRequest(opening, "ru", Priority.FINAL, 5)])[0].tokens
+    long_context = tuple(t for t in context if t < EOT) * 4  # ~4 sentences said before
+    assert len(long_context) > 100
+    expected = "Первый вопрос касается запуска новой версии сервиса в понедельник."
+    for beam in (1, 5):
+        result = engine.recognize(
+            [RecognitionRequest(tail, "ru", Priority.FINAL, beam, prompt_tokens=long_context)]
+        )[0]
+        assert cer(expected, result.text) <= 0.15, (beam, result.text)
+
+
+def test_beam_search_that_loops_is_decoded_again(engine: WhisperEngine) -> None:
+    """Beam 5 with timestamp tokens loops on this 12.7 s cut in a 20 s window ("Доброе
+    утро, коллеги!" over and over); the engine decodes it again in a 30 s window."""
+    anna = load_clip(PLANERKA / "anna.flac")
+    opening = anna[int(0.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)]
+    result = engine.recognize([RecognitionRequest(opening, "ru", Priority.FINAL, 5)])[0]
+    expected = (
+        "Доброе утро, коллеги. Давайте начнём планёрку, у нас сегодня три вопроса. "
+        "Первый вопрос касается запуска новой версии сервиса в понедельник."
+    )
+    assert result.compression_ratio <= 2.4
+    assert cer(expected, result.text) <= 0.15, result.text
+
+
+def test_one_call_serves_mixed_windows_and_contexts(engine: WhisperEngine) -> None:
+    """Short and long audio, with and without context, share one model call and each gets
+    the text it gets alone."""
+    jfk = clip("clips/faster_whisper/jfk.flac")
+    audio = load_clip(jfk.path)
+    anna = load_clip(PLANERKA / "anna.flac")
+    opening = anna[int(0.3 * SAMPLE_RATE) : int(7.0 * SAMPLE_RATE)]
+    said = engine.recognize([RecognitionRequest(opening, "ru", Priority.FINAL, 1)])[0].tokens
+    context = tuple(t for t in said if t < EOT)
+    assert len(context) > 20
+    requests = [
+        RecognitionRequest(audio[: 3 * SAMPLE_RATE], "en", Priority.PROGRESS, 1),
+        RecognitionRequest(audio[: 7 * SAMPLE_RATE], "en", Priority.PROGRESS, 1),
+        RecognitionRequest(
+            anna[int(7.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)],
+            "ru",
+            Priority.PROGRESS,
+            1,
+            prompt_tokens=context,
+        ),
+        RecognitionRequest(
+            anna[int(7.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)],
+            "ru",
+            Priority.PROGRESS,
+            1,
+            prompt_tokens=context[-20:],
+        ),
+    ]
+    assert len({engine.batch_key(r) for r in requests}) == 1
+    together = engine.recognize(requests)
+    assert [t.batch_size for t in engine.last_timings] == [2, 2]  # no context | context
+    alone = [engine.recognize([r])[0] for r in requests]
+    for a, b in zip(alone, together):
+        assert a.text.strip() and cer(a.text, b.text) <= 0.1, (a.text, b.text)
