@@ -76,6 +76,10 @@ class LevelResult:
     queue_depth_end: float
     backlog_growing: bool
     mean_batch_size: float
+    mean_batch_s: float  # wall time of one model call
+    progress_request_p50_s: float  # a progress request's queue wait plus its model call
+    mean_request_audio_s: float  # audio per recognition request
+    recognizer_busy: float  # model-call seconds per second (at most recognizer.workers)
     server_cpu_percent: float
     server_peak_rss_mb: float
     errors: int
@@ -99,12 +103,16 @@ def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 def histogram_quantile(
-    samples: list[tuple[str, dict[str, str], float]], name: str, kind: str, q: float
+    samples: list[tuple[str, dict[str, str], float]],
+    name: str,
+    kind: str,
+    q: float,
+    label: str = "kind",
 ) -> float:
     buckets = sorted(
         (float("inf") if lb["le"] == "+Inf" else float(lb["le"]), v)
         for n, lb, v in samples
-        if n == f"{name}_bucket" and lb.get("kind") == kind
+        if n == f"{name}_bucket" and lb.get(label) == kind
     )
     if not buckets or buckets[-1][1] == 0:
         return float("nan")
@@ -139,15 +147,19 @@ class ServerProcess:
                 "TERRA_SPOOL_DIR": str(spool),
                 "TERRA_PORT": str(self.port),
                 "TERRA_HOST": "127.0.0.1",
-                "TERRA_LOG_LEVEL": "WARNING",
+                "TERRA_LOG_LEVEL": os.environ.get("TERRA_LOG_LEVEL", "WARNING"),
             }
         )
+        # The server's log, kept for a look at what it did (TERRA_LOG_LEVEL=DEBUG shows every
+        # model call); a file, not a pipe nobody reads, which would stall a chatty server.
+        self.log_path = Path(os.environ.get("TERRA_BENCH_SERVER_LOG", spool / "server.log"))
+        self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "terra.cli", "serve", "--config", str(CONFIG_PATH)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self._log,
         )
         self.url = f"http://127.0.0.1:{self.port}"
         self.ps = psutil.Process(self.process.pid)
@@ -157,7 +169,8 @@ class ServerProcess:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                log = self.log_path.read_text(encoding="utf-8", errors="replace")
+                raise RuntimeError(f"server exited: {log[-2000:]}")
             try:
                 async with session.get(f"{self.url}/healthz") as response:
                     if response.status == 200:
@@ -183,6 +196,7 @@ class ServerProcess:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        self._log.close()
 
 
 # -- talkers -------------------------------------------------------------------------
@@ -252,7 +266,7 @@ async def run_talker(
     await asyncio.gather(*pending)
 
 
-async def run_level(mode: str, talkers: int, seconds: float) -> LevelResult:
+async def run_level(mode: str, talkers: int, seconds: float, spread: bool) -> LevelResult:
     with tempfile.TemporaryDirectory(prefix="terra-bench-") as spool:
         server = ServerProcess(mode, Path(spool))
         timeout = aiohttp.ClientTimeout(total=120)
@@ -281,7 +295,16 @@ async def run_level(mode: str, talkers: int, seconds: float) -> LevelResult:
                 await asyncio.gather(
                     *(
                         run_talker(
-                            session, server.url, "bench", i, seconds, started, post_times, errors
+                            session,
+                            server.url,
+                            "bench",
+                            i,
+                            seconds,
+                            # spread: each talker's 2 s clock has its own phase, as separate
+                            # clients have; lockstep: all fragments arrive at the same moment.
+                            started + (i * CHUNK_S / talkers if spread else 0.0),
+                            post_times,
+                            errors,
                         )
                         for i in range(talkers)
                     )
@@ -325,6 +348,23 @@ async def run_level(mode: str, talkers: int, seconds: float) -> LevelResult:
         mean_batch_size=round(metric(samples, "terra_recognizer_batch_size_sum") / batches, 2)
         if batches
         else 0.0,
+        mean_batch_s=round(metric(samples, "terra_recognizer_batch_seconds_sum") / batches, 3)
+        if batches
+        else 0.0,
+        progress_request_p50_s=round(
+            histogram_quantile(
+                samples, "terra_recognizer_latency_seconds", "progress", 0.5, label="priority"
+            ),
+            3,
+        ),
+        mean_request_audio_s=round(
+            metric(samples, "terra_recognizer_audio_seconds_total")
+            / max(metric(samples, "terra_recognizer_batch_size_sum"), 1),
+            2,
+        ),
+        recognizer_busy=round(
+            metric(samples, "terra_recognizer_batch_seconds_sum") / max(elapsed, 1e-9), 2
+        ),
         server_cpu_percent=round(100 * cpu / max(elapsed, 1e-9), 1),
         server_peak_rss_mb=round(server.peak_rss / 1e6, 1),
         errors=len(errors),
@@ -375,16 +415,20 @@ async def words_from(samples: Samples, label: str) -> int:
 
 
 # -- the run ---------------------------------------------------------------------------
-async def sweep(mode: str, levels: list[int], seconds: float) -> list[LevelResult]:
+async def sweep(
+    mode: str, levels: list[int], seconds: float, spread: bool = True
+) -> list[LevelResult]:
     results: list[LevelResult] = []
     failures = 0
     for talkers in levels:
-        result = await run_level(mode, talkers, seconds)
+        result = await run_level(mode, talkers, seconds, spread)
         results.append(result)
         print(
             f"{mode:6} N={talkers:<3} progress p50/p95 {result.progress_p50_s:.2f}/"
             f"{result.progress_p95_s:.2f} s  final p95 {result.final_p95_s:.2f} s  "
-            f"queue max {result.queue_depth_max:.0f}  batch {result.mean_batch_size:.1f}  "
+            f"queue max {result.queue_depth_max:.0f}  batch {result.mean_batch_size:.1f} "
+            f"({result.mean_batch_s:.2f} s, busy {result.recognizer_busy:.2f}, request p50 "
+            f"{result.progress_request_p50_s:.2f} s, {result.mean_request_audio_s:.1f} s audio)  "
             f"cpu {result.server_cpu_percent:.0f}%  {'ok' if result.ok else 'OVER'}",
             flush=True,
         )
@@ -428,7 +472,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Live capacity ({report['name']}, {report['machine']['date']})",
         "",
         f"Machine: {report['machine']['cores']} cores, {report['machine']['cpu']}; model "
-        f"{report['model']} int8; {report['seconds_per_level']} s per level.",
+        f"{report['model']} int8; {report['seconds_per_level']} s per level; talkers' fragment "
+        f"clocks {report.get('phases', 'lockstep')} (spread: each its own phase; lockstep: all "
+        "at once).",
         "",
         f"**Capacity** (p95 progress ≤ {CAPACITY_P95_S} s, no growing backlog): "
         f"terra {report['capacity']['terra']}, naive {report['capacity']['naive']} "
@@ -475,9 +521,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         naive_levels = [1, 2, 3, 4]
     if args.levels:
         terra_levels = [int(n) for n in args.levels.split(",")]
-    results = await sweep("terra", terra_levels, seconds)
+    spread = args.phases == "spread"
+    results = await sweep("terra", terra_levels, seconds, spread)
     if not args.terra_only:
-        results += await sweep("naive", naive_levels, seconds)
+        results += await sweep("naive", naive_levels, seconds, spread)
     rng = np.random.default_rng(1)
     silence_words = noise_words = -1  # not measured in a tuning run
     if not args.terra_only:
@@ -505,7 +552,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "model": "base",
         "machine": machine(),
         "seconds_per_level": seconds,
-        "command": "python -m benchmarks.live" + (" --quick" if args.quick else ""),
+        "phases": args.phases,
+        "command": "python -m benchmarks.live"
+        + (" --quick" if args.quick else "")
+        + (" --phases lockstep" if args.phases == "lockstep" else ""),
         "capacity": {
             "terra": cap_terra,
             "naive": cap_naive,
@@ -538,6 +588,12 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--levels", default="", help="terra's talker counts, e.g. 2,4,8")
     parser.add_argument("--terra-only", action="store_true", help="skip the baseline (tuning)")
+    parser.add_argument(
+        "--phases",
+        choices=("spread", "lockstep"),
+        default="spread",
+        help="talkers' fragment clocks: spread over the 2 s (separate clients) or all at once",
+    )
     parser.add_argument(
         "--set",
         action="append",
