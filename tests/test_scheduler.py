@@ -1,0 +1,68 @@
+"""The recognizer scheduler on the real engine: how waiting work is shared and withdrawn."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from terra.audio import SAMPLE_RATE
+from terra.config import RecognizerConfig
+from terra.metrics import create_metrics
+from terra.recognizer.engine import WhisperEngine
+from terra.recognizer.scheduler import RecognizerScheduler
+from terra.recognizer.types import Priority, RecognitionRequest
+
+from .conftest import clip, load_clip
+
+
+def _calls(engine: WhisperEngine, log: list[int]) -> WhisperEngine:
+    """The same engine, recording the size of every model call it is given."""
+    recognize = engine.recognize
+
+    class Recording:
+        def __getattr__(self, name: str) -> object:
+            return getattr(engine, name)
+
+        def recognize(self, requests: list[RecognitionRequest]) -> object:
+            log.append(len(requests))
+            return recognize(requests)
+
+    return Recording()  # type: ignore[return-value]
+
+
+async def test_idle_workers_split_the_waiting_work(engine: WhisperEngine) -> None:
+    audio = load_clip(clip("clips/faster_whisper/jfk.flac").path)[: 4 * SAMPLE_RATE]
+    calls: list[int] = []
+    config = dataclasses.replace(RecognizerConfig(), workers=2)
+    scheduler = RecognizerScheduler(_calls(engine, calls), config, create_metrics())
+    await scheduler.start()
+    try:
+        futures = [
+            scheduler.submit(RecognitionRequest(audio, "en", Priority.PROGRESS, 1))
+            for _ in range(4)
+        ]
+        results = [await f for f in futures]
+    finally:
+        await scheduler.stop()
+    assert all(r is not None and "fellow americans" in r.text.lower() for r in results)
+    assert sorted(calls) == [2, 2]  # not one call of 4 while the other worker idles
+
+
+async def test_a_withdrawn_request_is_never_recognized(engine: WhisperEngine) -> None:
+    audio = load_clip(clip("clips/faster_whisper/jfk.flac").path)[: 4 * SAMPLE_RATE]
+    calls: list[int] = []
+    config = dataclasses.replace(RecognizerConfig(), workers=1)
+    scheduler = RecognizerScheduler(_calls(engine, calls), config, create_metrics())
+    await scheduler.start()
+    try:
+        first = scheduler.submit(RecognitionRequest(audio, "en", Priority.FINAL, 1))
+        waiting = scheduler.submit(
+            RecognitionRequest(audio, "en", Priority.PROGRESS, 1), coalesce_key="c1"
+        )
+        assert scheduler.is_waiting("c1")
+        scheduler.withdraw("c1")
+        assert not scheduler.is_waiting("c1")
+        assert await waiting is None
+        assert await first is not None
+    finally:
+        await scheduler.stop()
+    assert calls == [1]
