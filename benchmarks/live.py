@@ -500,10 +500,16 @@ def markdown(report: dict[str, Any]) -> str:
                 f"- N={row['talkers']}: progress p95 ×{row['progress_p95']}, "
                 f"final p95 ×{row['final_p95']}"
             )
+    if report["silence_words"] < 0:  # a tuning run (--terra-only) leaves them out
+        words = "Words from silence and noise: not measured in this run."
+    else:
+        words = (
+            f"Words from 60 s of silence: {report['silence_words']}; "
+            f"from 60 s of white noise: {report['noise_words']}."
+        )
     lines += [
         "",
-        f"Words from 60 s of silence: {report['silence_words']}; "
-        f"from 60 s of white noise: {report['noise_words']}.",
+        words,
         "",
         f"Command: `{report['command']}`",
         "",
@@ -517,7 +523,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         terra_levels, naive_levels = [1, 4], [1, 2]
     else:
         seconds = args.seconds
-        terra_levels = [1, 2, 4, 6, 8, 10, 12, 16, 20, 24]
+        terra_levels = [1, 2, 4, 8, 12, 14, 16, 18, 20, 24]
         naive_levels = [1, 2, 3, 4]
     if args.levels:
         terra_levels = [int(n) for n in args.levels.split(",")]
@@ -553,9 +559,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "seconds_per_level": seconds,
         "phases": args.phases,
-        "command": "python -m benchmarks.live"
-        + (" --quick" if args.quick else "")
-        + (" --phases lockstep" if args.phases == "lockstep" else ""),
+        "command": " ".join(["python -m benchmarks.live", *sys.argv[1:]]),
         "capacity": {
             "terra": cap_terra,
             "naive": cap_naive,
