@@ -72,6 +72,7 @@ class RecognizerConfig:
     max_batch_size: int = 8
     workers: int = 2
     batch_wait_ms: int = 15
+    batch_burst_ms: int = 100
     window_buckets_s: tuple[float, ...] = (5.0, 8.0, 10.0, 20.0, 30.0)
     batch_window_s: float = 10.0
     min_context_tokens: int = 16

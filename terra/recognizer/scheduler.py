@@ -141,12 +141,25 @@ class RecognizerScheduler:
                     log.exception("recognizer scheduler step failed; continuing")
 
     async def _run_one(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._config.batch_wait_ms > 0 and len(self._pending) < self._config.max_batch_size:
-            # A short wait lets fragments posted at the same moment share a batch.
-            await asyncio.sleep(self._config.batch_wait_ms / 1000)
+        await self._gather_burst()
         batch = self._take_batch()
         if batch:
             await self._execute(loop, batch)
+
+    async def _gather_burst(self) -> None:
+        """Wait until requests stop arriving (a quiet ``batch_wait_ms``), at most
+        ``batch_burst_ms``: fragments posted at the same moment share a batch, and a burst
+        is shared out whole among the idle workers instead of its first few requests."""
+        quiet_s = self._config.batch_wait_ms / 1000
+        if quiet_s <= 0:
+            return
+        deadline = time.perf_counter() + max(self._config.batch_burst_ms / 1000, quiet_s)
+        seen = -1
+        while seen != len(self._pending) and len(self._pending) < self._config.max_batch_size:
+            if time.perf_counter() >= deadline:
+                return
+            seen = len(self._pending)
+            await asyncio.sleep(quiet_s)
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Entry]) -> None:
         requests = [e.request for e in batch]
