@@ -76,7 +76,7 @@ def generation_limit(prompt_length: int, budget: int) -> int:
     """CTranslate2's ``max_length`` that lets Whisper generate ``budget`` tokens after a
     prompt of ``prompt_length`` tokens (the result is trimmed to the budget afterwards).
 
-    Measured with CTranslate2 4.8 (tests/test_engine_budget.py): generate returns at most
+    Measured with CTranslate2 4.8 (tests/test_engine.py): generate returns at most
     ``min(max_length / 2, max_length - prompt_length + 1)`` tokens, so a long previous-text
     context with the plain budget would leave no room at all.
     """
@@ -268,9 +268,7 @@ class WhisperEngine(WhisperVocabulary):
         fallback; this one keeps the beam and the timestamps."""
         threshold = self._config.compression_ratio_threshold
         loops = [j for j, r in enumerate(recognized) if r.compression_ratio > threshold]
-        if not loops:
-            return recognized
-        if window_s >= MAX_WINDOW_S:
+        if not loops or window_s >= MAX_WINDOW_S:
             return recognized
         retried = self._recognize_group(
             [batch[j] for j in loops], [contexts[j] for j in loops], MAX_WINDOW_S, beam_size, True
