@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 
 from terra.audio import SAMPLE_RATE
 from terra.config import RecognizerConfig
@@ -29,20 +31,28 @@ def _calls(engine: WhisperEngine, log: list[int]) -> WhisperEngine:
     return Recording()  # type: ignore[return-value]
 
 
-async def test_idle_workers_split_the_waiting_work(engine: WhisperEngine) -> None:
-    audio = load_clip(clip("clips/faster_whisper/jfk.flac").path)[: 4 * SAMPLE_RATE]
-    calls: list[int] = []
-    config = dataclasses.replace(RecognizerConfig(), workers=2)
+@contextlib.asynccontextmanager
+async def running(
+    engine: WhisperEngine, calls: list[int], workers: int
+) -> AsyncIterator[RecognizerScheduler]:
+    config = dataclasses.replace(RecognizerConfig(), workers=workers)
     scheduler = RecognizerScheduler(_calls(engine, calls), config, create_metrics())
     await scheduler.start()
     try:
+        yield scheduler
+    finally:
+        await scheduler.stop()
+
+
+async def test_idle_workers_split_the_waiting_work(engine: WhisperEngine) -> None:
+    audio = load_clip(clip("clips/faster_whisper/jfk.flac").path)[: 4 * SAMPLE_RATE]
+    calls: list[int] = []
+    async with running(engine, calls, workers=2) as scheduler:
         futures = [
             scheduler.submit(RecognitionRequest(audio, "en", Priority.PROGRESS, 1))
             for _ in range(4)
         ]
         results = [await f for f in futures]
-    finally:
-        await scheduler.stop()
     assert all(r is not None and "fellow americans" in r.text.lower() for r in results)
     assert sorted(calls) == [2, 2]  # not one call of 4 while the other worker idles
 
@@ -50,10 +60,7 @@ async def test_idle_workers_split_the_waiting_work(engine: WhisperEngine) -> Non
 async def test_a_withdrawn_request_is_never_recognized(engine: WhisperEngine) -> None:
     audio = load_clip(clip("clips/faster_whisper/jfk.flac").path)[: 4 * SAMPLE_RATE]
     calls: list[int] = []
-    config = dataclasses.replace(RecognizerConfig(), workers=1)
-    scheduler = RecognizerScheduler(_calls(engine, calls), config, create_metrics())
-    await scheduler.start()
-    try:
+    async with running(engine, calls, workers=1) as scheduler:
         first = scheduler.submit(RecognitionRequest(audio, "en", Priority.FINAL, 1))
         waiting = scheduler.submit(
             RecognitionRequest(audio, "en", Priority.PROGRESS, 1), coalesce_key="c1"
@@ -63,6 +70,4 @@ async def test_a_withdrawn_request_is_never_recognized(engine: WhisperEngine) ->
         assert not scheduler.is_waiting("c1")
         assert await waiting is None
         assert await first is not None
-    finally:
-        await scheduler.stop()
     assert calls == [1]

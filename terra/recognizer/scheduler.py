@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from terra.audio import SAMPLE_RATE
 from terra.config import RecognizerConfig
 from terra.metrics import Metrics
 from terra.recognizer.types import Priority, Recognition, RecognitionEngine, RecognitionRequest
@@ -176,17 +177,21 @@ class RecognizerScheduler:
         finally:
             self._busy -= 1
         elapsed = time.perf_counter() - started
-        log.debug(
-            "model call: %d request(s) %s, waited %s ms, ran %.0f ms, %d busy",
-            len(batch),
-            [f"{e.request.priority.name[0]}{e.request.audio.size / 16_000:.1f}s" for e in batch],
-            [round((started - e.enqueued_at) * 1000) for e in batch],
-            elapsed * 1000,
-            self._busy,
-        )
+        if log.isEnabledFor(logging.DEBUG):  # the lists below are built only when logged
+            log.debug(
+                "model call: %d request(s) %s, waited %s ms, ran %.0f ms, %d busy",
+                len(batch),
+                [
+                    f"{e.request.priority.name[0]}{e.request.audio.size / SAMPLE_RATE:.1f}s"
+                    for e in batch
+                ],
+                [round((started - e.enqueued_at) * 1000) for e in batch],
+                elapsed * 1000,
+                self._busy,
+            )
         self._metrics.batch_size.observe(len(batch))
         self._metrics.batch_seconds.observe(elapsed)
-        audio_s = sum(r.audio.size for r in requests) / 16_000
+        audio_s = sum(r.audio.size for r in requests) / SAMPLE_RATE
         self._metrics.audio_seconds.inc(audio_s)
         for entry, result in zip(batch, results):
             self._metrics.request_latency.labels(entry.request.priority.name.lower()).observe(
