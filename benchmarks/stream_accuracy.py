@@ -147,8 +147,13 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="base")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config.yaml setting (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config.yaml setting (repeatable)",
+    )
     parser.add_argument("--name", default=None, help="results file name")
     args = parser.parse_args()
     result = asyncio.run(measure(args.model, args.set))

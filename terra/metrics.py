@@ -96,7 +96,9 @@ def create_metrics() -> Metrics:
         text_latency=Histogram(
             "terra_text_latency_seconds",
             "progress: fragment arrival to text covering it; final: VAD close to final text",
-            ["kind"], buckets=TEXT_BUCKETS, registry=registry,
+            ["kind"],
+            buckets=TEXT_BUCKETS,
+            registry=registry,
         ),
         active_participants=Gauge(
             "terra_active_participants", "Participants with a live session", registry=registry

@@ -78,9 +78,15 @@ def data_uri(path: Path) -> str:
 
 
 async def predict(
-    client: Any, body: dict[str, Any], *, status: int = 201, **headers: str
+    client: Any,
+    body: dict[str, Any],
+    *,
+    status: int = 201,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    response = await client.post("/api/v1/openai/whisper", json=body, headers={**AUTH, **headers})
+    response = await client.post(
+        "/api/v1/openai/whisper", json=body, headers={**AUTH, **(headers or {})}
+    )
     result: dict[str, Any] = await response.json()
     assert response.status == status, result
     return result
@@ -122,7 +128,7 @@ def test_data_uri() -> None:
 async def test_sync_data_uri(make_server: ServerFactory, tmp_path: Path) -> None:
     client = await make_server(files=files_section(tmp_path, cost_per_audio_s=0.01))
     body = {"audio": data_uri(RU.path), "language": "ru", "model": "base"}
-    prediction = await predict(client, body, Prefer="SYNC")
+    prediction = await predict(client, body, headers={"Prefer": "SYNC"})
     assert prediction["status"] == "succeeded", prediction
     assert prediction["input"]["language"] == "ru"
     assert prediction["input"]["audio"] == f"data:audio/wav;base64,<{RU.path.stat().st_size} bytes>"
@@ -145,7 +151,7 @@ async def test_async_url_words_and_webhook_retried(
     english = clip("clips/picovoice_leopard/test.wav")
     body = {"audio": receiver.url("/audio/clips/picovoice_leopard/test.wav"),
             "language": "auto", "word_timestamp": True}  # fmt: skip
-    prediction = await predict(client, body, **{"Webhook-URL": receiver.url("/hook")})
+    prediction = await predict(client, body, headers={"Webhook-URL": receiver.url("/hook")})
     assert prediction["status"] in ("queued", "starting", "processing")
     assert prediction["output"] is None
     done = await wait_prediction(client, prediction["id"])
@@ -167,14 +173,14 @@ async def test_diarize_by_channel_and_translate(
     client = await make_server(files=files_section(tmp_path))
     body = {"audio": receiver.url("/audio/clips/faster_whisper/stereo_diarization.wav"),
             "language": "en", "diarize": True, "speakers": 2}  # fmt: skip
-    done = await predict(client, body, Prefer="SYNC", **{"Request-Timeout": "120"})
+    done = await predict(client, body, headers={"Prefer": "SYNC", "Request-Timeout": "120"})
     assert done["status"] == "succeeded", done
     for speaker, side in (("SPEAKER_00", "left"), ("SPEAKER_01", "right")):
         text = " ".join(s["text"] for s in done["output"]["segments"] if s["speaker"] == speaker)
         reference = STEREO.with_name(f"stereo_diarization.{side}.txt").read_text()
         assert cer(reference, text) < 0.15, text
     ru = {"audio": data_uri(RU.path), "language": "ru", "translate": True}
-    done = await predict(client, ru, Prefer="SYNC", **{"Request-Timeout": "120"})
+    done = await predict(client, ru, headers={"Prefer": "SYNC", "Request-Timeout": "120"})
     assert done["status"] == "succeeded", done
     translation = done["output"]["translation"]
     assert "weather" in translation.lower() and "york" in translation.lower(), translation
@@ -188,7 +194,7 @@ async def test_cancel_idempotent(
     client = await make_server(files=files_section(tmp_path))
     stereo = {"audio": data_uri(STEREO), "language": "en"}
     first = await predict(client, stereo)
-    second = await predict(client, stereo, **{"Webhook-URL": receiver.url("/hook")})
+    second = await predict(client, stereo, headers={"Webhook-URL": receiver.url("/hook")})
     for _ in range(2):  # idempotent
         response = await client.post(f"/api/v1/predictions/{second['id']}/cancel", headers=AUTH)
         body = await response.json()
@@ -231,20 +237,24 @@ async def test_ssrf_and_failing_urls(
         ("http://169.254.169.254/latest/meta-data/", "not public"),
         ("http://[::1]:1/", "not public"),
     ):
-        done = await predict(client, {"audio": url}, Prefer="SYNC")
+        done = await predict(client, {"audio": url}, headers={"Prefer": "SYNC"})
         assert done["status"] == "failed" and error in done["error"], done
         assert done["output"] is None
     allowed = await make_server(files=files_section(tmp_path / "b"))
-    missing = await predict(allowed, {"audio": receiver.url("/audio/none.wav")}, Prefer="SYNC")
+    missing = await predict(
+        allowed, {"audio": receiver.url("/audio/none.wav")}, headers={"Prefer": "SYNC"}
+    )
     assert missing["status"] == "failed" and "HTTP 404" in missing["error"]
     small = await make_server(files=files_section(tmp_path / "c", url_max_bytes=1000))
-    big = await predict(small, {"audio": audio_url}, Prefer="SYNC")
+    big = await predict(small, {"audio": audio_url}, headers={"Prefer": "SYNC"})
     assert big["status"] == "failed" and "larger than 1000 bytes" in big["error"]
     response = await allowed.post(
         "/api/v1/openai/whisper", json={"audio": "data:nocomma"}, headers=AUTH
     )
     assert response.status == 400 and "comma" in (await response.json())["detail"]
-    junk = await predict(allowed, {"audio": "data:audio/wav;base64,AAAA"}, Prefer="SYNC")
+    junk = await predict(
+        allowed, {"audio": "data:audio/wav;base64,AAAA"}, headers={"Prefer": "SYNC"}
+    )
     assert junk["status"] == "failed" and "cannot decode" in junk["error"]
 
 
@@ -254,7 +264,7 @@ async def test_request_timeout_answers_current_state(
     client = await make_server(files=files_section(tmp_path))
     started = time.monotonic()
     body = {"audio": receiver.url("/audio/clips/faster_whisper/jfk.flac")}
-    prediction = await predict(client, body, Prefer="SYNC", **{"Request-Timeout": "0.2"})
+    prediction = await predict(client, body, headers={"Prefer": "SYNC", "Request-Timeout": "0.2"})
     assert time.monotonic() - started < 3
     assert prediction["status"] in ("queued", "starting", "processing")
     await wait_prediction(client, prediction["id"])

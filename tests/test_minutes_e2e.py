@@ -104,7 +104,7 @@ def check_xml(body: bytes, meeting: Path, names: dict[str, str]) -> list[etree._
             T0 + float(phrase.get("start_s")), abs=0.002
         )
     check_against_turns(phrases, meeting)
-    return phrases
+    return list(phrases)
 
 
 def load_tracks(meeting: Path) -> dict[str, Samples]:

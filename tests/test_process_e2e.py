@@ -253,9 +253,7 @@ async def test_out_of_order_fragments_are_put_in_time_order(make_server: ServerF
 
 async def test_live_english_captions_for_a_russian_speaker(make_server: ServerFactory) -> None:
     client = await make_server()
-    answers = await stream_samples(
-        client, load_clip(RU_2.path), lang="ru", extra={"lang2": "en"}
-    )
+    answers = await stream_samples(client, load_clip(RU_2.path), lang="ru", extra={"lang2": "en"})
     settled = finals(answers)
     assert settled and cer(RU_2.transcript, " ".join(e["text"] for e in settled)) <= RU_CER_BOUND
     english = " ".join(e["translation"] for e in settled).lower()

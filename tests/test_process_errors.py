@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def nothing_spooled(tmp_path: Path) -> bool:
     ],
 )
 async def test_bad_requests(
-    make_server: ServerFactory, tmp_path: Path, kwargs: dict, status: int, fragment: str
+    make_server: ServerFactory, tmp_path: Path, kwargs: dict[str, Any], status: int, fragment: str
 ) -> None:
     client = await make_server()
     got, body = await post_fragment(client, SPEECHLESS, **kwargs)

@@ -367,7 +367,7 @@ async def test_uploads_and_results_expire(make_server: ServerFactory, tmp_path: 
     file_id = await upload(client, to_pcm16(np.zeros(SAMPLE_RATE, np.float32)))
     done = await wait_task(client, (await create_task(client, file_id))["id"])
     assert done["status"] == "DONE" and await download(client, done["response_file_id"]) == []
-    service = client.server.app[SALUTE]
+    service = client.app[SALUTE]
     assert service.sweep(time.time() + 71 * 3600) == 0  # kept for 72 h by default
     assert service.sweep(time.time() + 73 * 3600) == 3  # upload, result, task
     response = await client.get("/rest/v1/task:get", params={"id": done["id"]}, headers=AUTH)

@@ -7,7 +7,13 @@ import pytest
 
 from terra.audio import SAMPLE_RATE
 from terra.config import StreamConfig
-from terra.stream import CloseReason, CombinationState, Fragment, ParticipantStream
+from terra.stream import (
+    CloseReason,
+    Combination,
+    CombinationState,
+    Fragment,
+    ParticipantStream,
+)
 
 from .conftest import clip, load_clip
 
@@ -21,8 +27,8 @@ def feed(
     start: float = T0,
     chunk_s: float = 2.0,
     prefix: str = "f",
-) -> list:
-    closed = []
+) -> list[Combination]:
+    closed: list[Combination] = []
     chunk = int(chunk_s * SAMPLE_RATE)
     for i, offset in enumerate(range(0, samples.size, chunk)):
         update = stream.add(
