@@ -1,5 +1,6 @@
-"""Shared fixtures: the real packaged model (loaded once), the real server on loopback,
-and the real speech in ../shared/data/speech/."""
+"""Shared fixtures: the real packaged model (loaded once), the real server on loopback
+with it (``make_server``) or with FakeEngine (``make_fast_server``, the fast tier), and the
+real speech in ../shared/data/speech/."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ from terra.audio import SAMPLE_RATE, Samples, encode_wav
 from terra.config import Config, ModelConfig, RecognizerConfig, load_config
 from terra.models import resolve_model
 from terra.recognizer.engine import WhisperEngine, load_whisper
+from terra.recognizer.types import RecognitionEngine
 from terra.streamclient import load_audio
+from tests.fakes import FakeEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEECH = Path(os.environ.get("TERRA_SPEECH_DIR", ROOT.parent / "shared" / "data" / "speech"))
@@ -81,9 +85,8 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
 ServerFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
-@pytest.fixture
-async def make_server(engine: WhisperEngine, tmp_path: Path) -> AsyncIterator[ServerFactory]:
-    """Start the real app on a loopback port with the shared engine."""
+@asynccontextmanager
+async def _servers(engine: RecognitionEngine, tmp_path: Path) -> AsyncIterator[ServerFactory]:
     clients: list[TestClient[Any, Any]] = []
 
     async def start(**sections: dict[str, Any]) -> TestClient[Any, Any]:
@@ -95,9 +98,31 @@ async def make_server(engine: WhisperEngine, tmp_path: Path) -> AsyncIterator[Se
         clients.append(client)
         return client
 
-    yield start
-    for client in clients:
-        await client.close()
+    try:
+        yield start
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest.fixture
+async def make_server(engine: WhisperEngine, tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """Start the real app on a loopback port with the shared real engine (the model tier)."""
+    async with _servers(engine, tmp_path) as start:
+        yield start
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+async def make_fast_server(fake_engine: FakeEngine, tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """Start the real app on a loopback port with FakeEngine (tests/fakes.py) instead of
+    the model: for validation and HTTP contract tests, which do not depend on the text."""
+    async with _servers(fake_engine, tmp_path) as start:
+        yield start
 
 
 async def post_fragment(
@@ -178,3 +203,16 @@ def finals(answers: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 assert elem["id"] not in seen, "a final was delivered twice"
                 seen[elem["id"]] = elem
     return list(seen.values())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep the fast tier honest: a test that loads the real model (directly or through a
+    fixture) must be marked ``model``, so ``pytest -m "not model"`` never loads it."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "engine" in getattr(item, "fixturenames", ())
+        and item.get_closest_marker("model") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("these load the model, mark them model: " + ", ".join(unmarked))

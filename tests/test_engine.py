@@ -12,6 +12,8 @@ from terra.recognizer.types import Priority, RecognitionRequest
 
 from .conftest import SPEECH, cer, clip, load_clip
 
+pytestmark = pytest.mark.model
+
 PLANERKA = SPEECH / "meetings" / "planerka_ru"
 EOT = 50257
 

@@ -1,4 +1,7 @@
-"""Every error of POST /process: a JSON {"detail": ...}, the right status, and no side effect."""
+"""Every error of POST /process: a JSON {"detail": ...}, the right status, and no side effect.
+
+On FakeEngine (tests/fakes.py): validation happens before any recognition, so the model is
+not needed to check it."""
 
 from __future__ import annotations
 
@@ -11,8 +14,6 @@ import pytest
 from terra.audio import SAMPLE_RATE
 
 from .conftest import ServerFactory, post_fragment
-
-pytestmark = pytest.mark.model
 
 SPEECHLESS = np.zeros(SAMPLE_RATE, np.float32)
 
@@ -43,9 +44,13 @@ def nothing_spooled(tmp_path: Path) -> bool:
     ],
 )
 async def test_bad_requests(
-    make_server: ServerFactory, tmp_path: Path, kwargs: dict[str, Any], status: int, fragment: str
+    make_fast_server: ServerFactory,
+    tmp_path: Path,
+    kwargs: dict[str, Any],
+    status: int,
+    fragment: str,
 ) -> None:
-    client = await make_server()
+    client = await make_fast_server()
     got, body = await post_fragment(client, SPEECHLESS, **kwargs)
     assert got == status
     assert fragment in body["detail"]
@@ -54,8 +59,8 @@ async def test_bad_requests(
     assert health["participants"] == 0
 
 
-async def test_missing_audiofile(make_server: ServerFactory) -> None:
-    client = await make_server()
+async def test_missing_audiofile(make_fast_server: ServerFactory) -> None:
+    client = await make_fast_server()
     response = await client.post(
         "/process",
         params={"conference_id": "c", "participant_id": "p", "token": "x"},
@@ -65,23 +70,23 @@ async def test_missing_audiofile(make_server: ServerFactory) -> None:
     assert "audiofile is required" in (await response.json())["detail"]
 
 
-async def test_body_over_the_limit_is_413(make_server: ServerFactory, tmp_path: Path) -> None:
-    client = await make_server(server={"max_upload_bytes": 100_000})
+async def test_body_over_the_limit_is_413(make_fast_server: ServerFactory, tmp_path: Path) -> None:
+    client = await make_fast_server(server={"max_upload_bytes": 100_000})
     got, body = await post_fragment(client, np.zeros(5 * SAMPLE_RATE, np.float32))
     assert got == 413
     assert "limit" in body["detail"]
     assert nothing_spooled(tmp_path)
 
 
-async def test_unknown_route_is_json_404(make_server: ServerFactory) -> None:
-    client = await make_server()
+async def test_unknown_route_is_json_404(make_fast_server: ServerFactory) -> None:
+    client = await make_fast_server()
     response = await client.get("/nope")
     assert response.status == 404
     assert "detail" in await response.json()
 
 
-async def test_healthz_and_metrics(make_server: ServerFactory) -> None:
-    client = await make_server()
+async def test_healthz_and_metrics(make_fast_server: ServerFactory) -> None:
+    client = await make_fast_server()
     health = await (await client.get("/healthz")).json()
     assert health["status"] == "ok" and health["recognizer_queue_depth"] == 0
     await post_fragment(client, SPEECHLESS, online=False)

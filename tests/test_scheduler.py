@@ -6,6 +6,8 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
+import pytest
+
 from terra.audio import SAMPLE_RATE
 from terra.config import RecognizerConfig
 from terra.metrics import create_metrics
@@ -14,6 +16,8 @@ from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import Priority, RecognitionRequest
 
 from .conftest import clip, load_clip
+
+pytestmark = pytest.mark.model
 
 
 def _calls(engine: WhisperEngine, log: list[int]) -> WhisperEngine:

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from terra.app import create_app
 from terra.config import load_config
-from terra.recognizer.engine import WhisperEngine
+from tests.fakes import FakeEngine
 
 from .conftest import TOKEN, ServerFactory
 from .libretranslate_standin import LibreTranslateStandIn
@@ -63,9 +63,9 @@ async def post(client: TestClient[Any, Any], body: Any, **kwargs: Any) -> tuple[
 
 
 async def test_the_specs_example(
-    make_server: ServerFactory, standin: LibreTranslateStandIn
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
 ) -> None:
-    client = await make_server(translate=http_settings(standin.url))
+    client = await make_fast_server(translate=http_settings(standin.url))
     status, body = await post(client, {"token": TOKEN, "payload": SPEC_PAYLOAD})
     assert status == 200
     assert body == {"payload": SPEC_ANSWER}
@@ -77,9 +77,9 @@ async def test_the_specs_example(
 
 
 async def test_the_answer_is_utf8_json_with_the_items_other_keys(
-    make_server: ServerFactory, standin: LibreTranslateStandIn
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
 ) -> None:
-    client = await make_server(translate=http_settings(standin.url))
+    client = await make_fast_server(translate=http_settings(standin.url))
     payload = [{"uuid": "u-1", "from_lang": "RU", "to_lang": "en", "content": "второе предложение"}]
     response = await client.post("/translate_to_any", json={"token": TOKEN, "payload": payload})
     assert response.status == 200 and response.content_type == "application/json"
@@ -98,9 +98,9 @@ async def test_the_answer_is_utf8_json_with_the_items_other_keys(
 
 
 async def test_a_large_payload_is_batched(
-    make_server: ServerFactory, standin: LibreTranslateStandIn
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
 ) -> None:
-    client = await make_server(translate=http_settings(standin.url, batch_size=16))
+    client = await make_fast_server(translate=http_settings(standin.url, batch_size=16))
     payload = [
         {"from_lang": "ru", "to_lang": "en", "content": f"фраза номер {i}"} for i in range(40)
     ]
@@ -114,9 +114,9 @@ async def test_a_large_payload_is_batched(
 
 
 async def test_the_token_may_come_in_the_body_the_query_or_a_form_field(
-    make_server: ServerFactory, standin: LibreTranslateStandIn
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
 ) -> None:
-    client = await make_server(translate=http_settings(standin.url))
+    client = await make_fast_server(translate=http_settings(standin.url))
     status, body = await post(client, {"payload": SPEC_PAYLOAD}, params={"token": TOKEN})
     assert (status, body) == (200, {"payload": SPEC_ANSWER})
 
@@ -134,9 +134,9 @@ async def test_the_token_may_come_in_the_body_the_query_or_a_form_field(
 
 
 async def test_token_is_checked_first(
-    make_server: ServerFactory, standin: LibreTranslateStandIn
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
 ) -> None:
-    client = await make_server(translate=http_settings(standin.url))
+    client = await make_fast_server(translate=http_settings(standin.url))
     for body, params in [
         ({"payload": SPEC_PAYLOAD}, {}),
         ({"token": "wrong", "payload": SPEC_PAYLOAD}, {}),
@@ -161,9 +161,9 @@ async def test_token_is_checked_first(
     ],
 )
 async def test_disabled_or_unconfigured_is_the_specs_404(
-    make_server: ServerFactory, settings: dict[str, Any]
+    make_fast_server: ServerFactory, settings: dict[str, Any]
 ) -> None:
-    client = await make_server(translate=settings)
+    client = await make_fast_server(translate=settings)
     status, body = await post(client, {"token": TOKEN, "payload": SPEC_PAYLOAD})
     assert (status, body) == (404, DISABLED)
     # ... but only for a client with a valid token
@@ -172,9 +172,9 @@ async def test_disabled_or_unconfigured_is_the_specs_404(
 
 
 async def test_malformed_payloads_are_400_with_the_reason(
-    make_server: ServerFactory, standin: LibreTranslateStandIn
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
 ) -> None:
-    client = await make_server(translate=http_settings(standin.url, max_items=5))
+    client = await make_fast_server(translate=http_settings(standin.url, max_items=5))
     item = {"from_lang": "auto", "to_lang": "en", "content": "x"}
     cases: list[tuple[Any, str]] = [
         ({"token": TOKEN}, "payload is required"),
@@ -214,9 +214,9 @@ async def test_malformed_payloads_are_400_with_the_reason(
 
 
 async def test_a_body_over_the_limit_is_413(
-    make_server: ServerFactory, standin: LibreTranslateStandIn
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
 ) -> None:
-    client = await make_server(
+    client = await make_fast_server(
         server={"tokens": [TOKEN], "max_upload_bytes": 2000}, translate=http_settings(standin.url)
     )
     payload = [{"from_lang": "ru", "to_lang": "en", "content": "я" * 3000}]
@@ -225,9 +225,9 @@ async def test_a_body_over_the_limit_is_413(
 
 
 async def test_a_translator_that_is_down_leaves_the_parcels_not_processed(
-    make_server: ServerFactory,
+    make_fast_server: ServerFactory,
 ) -> None:
-    client = await make_server(
+    client = await make_fast_server(
         translate=http_settings(f"http://127.0.0.1:{free_port()}", retries=1)
     )
     status, body = await post(client, {"token": TOKEN, "payload": SPEC_PAYLOAD})
@@ -254,7 +254,7 @@ async def test_a_translator_that_is_down_leaves_the_parcels_not_processed(
 
 
 async def test_skip_check_en_from_the_environment(
-    engine: WhisperEngine, tmp_path: Path, standin: LibreTranslateStandIn
+    fake_engine: FakeEngine, tmp_path: Path, standin: LibreTranslateStandIn
 ) -> None:
     """USE_TRANSLATOR, TRANSLATOR_URL and SKIP_CHECK_EN as the spec names them."""
     payload = [
@@ -274,7 +274,7 @@ async def test_skip_check_en_from_the_environment(
             },
         )
         async with TestClient(
-            TestServer(create_app(config, engine=engine), host="127.0.0.1")
+            TestServer(create_app(config, engine=fake_engine), host="127.0.0.1")
         ) as client:
             status, body = await post(client, {"token": TOKEN, "payload": payload})
         assert status == 200
@@ -285,11 +285,11 @@ async def test_skip_check_en_from_the_environment(
 
 
 async def test_the_ctranslate2_backend_through_the_server(
-    make_server: ServerFactory, tmp_path: Path
+    make_fast_server: ServerFactory, tmp_path: Path
 ) -> None:
     models = tmp_path / "models"
     build_marian(models / "opus-mt-ru-en")
-    client = await make_server(
+    client = await make_fast_server(
         model={"models_dir": str(models)},
         translate={
             "enabled": True,
