@@ -18,6 +18,7 @@ from terra.api import terra as terra_api
 from terra.api import translate as translate_api
 from terra.api.errors import Handler, error_middleware
 from terra.config import Config
+from terra.feed import FeedHub
 from terra.live import LiveService
 from terra.metrics import create_metrics
 from terra.models import resolve_model
@@ -91,6 +92,7 @@ def create_app(config: Config, engine: RecognitionEngine | None = None) -> web.A
     app[keys.CONFIG] = config
     app[keys.METRICS] = create_metrics()
     app[keys.SPOOL] = Spool(Path(config.spool.dir), fsync=config.spool.fsync)
+    app[keys.FEED] = FeedHub(config.feed)
     app.cleanup_ctx.append(_translation_ctx)
     app.cleanup_ctx.append(_recognizer_ctx(engine))
     app.cleanup_ctx.append(minutes_api.minutes_ctx)
@@ -121,6 +123,7 @@ def _recognizer_ctx(
             app[keys.SPOOL],
             app[keys.METRICS],
             loaded,
+            listener=app[keys.FEED],
         )
         app[keys.SCHEDULER] = scheduler
         app[keys.LIVE] = live

@@ -34,6 +34,11 @@ class ServerConfig:
     max_upload_bytes: int = 20 * 1024 * 1024
     log_level: str = "INFO"
     log_json: bool = True
+    # Viewers (the event feed, the transcript and the pages) take these tokens, a signed
+    # per-conference link (HMAC-SHA256 with link_secret; off while it is empty), or an
+    # ingest token.
+    viewer_tokens: tuple[str, ...] = ()
+    link_secret: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,18 @@ class RecognizerConfig:
 class SpoolConfig:
     dir: str = "var/spool"
     fsync: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class FeedConfig:
+    """GET /conferences/{conference_id}/events: the viewers' feed (see config.yaml)."""
+
+    history_events: int = 2000  # events kept per conference for Last-Event-ID resumes
+    viewer_queue: int = 500  # events waiting for one viewer before it is disconnected
+    max_finals: int = 20_000  # finals kept per conference for snapshots and /transcript
+    retention_s: int = 3_600  # an ended conference's feed is kept this long
+    max_conferences: int = 1_000  # ended conferences kept at most (oldest go first)
+    ping_s: float = 15.0  # keep-alive comment on an idle feed
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +216,7 @@ class Config:
     minutes: MinutesConfig = field(default_factory=MinutesConfig)
     translate: TranslateConfig = field(default_factory=TranslateConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
+    feed: FeedConfig = field(default_factory=FeedConfig)
 
 
 T = TypeVar("T")
@@ -209,6 +227,8 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "TERRA_PORT": ("server", "port"),
     "TERRA_TOKENS": ("server", "tokens"),
     "TERRA_LOG_LEVEL": ("server", "log_level"),
+    "TERRA_VIEWER_TOKENS": ("server", "viewer_tokens"),
+    "TERRA_LINK_SECRET": ("server", "link_secret"),
     "TERRA_MODEL": ("model", "name"),
     "TERRA_MODELS_DIR": ("model", "models_dir"),
     "TERRA_DEVICE": ("model", "device"),
@@ -329,6 +349,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("recognizer.window_buckets_s: non-empty, each at most 30 s")
     if config.stream.max_combination_ms > 30_000:
         raise ConfigError("stream.max_combination_ms: at most 30000 (Whisper's window)")
+    feed = config.feed
+    if min(feed.history_events, feed.viewer_queue, feed.max_finals, feed.max_conferences) < 1:
+        raise ConfigError("feed: history_events, viewer_queue, max_finals, max_conferences >= 1")
     minutes = config.minutes
     if minutes.workers < 1 or minutes.max_in_flight < 1 or minutes.beam_size < 1:
         raise ConfigError("minutes.workers, max_in_flight and beam_size must be at least 1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from terra.config import Config
+from terra.feed import FeedHub
 from terra.live import LiveService
 from terra.metrics import Metrics
 from terra.minutes.service import MinutesService
@@ -19,6 +20,7 @@ SPOOL = web.AppKey("spool", Spool)
 ENGINE = web.AppKey("engine", RecognitionEngine)
 SCHEDULER = web.AppKey("scheduler", RecognizerScheduler)
 LIVE = web.AppKey("live", LiveService)
+FEED = web.AppKey("feed", FeedHub)  # what viewers of each conference see
 MINUTES = web.AppKey("minutes", MinutesService)
 # Present only while a translator is enabled and configured (else /translate_to_any is 404).
 TRANSLATION = web.AppKey("translation", TranslationService)

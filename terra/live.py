@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from terra.audio import SAMPLE_RATE, Samples, encode_wav, samples_to_ms
 from terra.config import RecognizerConfig, StreamConfig
@@ -28,7 +28,13 @@ from terra.recognizer.prefix import agreed_prefix
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import Priority, Recognition, RecognitionEngine, RecognitionRequest
 from terra.spool import Spool, post_key
-from terra.stream import Combination, Fragment, ParticipantStream, TextElem
+from terra.stream import (
+    Combination,
+    CombinationState,
+    Fragment,
+    ParticipantStream,
+    TextElem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,29 @@ class FragmentInput:
     samples: Samples
 
 
+class LiveListener(Protocol):
+    """Told what viewers of a conference see (``feed.FeedHub``). Called on the event loop;
+    must not block or raise."""
+
+    def participant_joined(self, conference_id: str, participant_id: str, name: str) -> None: ...
+
+    def participant_left(self, conference_id: str, participant_id: str) -> None: ...
+
+    def text(self, elem: TextElem, name: str) -> None:
+        """A combination's progress text was set, or its final (status ``final``)."""
+
+
+class _NoListener:
+    def participant_joined(self, conference_id: str, participant_id: str, name: str) -> None:
+        pass
+
+    def participant_left(self, conference_id: str, participant_id: str) -> None:
+        pass
+
+    def text(self, elem: TextElem, name: str) -> None:
+        pass
+
+
 @dataclass(frozen=True, slots=True)
 class _Pass:
     """What a progress request was made from."""
@@ -72,6 +101,7 @@ def _join(committed: str, tail: str) -> str:
 @dataclass(slots=True)
 class Session:
     stream: ParticipantStream
+    name: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     seen_posts: set[str] = field(default_factory=set)
     language: str | None = None
@@ -104,20 +134,22 @@ class LiveService:
         spool: Spool,
         metrics: Metrics,
         vocabulary: RecognitionEngine,
+        listener: LiveListener | None = None,
     ) -> None:
         """``vocabulary`` is used for its token helpers only; recognition goes through the
-        scheduler."""
+        scheduler. ``listener`` is told of joins, leaves and text (the viewers' feed)."""
         self._stream_config = stream_config
         self._recognizer_config = recognizer_config
         self._scheduler = scheduler
         self._spool = spool
         self._metrics = metrics
         self._vocabulary = vocabulary
+        self._listener: LiveListener = listener if listener is not None else _NoListener()
         self._sessions: dict[tuple[str, str], Session] = {}
         self._ticker: asyncio.Task[None] | None = None
 
     # -- sessions ------------------------------------------------------------------------
-    async def _session(self, conference_id: str, participant_id: str) -> Session:
+    async def _session(self, conference_id: str, participant_id: str, name: str) -> Session:
         key = (conference_id, participant_id)
         session = self._sessions.get(key)
         if session is None:
@@ -127,15 +159,21 @@ class LiveService:
             session = self._sessions.get(key)  # another request may have created it meanwhile
             if session is None:
                 stream = ParticipantStream(self._stream_config, conference_id, participant_id)
-                session = Session(stream=stream, seen_posts=seen)
+                session = Session(stream=stream, name=name, seen_posts=seen)
                 self._sessions[key] = session
                 self._metrics.active_participants.set(len(self._sessions))
+                self._listener.participant_joined(conference_id, participant_id, name)
+        if name and session.name != name:  # a renamed participant
+            session.name = name
+            self._listener.participant_joined(conference_id, participant_id, name)
         return session
 
     # -- the POST path -------------------------------------------------------------------
     async def process(self, fragment: FragmentInput) -> list[TextElem]:
         """Spool (if asked), feed the stream, and answer with the participant's TextElems."""
-        session = await self._session(fragment.conference_id, fragment.participant_id)
+        session = await self._session(
+            fragment.conference_id, fragment.participant_id, fragment.participant_name
+        )
         session.last_seen = time.monotonic()
         if fragment.language and session.language != fragment.language:
             session.language = fragment.language
@@ -285,6 +323,7 @@ class LiveService:
         if english is None and session.captions == "en":
             english = text  # an English speaker's caption is the text itself
         session.stream.set_final(combination, text, english)
+        self._listener.text(session.stream.elem(combination, "final"), session.name)
         self._observe_coverage(session, combination, None)
         if text.strip():
             self._metrics.finals.inc()
@@ -364,6 +403,11 @@ class LiveService:
         )
         text = _join(combination.committed_text, result.text)
         session.stream.set_progress(combination, pass_.version, text, result.tokens, stable)
+        if (
+            combination.state is not CombinationState.FINAL
+            and combination.text_version == pass_.version
+        ):
+            self._listener.text(session.stream.elem(combination, "progress"), session.name)
         if self._recognizer_config.commit:
             self._commit_agreed(session, combination, pass_, result)
         self._observe_coverage(session, combination, pass_.version)
@@ -419,6 +463,7 @@ class LiveService:
                 if idle > self._stream_config.session_ttl_s and not session.in_flight:
                     self._sessions.pop(key, None)
                     self._metrics.active_participants.set(len(self._sessions))
+                    self._listener.participant_left(*key)
                     log.info("session expired after %.0f s idle", idle, extra=session.ids)
 
     async def start(self) -> None:

@@ -374,7 +374,8 @@ class ParticipantStream:
         combination.text_version = combination.version
         combination.state = CombinationState.FINAL
 
-    def _elem(self, combination: Combination, status: str) -> TextElem:
+    def elem(self, combination: Combination, status: str) -> TextElem:
+        """The combination as a TextElem with ``status`` (``progress`` or ``final``)."""
         return TextElem(
             timestamp=format_timestamp(combination.start_time, self._zone),
             timestamp_float=round(combination.start_time, 6),
@@ -398,11 +399,11 @@ class ParticipantStream:
         while self.outbox and self.outbox[0].state is CombinationState.FINAL:
             combination = self.outbox.pop(0)
             if combination.text.strip():
-                answer.append(self._elem(combination, "final"))
+                answer.append(self.elem(combination, "final"))
         pending = list(self.outbox)
         if self.open is not None:
             pending.append(self.open)
-        answer.extend(self._elem(c, "progress") for c in pending)
+        answer.extend(self.elem(c, "progress") for c in pending)
         return answer
 
     @property
