@@ -13,17 +13,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from terra.params import is_safe_id
 from terra.spool import write_atomic
 
 log = logging.getLogger(__name__)
-
-_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class JobStatus(StrEnum):
@@ -114,7 +112,7 @@ class JobStore:
         self.fsync = fsync
 
     def path(self, kind: str, job_id: str) -> Path:
-        if not _SAFE.match(kind) or not _SAFE.match(job_id):
+        if not is_safe_id(kind) or not is_safe_id(job_id):
             raise ValueError(f"job kind and id must match [A-Za-z0-9_-]{{1,128}}: {kind}/{job_id}")
         return self.root / kind / f"{job_id}.json"
 

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# The one id rule (conferences, participants, jobs, post keys): ids become folder and file
+# names. Always applied with fullmatch: ``$`` in re.match would let a trailing "\n" through.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def is_safe_id(value: str) -> bool:
+    """Whether ``value`` is ``[A-Za-z0-9_-]{1,128}``, whole (no trailing newline)."""
+    return ID_PATTERN.fullmatch(value) is not None
+
 
 # {conf_id}:a-{participant_id}_{YYYYMMDD}_{HH}_{MM}_{SS}_{micro}.wav
 FILENAME_PATTERN = re.compile(
@@ -36,7 +44,7 @@ def validate_id(name: str, value: str | None) -> str:
     """Ids become folder names: only ``[A-Za-z0-9_-]{1,128}`` is accepted."""
     if value is None or value == "":
         raise ParamError(f"{name} is required")
-    if not ID_PATTERN.match(value):
+    if not is_safe_id(value):
         raise ParamError(f"{name} must match [A-Za-z0-9_-]{{1,128}}, got {value[:140]!r}")
     return value
 
@@ -56,7 +64,7 @@ def parse_filename(filename: str | None) -> FilenameInfo | None:
     """The spec's fragment file name, or None if it does not follow the format."""
     if not filename:
         return None
-    match = FILENAME_PATTERN.match(filename.rsplit("/", 1)[-1])
+    match = FILENAME_PATTERN.fullmatch(filename.rsplit("/", 1)[-1])
     if match is None:
         return None
     try:

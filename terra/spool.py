@@ -21,7 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+from terra.params import is_safe_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,7 @@ def post_key(post_id: str | None) -> str:
     """A file-name-safe key for a post id (hashed when it has other characters)."""
     if post_id is None:
         return "nopost-" + uuid.uuid4().hex
-    if _SAFE.match(post_id):
+    if is_safe_id(post_id):
         return post_id
     return "h-" + hashlib.sha1(post_id.encode("utf-8")).hexdigest()
 
@@ -165,16 +165,16 @@ def read_conference(root: Path, conference_id: str) -> list[StoredParticipant]:
     left out. The index is not needed: a WAV's name carries its start and post key.
     """
     folder = root / conference_id
-    if not _SAFE.match(conference_id) or not folder.is_dir():
+    if not is_safe_id(conference_id) or not folder.is_dir():
         return []
     participants = []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if not entry.is_dir() or not _SAFE.match(entry.name):
+        if not entry.is_dir() or not is_safe_id(entry.name):
             continue
         fragments = []
         with os.scandir(entry) as files:
             for file in files:
-                match = _FRAGMENT_NAME.match(file.name)
+                match = _FRAGMENT_NAME.fullmatch(file.name)
                 if match is None or not file.is_file():
                     continue
                 fragments.append(

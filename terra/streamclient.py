@@ -27,7 +27,7 @@ import numpy as np
 import soundfile as sf
 
 from terra.audio import SAMPLE_RATE, Samples, encode_wav, ms_to_samples, to_mono_16k
-from terra.params import ID_PATTERN
+from terra.params import is_safe_id
 
 TextElem = dict[str, Any]
 OnElems = Callable[[str, list[TextElem]], None]
@@ -132,7 +132,7 @@ def participant_id_for(name: str) -> str:
     The hash keeps distinct names distinct after sanitising (``Анна`` and ``Пётр`` would
     otherwise both become ``_``).
     """
-    if ID_PATTERN.match(name):
+    if is_safe_id(name):
         return name
     cleaned = _UNSAFE_ID_CHARS.sub("_", name).strip("_")[:100]
     digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
@@ -149,7 +149,7 @@ def parse_participant(value: str) -> ParticipantSource:
         given_id, name = "", who
     if not name:
         raise argparse.ArgumentTypeError(f"the participant name is empty in {value!r}")
-    if given_id and not ID_PATTERN.match(given_id):
+    if given_id and not is_safe_id(given_id):
         raise argparse.ArgumentTypeError(
             f"participant id must match [A-Za-z0-9_-]{{1,128}}, got {given_id!r}"
         )
@@ -444,7 +444,7 @@ def _speed(value: str) -> float:
 
 
 def _conference_id(value: str) -> str:
-    if not ID_PATTERN.match(value):
+    if not is_safe_id(value):
         raise argparse.ArgumentTypeError(
             f"conference id must match [A-Za-z0-9_-]{{1,128}}, got {value!r}"
         )

@@ -7,7 +7,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from terra.params import ParamError, parse_bool, parse_filename, parse_timestamp, validate_id
+from terra.params import (
+    ParamError,
+    is_safe_id,
+    parse_bool,
+    parse_filename,
+    parse_timestamp,
+    validate_id,
+)
 
 
 @pytest.mark.parametrize("value", ["a", "trash6bb3f34f-b29a-4d62-ba73-8489777a18de", "A_b-9" * 25])
@@ -15,7 +22,9 @@ def test_valid_ids(value: str) -> None:
     assert validate_id("conference_id", value) == value
 
 
-@pytest.mark.parametrize("value", ["", None, "../x", "a/b", "a b", "é", "a" * 129, "a.b", "a:b"])
+@pytest.mark.parametrize(
+    "value", ["", None, "../x", "a/b", "a b", "é", "a" * 129, "a.b", "a:b", "a\n", "a\r\n", "\na"]
+)
 def test_invalid_ids(value: str | None) -> None:
     with pytest.raises(ParamError):
         validate_id("conference_id", value)
@@ -31,6 +40,13 @@ def test_spec_filename() -> None:
     assert info.conference_id == "trash6bb3f34f-b29a-4d62-ba73-8489777a18de"
     assert info.participant_id == "58c277ff-9af4-48c7-8d5f-f13e7304a7e9"
     assert info.local_time == datetime(2024, 6, 28, 14, 20, 15, 123456)
+
+
+def test_a_trailing_newline_is_not_an_id() -> None:
+    # re.match(r"^...$") accepts "a\n": the one rule uses fullmatch.
+    assert is_safe_id("conf-1")
+    assert not is_safe_id("conf-1\n")
+    assert parse_filename("c:a-p_20240101_00_00_00_000001.wav\n") is None
 
 
 def test_participant_id_with_underscores() -> None:

@@ -16,7 +16,6 @@ Output: ``segments`` (start/end/text, ``words`` with ``word_timestamp``, ``speak
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import re
@@ -30,8 +29,9 @@ from typing import Any
 from aiohttp import web
 
 from terra import keys
-from terra.api.errors import BadRequest, NotFound, TooManyRequests, Unauthorized
-from terra.api.terra import check_token
+from terra.api.auth import require_bearer
+from terra.api.errors import BadRequest, NotFound, TooManyRequests
+from terra.api.respond import json_response
 from terra.audio import SAMPLE_RATE, AudioDecodeError
 from terra.config import FilesConfig
 from terra.files.codecs import decode_channels
@@ -78,7 +78,7 @@ def parse_input(body: Any) -> dict[str, Any]:
     if not audio.startswith(("http://", "https://", "data:")):
         raise BadRequest("audio must be an http(s) URL or a data: URI")
     language = str(body.get("language") or "auto").lower()
-    if language != "auto" and not _LANGUAGE.match(language):
+    if language != "auto" and not _LANGUAGE.fullmatch(language):
         raise BadRequest(f"language must be 'auto' or a code such as 'ru', got {language!r}")
     task = str(body.get("task") or "transcribe")
     if task not in ("transcribe", "translate"):
@@ -280,19 +280,13 @@ async def prediction_json(
 
 # -- handlers -----------------------------------------------------------------------------
 def _authorize(request: web.Request) -> None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("Authorization: Bearer <token> is required")
-    check_token(request.app[keys.CONFIG], token.strip())
+    require_bearer(request)
 
 
 async def _answer(request: web.Request, job: Job, status: int = 200) -> web.Response:
     state = request.app[CONNECTE]
     body = await prediction_json(state.service, job, state.phase.get(job.id))
-    return web.json_response(body, status=status, dumps=_dumps)
-
-
-_dumps = functools.partial(json.dumps, ensure_ascii=False)
+    return json_response(body, status=status)
 
 
 def model_map(entries: Sequence[str], served: str) -> dict[str, str]:

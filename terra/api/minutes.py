@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
 from terra import keys
+from terra.api.auth import require_query_token
 from terra.api.errors import BadRequest, NotFound, ServerError
-from terra.api.terra import check_token
+from terra.api.respond import json_response
 from terra.config import zone_of
 from terra.minutes.formats import CONTENT_TYPES, FORMATS, render
 from terra.minutes.service import MinutesService, State
 from terra.params import ParamError, validate_id
-
-# Cyrillic as it is, like the spec's examples.
-_dumps = functools.partial(json.dumps, ensure_ascii=False)
 
 # The spec's texts, word for word.
 NOT_FOUND = "Conference minutes status file not found"
@@ -38,7 +34,7 @@ async def minutes(request: web.Request) -> web.Response:
     """404 when nothing was spooled; ``queueplacing`` on the call that queues a compile;
     ``running`` (with the queue time and progress) until it is done; then the protocol."""
     config = request.app[keys.CONFIG]
-    check_token(config, request.query.get("token"))
+    require_query_token(request)
     try:
         conference_id = validate_id("conference_id", request.match_info["conference_id"])
     except ParamError as e:
@@ -51,13 +47,12 @@ async def minutes(request: web.Request) -> web.Response:
     if answer.state is State.NOT_FOUND:
         raise NotFound(NOT_FOUND)
     if answer.state is State.QUEUED_NOW:
-        return web.json_response(QUEUEPLACING, dumps=_dumps)
+        return json_response(QUEUEPLACING)
     if answer.state is State.RUNNING:
         job = answer.job
         assert job is not None
-        return web.json_response(
-            {**RUNNING, "timestamp": job.queued_at, "progress": round(job.progress, 3)},
-            dumps=_dumps,
+        return json_response(
+            {**RUNNING, "timestamp": job.queued_at, "progress": round(job.progress, 3)}
         )
     if answer.state is State.FAILED:
         assert answer.job is not None

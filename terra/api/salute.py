@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from terra import keys
+from terra.api.auth import require_bearer
 from terra.api.errors import (
     ERROR_BODIES,
     BadRequest,
@@ -46,7 +46,7 @@ from terra.api.errors import (
     TooManyRequests,
     Unauthorized,
 )
-from terra.api.terra import check_token
+from terra.api.respond import json_response
 from terra.audio import AudioDecodeError
 from terra.config import FilesConfig
 from terra.files.codecs import ENCODINGS, decode_channels
@@ -97,7 +97,7 @@ def _duration_ms(value: Any, name: str) -> int:
         raise BadRequest(f'options.{name} must be a duration such as "7s"')
     if isinstance(value, int | float):
         return int(value * 1000)
-    match = _DURATION.match(str(value).strip())
+    match = _DURATION.fullmatch(str(value).strip())
     if not match:
         raise BadRequest(f'options.{name} must be a duration such as "7s", got {value!r}')
     number, unit = float(match.group(1)), match.group(2) or "s"
@@ -132,7 +132,7 @@ def parse_options(raw: Any) -> SaluteOptions:
     if not isinstance(raw, dict):
         raise BadRequest("options must be an object")
     language = str(raw.get("language", "ru-RU"))
-    match = _LANGUAGE.match(language)
+    match = _LANGUAGE.fullmatch(language)
     if not match:
         raise BadRequest(f"options.language: expected a code such as ru-RU, got {language!r}")
     encoding = str(raw.get("audio_encoding", "PCM_S16LE")).upper()
@@ -302,13 +302,9 @@ async def salute_ctx(app: web.Application) -> AsyncIterator[None]:
 
 # -- handlers -----------------------------------------------------------------------------
 def _authorize(request: web.Request) -> None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("Unauthorized")
     try:
-        check_token(request.app[keys.CONFIG], token.strip())
-    except Unauthorized as e:
+        require_bearer(request)
+    except Unauthorized as e:  # SaluteSpeech says only this
         raise Unauthorized("Unauthorized") from e
 
 
@@ -327,10 +323,7 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
 
 
 def _ok(result: dict[str, Any]) -> web.Response:
-    return web.json_response({"status": 200, "result": result}, dumps=_dumps)
-
-
-_dumps = functools.partial(json.dumps, ensure_ascii=False)
+    return json_response({"status": 200, "result": result})
 
 
 def _time(seconds: float) -> str:

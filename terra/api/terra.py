@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 
 from aiohttp import web
 
 from terra import keys
-from terra.api.errors import BadRequest, Unauthorized
+from terra.api.auth import check_token
+from terra.api.errors import BadRequest
 from terra.api.form import quiet_spec_dispositions, read_form
+from terra.api.respond import json_response
 from terra.audio import decode_audio
-from terra.config import Config, zone_of
+from terra.config import zone_of
 from terra.live import FragmentInput
 from terra.params import (
     ParamError,
@@ -25,18 +26,6 @@ from terra.params import (
 _DECODE_INLINE_BYTES = 256 * 1024
 
 
-def check_token(config: Config, token: str | None) -> None:
-    """Constant-time comparison against every configured token."""
-    if not token:
-        raise Unauthorized("token is required")
-    supplied = token.encode("utf-8")
-    matched = False
-    for known in config.server.tokens:
-        matched |= hmac.compare_digest(supplied, known.encode("utf-8"))
-    if not matched:
-        raise Unauthorized("invalid token")
-
-
 async def process(request: web.Request) -> web.Response:
     """POST /process: spool a fragment and/or answer with the participant's TextElems."""
     config = request.app[keys.CONFIG]
@@ -45,7 +34,7 @@ async def process(request: web.Request) -> web.Response:
     def param(name: str) -> str | None:
         return form.fields.get(name) or request.query.get(name)
 
-    check_token(config, param("token"))
+    check_token(config.server.tokens, param("token"))
     audio = form.files.get("audiofile")
     if audio is None:
         raise BadRequest("audiofile is required (a multipart file part)")
@@ -93,7 +82,7 @@ async def process(request: web.Request) -> web.Response:
         samples=samples,
     )
     elems = await request.app[keys.LIVE].process(fragment)
-    return web.json_response([e.to_json() for e in elems])
+    return json_response([e.to_json() for e in elems])
 
 
 def add_routes(app: web.Application) -> None:

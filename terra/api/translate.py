@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
 from aiohttp import web
 
 from terra import keys
+from terra.api.auth import check_token, query_token
 from terra.api.errors import BadRequest, PayloadTooLarge
 from terra.api.form import read_form
-from terra.api.terra import check_token
+from terra.api.respond import json_response
 from terra.translate.service import PayloadError, parse_payload
 
 # The spec's 404 body: a bare JSON string, not {"detail": ...}.
@@ -48,10 +48,10 @@ async def translate_to_any(request: web.Request) -> web.Response:
     config = request.app[keys.CONFIG]
     fields, malformed = await _read_fields(request, config.server.max_upload_bytes)
     token = fields.get("token")
-    check_token(config, token if isinstance(token, str) and token else request.query.get("token"))
+    check_token(config.server.tokens, token if token else query_token(request))
     service = request.app.get(keys.TRANSLATION)
     if service is None:
-        return web.json_response(DISABLED, status=404)
+        return json_response(DISABLED, status=404)
     if malformed:
         raise BadRequest(malformed)
     if "payload" not in fields:
@@ -65,10 +65,7 @@ async def translate_to_any(request: web.Request) -> web.Response:
     except PayloadError as e:
         raise BadRequest(str(e)) from e
     translated = await service.translate(items)
-    return web.json_response(
-        {"payload": [item.to_json() for item in translated]},
-        dumps=functools.partial(json.dumps, ensure_ascii=False),
-    )
+    return json_response({"payload": [item.to_json() for item in translated]})
 
 
 def add_routes(app: web.Application) -> None:

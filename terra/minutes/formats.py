@@ -82,7 +82,7 @@ def to_xml(minutes: Minutes, zone: ZoneInfo | None = None) -> bytes:
         element = etree.SubElement(
             participants, "participant", id=speaker.participant_id, name=speaker.name
         )
-        if speaker.language and _LANGUAGE.match(speaker.language):
+        if speaker.language and _LANGUAGE.fullmatch(speaker.language):
             element.set("language", speaker.language)
     phrases = etree.SubElement(root, "phrases")
     for number, phrase in enumerate(minutes.phrases, start=1):

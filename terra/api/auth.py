@@ -1,0 +1,77 @@
+"""The one place where requests are authorised: where a token is read from, how it is checked.
+
+Every dialect reads its token here (``Authorization: Bearer``, the query string, a form or
+JSON field) and checks it with :func:`check_token`: a constant-time comparison against
+``server.tokens``. A token that is not valid text (bytes that are not UTF-8, a lone
+surrogate from a JSON ``\\ud800``) is refused like a wrong one: 401, never a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from terra import keys
+from terra.api.errors import Unauthorized
+
+
+def _as_bytes(token: object) -> bytes | None:
+    """The token's UTF-8 bytes, or None when it is not a usable token."""
+    if isinstance(token, bytes):
+        try:
+            token = token.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(token, str) or not token or "\ufffd" in token:
+        return None
+    try:
+        return token.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return None
+
+
+def token_matches(known_tokens: Iterable[str], token: object) -> bool:
+    """Whether ``token`` is one of ``known_tokens``; every comparison runs (constant time)."""
+    supplied = _as_bytes(token)
+    if supplied is None:
+        return False
+    matched = False
+    for known in known_tokens:
+        matched |= hmac.compare_digest(supplied, known.encode("utf-8"))
+    return matched
+
+
+def check_token(known_tokens: Iterable[str], token: object) -> None:
+    """401 unless ``token`` is one of ``known_tokens``."""
+    if token is None or token == "" or token == b"":
+        raise Unauthorized("token is required")
+    if not token_matches(known_tokens, token):
+        raise Unauthorized("invalid token")
+
+
+def query_token(request: web.Request) -> str | None:
+    """``?token=`` if the query string has one."""
+    return request.query.get("token")
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token of ``Authorization: Bearer <token>``, or None."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def require_bearer(request: web.Request) -> None:
+    """401 unless the request carries ``Authorization: Bearer <a server token>``."""
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("Authorization: Bearer <token> is required")
+    check_token(request.app[keys.CONFIG].server.tokens, token)
+
+
+def require_query_token(request: web.Request) -> None:
+    """401 unless ``?token=`` is a server token."""
+    check_token(request.app[keys.CONFIG].server.tokens, query_token(request))
