@@ -12,6 +12,7 @@ from aiohttp import web
 
 from terra import keys
 from terra.api import connecte as connecte_api
+from terra.api import docs as docs_api
 from terra.api import minutes as minutes_api
 from terra.api import salute as salute_api
 from terra.api import terra as terra_api
@@ -105,6 +106,7 @@ def create_app(config: Config, engine: RecognitionEngine | None = None) -> web.A
     translate_api.add_routes(app)
     salute_api.add_routes(app)
     connecte_api.add_routes(app)
+    docs_api.add_routes(app)
     return app
 
 

@@ -1,0 +1,142 @@
+"""The OpenAPI document (terra/api/openapi.yaml): valid OpenAPI 3, one path for every route
+the app registers and no path without its route, served at /openapi.json and rendered at /docs
+with the bundle shipped in the package. No model: the app is built, or served without traffic
+that reaches the recognizer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from openapi_spec_validator import validate
+
+from terra.api.docs import load_document
+from terra.app import create_app
+from terra.recognizer.types import Recognition, RecognitionRequest
+from tests.conftest import make_config
+
+METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+class SilentFakeEngine:
+    """A fake RecognitionEngine that hears nothing: these tests are about HTTP, and the real
+    model would only cost its load time."""
+
+    def batch_key(self, request: RecognitionRequest) -> tuple[float, int]:
+        return (30.0, request.beam_size)
+
+    def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
+        return [
+            Recognition("", (), r.language or "en", 1.0, 1.0, 0.0, 1.0, 30.0, "no_speech")
+            for r in requests
+        ]
+
+    def timestamp_begin(self) -> int:
+        return 50_364
+
+    def starts_word(self, token: int) -> bool:
+        return True
+
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        return tuple(range(len(text.split())))
+
+    def decode_text(self, tokens: Sequence[int]) -> str:
+        return ""
+
+
+def registered(app: web.Application) -> set[tuple[str, str]]:
+    """(METHOD, path template) of every route; HEAD comes with each GET (aiohttp's allow_head)."""
+    routes = set()
+    for route in app.router.routes():
+        if route.method == "HEAD" or route.resource is None:
+            continue
+        routes.add((route.method, route.resource.canonical))
+    return routes
+
+
+def documented(document: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (method.upper(), path)
+        for path, item in document["paths"].items()
+        for method in item
+        if method in METHODS
+    }
+
+
+def undocumented(app: web.Application, document: dict[str, Any]) -> set[tuple[str, str]]:
+    return registered(app) - documented(document)
+
+
+def test_document_is_valid_openapi() -> None:
+    document = load_document()
+    validate(document)  # raises with the first error
+    assert document["openapi"].startswith("3.")
+
+
+def test_every_route_is_documented_and_every_path_registered(tmp_path: Path) -> None:
+    app = create_app(make_config(tmp_path))
+    document = load_document()
+    assert undocumented(app, document) == set(), "routes missing from terra/api/openapi.yaml"
+    assert documented(document) - registered(app) == set(), "documented paths with no route"
+
+
+def test_a_new_route_without_documentation_is_caught(tmp_path: Path) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = create_app(make_config(tmp_path))
+    app.router.add_get("/conferences/{conference_id}/secret", handler)
+    assert undocumented(app, load_document()) == {("GET", "/conferences/{conference_id}/secret")}
+
+
+def test_every_operation_documents_its_errors() -> None:
+    """Each operation that takes a token names its 401, with the dialect's error shape."""
+    document = load_document()
+    shapes = {
+        "/rest/v1/": "SaluteError",
+        "/api/v1/": "Detail",
+    }
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method not in METHODS or not operation.get("security"):
+                continue
+            assert "401" in operation["responses"], (method, path)
+            response = operation["responses"]["401"]
+            ref = response.get("$ref", "")
+            name = ref.rsplit("/", 1)[-1]
+            body = document["components"]["responses"][name] if ref else response
+            schema = body["content"]["application/json"]["schema"]["$ref"]
+            expected = next((s for p, s in shapes.items() if path.startswith(p)), "Detail")
+            assert schema.endswith("/" + expected), (method, path, schema)
+
+
+async def test_served_document_and_docs_page(tmp_path: Path) -> None:
+    client: TestClient[Any, Any] = TestClient(
+        TestServer(create_app(make_config(tmp_path), engine=SilentFakeEngine()), host="127.0.0.1")
+    )
+    await client.start_server()
+    try:
+        response = await client.get("/openapi.json")
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        assert await response.json() == load_document()
+
+        page = await client.get("/docs")
+        assert page.status == 200
+        assert page.content_type == "text/html"
+        html = await page.text()
+        assert 'spec-url="/openapi.json"' in html
+        assert "http" not in html, "the page loads nothing from another origin"
+        assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+
+        bundle = await client.get("/docs/redoc.standalone.js")
+        assert bundle.status == 200
+        assert bundle.content_type == "application/javascript"
+        body = await bundle.read()
+        assert body.startswith(b"/*! For license information please see redoc.standalone.js")
+        assert len(body) > 500_000
+    finally:
+        await client.close()
