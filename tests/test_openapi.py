@@ -1,50 +1,21 @@
 """The OpenAPI document (terra/api/openapi.yaml): valid OpenAPI 3, one path for every route
 the app registers and no path without its route, served at /openapi.json and rendered at /docs
-with the bundle shipped in the package. No model: the app is built, or served without traffic
-that reaches the recognizer."""
+with the bundle shipped in the package. No model: the app is built, or served with
+tests/fakes.py's FakeEngine (these tests are about HTTP, not recognition)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 
 from terra.api.docs import load_document
 from terra.app import create_app
-from terra.recognizer.types import Recognition, RecognitionRequest
-from tests.conftest import make_config
+from tests.conftest import ServerFactory, make_config
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-
-
-class SilentFakeEngine:
-    """A fake RecognitionEngine that hears nothing: these tests are about HTTP, and the real
-    model would only cost its load time."""
-
-    def batch_key(self, request: RecognitionRequest) -> tuple[float, int]:
-        return (30.0, request.beam_size)
-
-    def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
-        return [
-            Recognition("", (), r.language or "en", 1.0, 1.0, 0.0, 1.0, 30.0, "no_speech")
-            for r in requests
-        ]
-
-    def timestamp_begin(self) -> int:
-        return 50_364
-
-    def starts_word(self, token: int) -> bool:
-        return True
-
-    def encode_text(self, text: str) -> tuple[int, ...]:
-        return tuple(range(len(text.split())))
-
-    def decode_text(self, tokens: Sequence[int]) -> str:
-        return ""
 
 
 def registered(app: web.Application) -> set[tuple[str, str]]:
@@ -113,30 +84,24 @@ def test_every_operation_documents_its_errors() -> None:
             assert schema.endswith("/" + expected), (method, path, schema)
 
 
-async def test_served_document_and_docs_page(tmp_path: Path) -> None:
-    client: TestClient[Any, Any] = TestClient(
-        TestServer(create_app(make_config(tmp_path), engine=SilentFakeEngine()), host="127.0.0.1")
-    )
-    await client.start_server()
-    try:
-        response = await client.get("/openapi.json")
-        assert response.status == 200
-        assert response.content_type == "application/json"
-        assert await response.json() == load_document()
+async def test_served_document_and_docs_page(make_fast_server: ServerFactory) -> None:
+    client = await make_fast_server()
+    response = await client.get("/openapi.json")
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    assert await response.json() == load_document()
 
-        page = await client.get("/docs")
-        assert page.status == 200
-        assert page.content_type == "text/html"
-        html = await page.text()
-        assert 'spec-url="/openapi.json"' in html
-        assert "http" not in html, "the page loads nothing from another origin"
-        assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    page = await client.get("/docs")
+    assert page.status == 200
+    assert page.content_type == "text/html"
+    html = await page.text()
+    assert 'spec-url="/openapi.json"' in html
+    assert "http" not in html, "the page loads nothing from another origin"
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
 
-        bundle = await client.get("/docs/redoc.standalone.js")
-        assert bundle.status == 200
-        assert bundle.content_type == "application/javascript"
-        body = await bundle.read()
-        assert body.startswith(b"/*! For license information please see redoc.standalone.js")
-        assert len(body) > 500_000
-    finally:
-        await client.close()
+    bundle = await client.get("/docs/redoc.standalone.js")
+    assert bundle.status == 200
+    assert bundle.content_type == "application/javascript"
+    body = await bundle.read()
+    assert body.startswith(b"/*! For license information please see redoc.standalone.js")
+    assert len(body) > 500_000
