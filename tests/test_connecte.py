@@ -1,5 +1,8 @@
 """The connecte predictions dialect end to end: real server, real model, real speech, a real
-loopback HTTP server that serves audio and receives webhooks."""
+loopback HTTP server that serves audio and receives webhooks.
+
+Validation, address guards and model-name mapping run on FakeEngine (tests/fakes.py): they
+do not depend on what was recognized."""
 
 from __future__ import annotations
 
@@ -18,8 +21,6 @@ from aiohttp.test_utils import TestServer
 from terra.files.fetch import FetchError, check_address, decode_data_uri, parse_networks
 
 from .conftest import SPEECH, TOKEN, ServerFactory, cer, clip
-
-pytestmark = pytest.mark.model
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STEREO = SPEECH / "clips/faster_whisper/stereo_diarization.wav"
@@ -125,6 +126,7 @@ def test_data_uri() -> None:
 
 
 # -- end to end ---------------------------------------------------------------------------
+@pytest.mark.model
 async def test_sync_data_uri(make_server: ServerFactory, tmp_path: Path) -> None:
     client = await make_server(files=files_section(tmp_path, cost_per_audio_s=0.01))
     body = {"audio": data_uri(RU.path), "language": "ru", "model": "base"}
@@ -144,6 +146,7 @@ async def test_sync_data_uri(make_server: ServerFactory, tmp_path: Path) -> None
     assert again["output"] == output
 
 
+@pytest.mark.model
 async def test_async_url_words_and_webhook_retried(
     make_server: ServerFactory, tmp_path: Path, receiver: Receiver
 ) -> None:
@@ -167,6 +170,7 @@ async def test_async_url_words_and_webhook_retried(
     assert receiver.hooks[-1]["output"] == done["output"]
 
 
+@pytest.mark.model
 async def test_diarize_by_channel_and_translate(
     make_server: ServerFactory, tmp_path: Path, receiver: Receiver
 ) -> None:
@@ -187,6 +191,7 @@ async def test_diarize_by_channel_and_translate(
     assert cer(RU.transcript, done["output"]["transcription"]) < 0.2
 
 
+@pytest.mark.model
 async def test_cancel_idempotent(
     make_server: ServerFactory, tmp_path: Path, receiver: Receiver
 ) -> None:
@@ -208,6 +213,7 @@ async def test_cancel_idempotent(
     assert (await wait_prediction(client, second["id"]))["status"] == "canceled"
 
 
+@pytest.mark.model
 async def test_cancel_while_processing(
     make_server: ServerFactory, tmp_path: Path, receiver: Receiver
 ) -> None:
@@ -227,9 +233,9 @@ async def test_cancel_while_processing(
 
 
 async def test_ssrf_and_failing_urls(
-    make_server: ServerFactory, tmp_path: Path, receiver: Receiver
+    make_fast_server: ServerFactory, tmp_path: Path, receiver: Receiver
 ) -> None:
-    client = await make_server(files=files_section(tmp_path, url_allow=[]))
+    client = await make_fast_server(files=files_section(tmp_path, url_allow=[]))
     audio_url = receiver.url("/audio/clips/speech_to_phrase_ru/ru_01.wav")
     for url, error in (
         (audio_url, "not public"),
@@ -240,12 +246,12 @@ async def test_ssrf_and_failing_urls(
         done = await predict(client, {"audio": url}, headers={"Prefer": "SYNC"})
         assert done["status"] == "failed" and error in done["error"], done
         assert done["output"] is None
-    allowed = await make_server(files=files_section(tmp_path / "b"))
+    allowed = await make_fast_server(files=files_section(tmp_path / "b"))
     missing = await predict(
         allowed, {"audio": receiver.url("/audio/none.wav")}, headers={"Prefer": "SYNC"}
     )
     assert missing["status"] == "failed" and "HTTP 404" in missing["error"]
-    small = await make_server(files=files_section(tmp_path / "c", url_max_bytes=1000))
+    small = await make_fast_server(files=files_section(tmp_path / "c", url_max_bytes=1000))
     big = await predict(small, {"audio": audio_url}, headers={"Prefer": "SYNC"})
     assert big["status"] == "failed" and "larger than 1000 bytes" in big["error"]
     response = await allowed.post(
@@ -258,6 +264,7 @@ async def test_ssrf_and_failing_urls(
     assert junk["status"] == "failed" and "cannot decode" in junk["error"]
 
 
+@pytest.mark.model
 async def test_request_timeout_answers_current_state(
     make_server: ServerFactory, tmp_path: Path, receiver: Receiver
 ) -> None:
@@ -270,8 +277,8 @@ async def test_request_timeout_answers_current_state(
     await wait_prediction(client, prediction["id"])
 
 
-async def test_errors(make_server: ServerFactory, tmp_path: Path) -> None:
-    client = await make_server(files=files_section(tmp_path))
+async def test_errors(make_fast_server: ServerFactory, tmp_path: Path) -> None:
+    client = await make_fast_server(files=files_section(tmp_path))
 
     async def expect(status: int, method: str, path: str, **kwargs: Any) -> str:
         kwargs.setdefault("headers", AUTH)
@@ -300,11 +307,11 @@ async def test_errors(make_server: ServerFactory, tmp_path: Path) -> None:
 
 
 async def test_model_names_map_to_the_served_model(
-    make_server: ServerFactory, tmp_path: Path
+    make_fast_server: ServerFactory, tmp_path: Path
 ) -> None:
     section = files_section(tmp_path)
     section["connecte_models"] = ["openai/whisper", "acme/base=base", "openai/large=large-v3"]
-    client = await make_server(files=section)
+    client = await make_fast_server(files=section)
     ok = {"audio": "data:audio/wav;base64,"}
     response = await client.post("/api/v1/openai/large", json=ok, headers=AUTH)
     assert response.status == 404

@@ -33,6 +33,8 @@ def package_file(module: str, relative: str) -> Path:
     return path
 
 
+# The tests marked model need the packaged weights (the `models` extra); the others run
+# without them.
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models dir with `base` installed once for the tests that only read it."""
@@ -41,6 +43,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.mark.model
 def test_install_base_concatenates_the_two_parts(models_dir: Path) -> None:
     path = models_dir / "base"
     parts = [
@@ -62,6 +65,7 @@ def test_install_base_concatenates_the_two_parts(models_dir: Path) -> None:
     assert path.stat().st_mode & 0o755 == 0o755
 
 
+@pytest.mark.model
 def test_install_is_idempotent(models_dir: Path) -> None:
     before = (models_dir / "base" / "model.bin").stat()
     assert install_model("base", models_dir) == models_dir / "base"
@@ -69,6 +73,7 @@ def test_install_is_idempotent(models_dir: Path) -> None:
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
+@pytest.mark.model
 def test_install_tiny_en(tmp_path: Path) -> None:
     path = install_model("tiny.en", tmp_path)
     assert path == tmp_path / "tiny.en"
@@ -77,6 +82,7 @@ def test_install_tiny_en(tmp_path: Path) -> None:
         assert (path / name).stat().st_size == (source / name).stat().st_size
 
 
+@pytest.mark.model
 def test_force_rebuilds_and_an_incomplete_folder_is_replaced(tmp_path: Path) -> None:
     path = install_model("tiny.en", tmp_path)
     inode = (path / "model.bin").stat().st_ino
@@ -89,6 +95,7 @@ def test_force_rebuilds_and_an_incomplete_folder_is_replaced(tmp_path: Path) -> 
     assert (path / "model.bin").stat().st_size == expected
 
 
+@pytest.mark.model
 def test_failed_install_keeps_the_old_folder_and_leaves_no_temp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,16 +131,19 @@ def test_unknown_name_is_not_packaged(tmp_path: Path) -> None:
         install_model("small", tmp_path)
 
 
+@pytest.mark.model
 def test_resolve_a_folder_path(models_dir: Path, tmp_path: Path) -> None:
     folder = str(models_dir / "base")
     assert resolve_model(folder, tmp_path, allow_download=False) == folder
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.model
 def test_resolve_an_installed_name(models_dir: Path) -> None:
     assert resolve_model("base", models_dir, allow_download=False) == str(models_dir / "base")
 
 
+@pytest.mark.model
 def test_resolve_a_packaged_name_installs_it(tmp_path: Path) -> None:
     path = resolve_model("tiny.en", tmp_path / "models", allow_download=False)
     assert path == str(tmp_path / "models" / "tiny.en")
@@ -154,6 +164,7 @@ def test_resolve_an_incomplete_folder_says_what_is_missing(tmp_path: Path) -> No
         resolve_model("mine", tmp_path, allow_download=True)
 
 
+@pytest.mark.model
 def test_installed_models(models_dir: Path, tmp_path: Path) -> None:
     assert installed_models(tmp_path / "absent") == []
     listed = {m.name: m for m in installed_models(models_dir)}
@@ -170,6 +181,7 @@ def test_installed_models(models_dir: Path, tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.model
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_models_arguments(parser)
@@ -184,6 +196,7 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         parser.parse_args(["install", "large-v3"])  # only packaged names can be installed
 
 
+@pytest.mark.model
 def test_the_assembled_base_model_transcribes_speech(models_dir: Path) -> None:
     model = WhisperModel(str(models_dir / "base"), device="cpu", compute_type="int8")
     segments, _ = model.transcribe(

@@ -1,4 +1,7 @@
-"""The SaluteSpeech async dialect end to end: real server, real model, real speech."""
+"""The SaluteSpeech async dialect end to end: real server, real model, real speech.
+
+Error codes, queue limits and retention run on FakeEngine (tests/fakes.py): they do not
+depend on what was recognized."""
 
 from __future__ import annotations
 
@@ -277,11 +280,10 @@ async def test_cancel_only_while_new(make_server: ServerFactory, tmp_path: Path)
     assert (await wait_task(client, second["id"]))["status"] == "CANCELED"
 
 
-@pytest.mark.model
 async def test_undecodable_file_is_an_error_task(
-    make_server: ServerFactory, tmp_path: Path
+    make_fast_server: ServerFactory, tmp_path: Path
 ) -> None:
-    client = await make_server(files=files_section(tmp_path))
+    client = await make_fast_server(files=files_section(tmp_path))
     file_id = await upload(client, b"OggS definitely not opus" * 10)
     task = await create_task(client, file_id, audio_encoding="OPUS")
     done = await wait_task(client, task["id"])
@@ -289,9 +291,8 @@ async def test_undecodable_file_is_an_error_task(
     assert "response_file_id" not in done
 
 
-@pytest.mark.model
-async def test_error_codes(make_server: ServerFactory, tmp_path: Path) -> None:
-    client = await make_server(files=files_section(tmp_path, max_upload_bytes=64_000))
+async def test_error_codes(make_fast_server: ServerFactory, tmp_path: Path) -> None:
+    client = await make_fast_server(files=files_section(tmp_path, max_upload_bytes=64_000))
 
     async def expect(status: int, method: str, path: str, **kwargs: Any) -> str:
         kwargs.setdefault("headers", AUTH)
@@ -335,9 +336,8 @@ async def test_error_codes(make_server: ServerFactory, tmp_path: Path) -> None:
     assert message == "Payload too large"
 
 
-@pytest.mark.model
-async def test_queue_full_is_429(make_server: ServerFactory, tmp_path: Path) -> None:
-    client = await make_server(files=files_section(tmp_path, max_queued=1))
+async def test_queue_full_is_429(make_fast_server: ServerFactory, tmp_path: Path) -> None:
+    client = await make_fast_server(files=files_section(tmp_path, max_queued=1))
     file_id = await upload(client, to_pcm16(np.zeros(SAMPLE_RATE, np.float32)))
     statuses = []
     for _ in range(3):
@@ -351,19 +351,17 @@ async def test_queue_full_is_429(make_server: ServerFactory, tmp_path: Path) -> 
     assert statuses[0] == 200 and 429 in statuses
 
 
-@pytest.mark.model
-async def test_internal_error_is_500(make_server: ServerFactory, tmp_path: Path) -> None:
+async def test_internal_error_is_500(make_fast_server: ServerFactory, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    client = await make_server(files={"dir": str(blocker), "jobs_dir": str(tmp_path / "jobs")})
+    client = await make_fast_server(files={"dir": str(blocker), "jobs_dir": str(tmp_path / "jobs")})
     response = await client.post("/rest/v1/data:upload", data=b"audio", headers=AUTH)
     assert response.status == 500
     assert await response.json() == {"status": 500, "message": "internal server error"}
 
 
-@pytest.mark.model
-async def test_uploads_and_results_expire(make_server: ServerFactory, tmp_path: Path) -> None:
-    client = await make_server(files=files_section(tmp_path))
+async def test_uploads_and_results_expire(make_fast_server: ServerFactory, tmp_path: Path) -> None:
+    client = await make_fast_server(files=files_section(tmp_path))
     file_id = await upload(client, to_pcm16(np.zeros(SAMPLE_RATE, np.float32)))
     done = await wait_task(client, (await create_task(client, file_id))["id"])
     assert done["status"] == "DONE" and await download(client, done["response_file_id"]) == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -255,11 +257,30 @@ async def test_service_returns_originals_when_the_backend_fails(detector: Langua
     assert [(r.content, r.status) for r in result] == [("первое предложение", Status.NOT_PROCESSED)]
 
 
+class GatedDetector:
+    """The real detector, made to wait in ``detect`` until the event loop sets ``gate``: if
+    detection ran on the loop, the loop could not set it and every wait would time out."""
+
+    def __init__(self, real: LanguageDetector) -> None:
+        self.real = real
+        self.gate = threading.Event()
+        self.waits: list[bool] = []
+
+    def detect(self, text: str) -> str:
+        if not self.waits:
+            self.waits.append(self.gate.wait(timeout=5.0))
+        return self.real.detect(text)
+
+
 async def test_service_detects_large_payloads_off_the_loop(detector: LanguageDetector) -> None:
     backend = RecordingTranslator()
-    service = TranslationService(backend, detector, TranslateConfig())
+    gated = GatedDetector(detector)
+    service = TranslationService(backend, gated, TranslateConfig())  # type: ignore[arg-type]
     items = [TranslationItem("auto", "en", f"Кошка номер {i} сидит на окне") for i in range(200)]
+    # Runs only when the loop gets control back while the items are being detected.
+    asyncio.get_running_loop().call_soon(gated.gate.set)
     result = await service.translate(items)
+    assert gated.waits == [True]  # the loop set the gate: it stayed responsive
     assert {r.from_lang for r in result} == {"ru"} and len(backend.calls) == 1
 
 
