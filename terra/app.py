@@ -34,8 +34,6 @@ from terra.translate.service import TranslationService
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Config], RecognitionEngine]
-
 
 def build_engine(config: Config) -> RecognitionEngine:
     """Resolve and load the configured model (blocking: call it off the event loop)."""

@@ -29,10 +29,6 @@ def samples_to_ms(samples: int) -> int:
     return int(round(samples * 1000 / SAMPLE_RATE))
 
 
-def samples_to_s(samples: int) -> float:
-    return samples / SAMPLE_RATE
-
-
 def decode_audio(data: bytes) -> Samples:
     """Decode any container soundfile reads (WAV PCM16/32/float, FLAC, OGG, ...) to 16 kHz mono."""
     if not data:
@@ -46,7 +42,7 @@ def decode_audio(data: bytes) -> Samples:
     return to_mono_16k(frames, rate)
 
 
-def decode_raw_pcm16(data: bytes, sample_rate: int, channels: int = 1) -> NDArray[np.float32]:
+def decode_raw_pcm16(data: bytes, channels: int = 1) -> NDArray[np.float32]:
     """Raw little-endian PCM16 as (frames, channels) float32 at its own rate."""
     if len(data) % (2 * channels):
         raise AudioDecodeError("raw PCM16 length is not a whole number of frames")

@@ -81,9 +81,6 @@ class Spool:
     def participant_dir(self, conference_id: str, participant_id: str) -> Path:
         return self.root / conference_id / participant_id
 
-    def has_conference(self, conference_id: str) -> bool:
-        return (self.root / conference_id).is_dir()
-
     def known_post_keys(self, conference_id: str, participant_id: str) -> set[str]:
         folder = self.participant_dir(conference_id, participant_id)
         if not folder.is_dir():

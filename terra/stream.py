@@ -331,12 +331,6 @@ class ParticipantStream:
             closed.extend(self._close_open(CloseReason.IDLE))
         return closed
 
-    def flush(self) -> list[Combination]:
-        """Close whatever is open (session end)."""
-        closed = self._drain_held(float("inf"), force_before=float("inf"))
-        closed.extend(self._close_open(CloseReason.IDLE))
-        return closed
-
     # -- results -------------------------------------------------------------------------
     def set_progress(
         self,

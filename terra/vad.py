@@ -44,9 +44,3 @@ class FrameVad:
             count=n_frames,
         )
         return audio, flags
-
-
-def speech_ratio(samples: Samples, aggressiveness: int = 2, frame_ms: int = 30) -> float:
-    """Share of frames webrtcvad calls speech: a cheap gate for whole files."""
-    _, flags = FrameVad(aggressiveness, frame_ms).frames(samples)
-    return float(flags.mean()) if flags.size else 0.0

@@ -9,7 +9,6 @@ from typing import Any
 from aiohttp import web
 
 from terra.audio import AudioDecodeError
-from terra.recognizer.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +62,6 @@ def _status_and_detail(error: BaseException) -> tuple[int, str] | None:
         return error.status, error.detail
     if isinstance(error, AudioDecodeError):
         return 400, str(error)
-    if isinstance(error, QueueFullError):
-        return 503, str(error)
     if isinstance(error, web.HTTPRequestEntityTooLarge):
         return 413, "the request body is larger than the configured limit"
     if isinstance(error, web.HTTPException) and error.status >= 400:

@@ -69,7 +69,7 @@ def decode_channels(
             raise AudioDecodeError(f"sample_rate is required for {encoding}")
         rate = sample_rate
         if encoding == "PCM_S16LE":
-            frames = decode_raw_pcm16(data, rate, channels)
+            frames = decode_raw_pcm16(data, channels)
         else:
             frames = decode_g711(data, encoding, channels)
     else:

@@ -27,10 +27,6 @@ from terra.recognizer.types import Priority, Recognition, RecognitionEngine, Rec
 log = logging.getLogger(__name__)
 
 
-class QueueFullError(RuntimeError):
-    """The recognizer queue is at its configured bound."""
-
-
 @dataclass(slots=True, eq=False)  # entries are removed by identity, never compared by value
 class _Entry:
     request: RecognitionRequest
