@@ -7,6 +7,7 @@ typo in an operator's file is caught at start-up rather than silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,10 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+
+from terra.chunking import ChunkOptions
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -131,12 +136,7 @@ class MinutesConfig:
     beam_size: int = 5
     word_timestamps: bool = True
     context: bool = True
-    vad_aggressiveness: int = 2
-    min_speech_ms: int = 250
-    min_silence_ms: int = 500
-    speech_pad_ms: int = 300
-    chunk_join_ms: int = 2000
-    max_chunk_s: float = 25.0
+    chunking: ChunkOptions = field(default_factory=ChunkOptions)
     phrase_pause_ms: int = 1000
     sentence_pause_ms: int = 300
 
@@ -184,12 +184,7 @@ class FilesConfig:
     max_upload_bytes: int = 100 * 1024 * 1024
     max_in_flight: int = 3
     beam_size: int = 5
-    vad_aggressiveness: int = 2
-    min_speech_ms: int = 250
-    min_silence_ms: int = 500
-    speech_pad_ms: int = 300
-    chunk_join_ms: int = 2000
-    max_chunk_s: float = 25.0
+    chunking: ChunkOptions = field(default_factory=ChunkOptions)
     # Words starting with one of these are masked when a client asks for the filter.
     profanity_words: tuple[str, ...] = (
         "хуй", "хуе", "хуё", "пизд", "ебат", "ебан", "блят", "fuck", "shit",
@@ -282,15 +277,44 @@ def _coerce(value: Any, like: Any, where: str) -> Any:
 
 def _build(cls: type[T], values: Mapping[str, Any], section: str) -> T:
     defaults = cls()
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    known = {f.name for f in fields}
+    values = _move_flat_keys(defaults, values, section)
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown setting(s) in [{section}]: {', '.join(sorted(unknown))}")
-    kwargs = {
-        name: _coerce(value, getattr(defaults, name), f"{section}.{name}")
-        for name, value in values.items()
-    }
+    kwargs = {}
+    for name, value in values.items():
+        like = getattr(defaults, name)
+        where = f"{section}.{name}"
+        if dataclasses.is_dataclass(like):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: expected a mapping of settings, got {value!r}")
+            kwargs[name] = _build(type(like), value, where)
+        else:
+            kwargs[name] = _coerce(value, like, where)
     return dataclasses.replace(defaults, **kwargs)  # type: ignore[type-var]
+
+
+def _move_flat_keys(defaults: Any, values: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """Settings that moved into a nested section (``minutes.max_chunk_s`` is now
+    ``minutes.chunking.max_chunk_s``) are still read at their old place, with a warning;
+    the new place wins when both are set."""
+    moved = dict(values)
+    for section_field in dataclasses.fields(defaults):
+        nested = getattr(defaults, section_field.name)
+        if not dataclasses.is_dataclass(nested):
+            continue
+        names = {f.name for f in dataclasses.fields(nested)}
+        for key in sorted(names & set(values)):
+            new = f"{section}.{section_field.name}.{key}"
+            log.warning("config: %s.%s is deprecated: set %s instead", section, key, new)
+            inner = moved.get(section_field.name)
+            merged = {key: moved.pop(key)}
+            if isinstance(inner, Mapping):
+                merged.update(inner)
+            moved[section_field.name] = merged
+    return moved
 
 
 def load_config(
@@ -355,15 +379,13 @@ def _validate(config: Config) -> None:
     minutes = config.minutes
     if minutes.workers < 1 or minutes.max_in_flight < 1 or minutes.beam_size < 1:
         raise ConfigError("minutes.workers, max_in_flight and beam_size must be at least 1")
-    if not 0 <= minutes.vad_aggressiveness <= 3:
-        raise ConfigError("minutes.vad_aggressiveness must be 0..3")
-    if not 1.0 <= minutes.max_chunk_s <= 28.0:
-        raise ConfigError("minutes.max_chunk_s: 1 to 28 (Whisper's window less the margin)")
+    for problem in minutes.chunking.problems():
+        raise ConfigError(f"minutes.chunking.{problem}")
     files = config.files
     if min(files.workers, files.max_queued, files.max_in_flight, files.beam_size) < 1:
         raise ConfigError("files.workers, max_queued, max_in_flight and beam_size: at least 1")
-    if not 1.0 <= files.max_chunk_s <= 28.0:
-        raise ConfigError("files.max_chunk_s: 1 to 28 (Whisper's window less the margin)")
+    for problem in files.chunking.problems():
+        raise ConfigError(f"files.chunking.{problem}")
     if config.translate.backend not in ("http", "ctranslate2"):
         raise ConfigError("translate.backend must be 'http' or 'ctranslate2'")
     translate = config.translate

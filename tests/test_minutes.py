@@ -14,6 +14,7 @@ import pytest
 from lxml import etree
 
 from terra.audio import SAMPLE_RATE, Samples, encode_wav, samples_to_ms
+from terra.chunking import plan_chunks, speech_regions, split_long
 from terra.config import MinutesConfig
 from terra.jobs import Job, JobStatus, JobStore, new_job
 from terra.minutes.compiler import (
@@ -22,9 +23,6 @@ from terra.minutes.compiler import (
     compile_minutes,
     looks_wrong,
     phrases_of,
-    plan_chunks,
-    speech_regions,
-    split_long,
 )
 from terra.minutes.formats import render, to_json, to_md, to_srt, to_vtt, to_xml, validate_xml
 from terra.minutes.service import MinutesService, State

@@ -108,12 +108,7 @@ def _options(config: FilesConfig, language: str | None, task: str, words: bool) 
         task=task,
         beam_size=config.beam_size,
         word_timestamps=words,
-        vad_aggressiveness=config.vad_aggressiveness,
-        min_speech_ms=config.min_speech_ms,
-        min_silence_ms=config.min_silence_ms,
-        speech_pad_ms=config.speech_pad_ms,
-        chunk_join_ms=config.chunk_join_ms,
-        max_chunk_s=config.max_chunk_s,
+        chunking=config.chunking,
         max_in_flight=config.max_in_flight,
     )
 

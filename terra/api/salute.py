@@ -183,16 +183,17 @@ def file_options(
     """Salute's timeouts as VAD settings: ``max_speech_timeout`` caps an utterance's length,
     ``hints.eou_timeout`` is the pause that ends one, and no utterance spans a stretch without
     speech longer than ``no_speech_timeout``."""
+    chunking = config.chunking
     return FileOptions(
         language=options.language,
         beam_size=config.beam_size,
         prompt_tokens=prompt,
-        vad_aggressiveness=config.vad_aggressiveness,
-        min_speech_ms=config.min_speech_ms,
-        min_silence_ms=options.eou_timeout_ms or config.min_silence_ms,
-        speech_pad_ms=config.speech_pad_ms,
-        chunk_join_ms=min(config.chunk_join_ms, options.no_speech_timeout_ms),
-        max_chunk_s=min(config.max_chunk_s, max(1.0, options.max_speech_timeout_ms / 1000)),
+        chunking=dataclasses.replace(
+            chunking,
+            min_silence_ms=options.eou_timeout_ms or chunking.min_silence_ms,
+            chunk_join_ms=min(chunking.chunk_join_ms, options.no_speech_timeout_ms),
+            max_chunk_s=min(chunking.max_chunk_s, max(1.0, options.max_speech_timeout_ms / 1000)),
+        ),
         max_in_flight=config.max_in_flight,
         num_hypotheses=options.hypotheses_count,
     )

@@ -1,7 +1,7 @@
 """Recognize decoded tracks: VAD regions per channel, chunks of whole utterances, requests
 through the recognizer scheduler at background priority, timed utterances back.
 
-The VAD planning reuses the minutes compiler's pure helpers (same rules as the minutes).
+The VAD planning is terra.chunking's, as for the minutes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from terra.audio import SAMPLE_RATE, Samples
-from terra.minutes.compiler import plan_chunks, speech_regions
+from terra.chunking import ChunkOptions, plan_track
 from terra.recognizer.types import (
     Priority,
     Recognition,
@@ -21,11 +21,9 @@ from terra.recognizer.types import (
     RecognitionRequest,
     Word,
 )
-from terra.vad import FrameVad
 
 log = logging.getLogger(__name__)
 
-VAD_FRAME_MS = 30
 RETRY_MAX_S = 10.0
 
 Submit = Callable[[RecognitionRequest], "asyncio.Future[Recognition | None]"]
@@ -40,12 +38,7 @@ class FileOptions:
     beam_size: int = 5
     prompt_tokens: tuple[int, ...] = ()
     word_timestamps: bool = False
-    vad_aggressiveness: int = 2
-    min_speech_ms: int = 250
-    min_silence_ms: int = 500
-    speech_pad_ms: int = 300
-    chunk_join_ms: int = 2000
-    max_chunk_s: float = 25.0
+    chunking: ChunkOptions = ChunkOptions()
     max_in_flight: int = 3
     num_hypotheses: int = 1
 
@@ -65,21 +58,7 @@ class Utterance:
 
 def plan(track: Samples, options: FileOptions) -> list[tuple[int, int]]:
     """Sample ranges ``[start, end)`` to recognize: VAD speech joined into utterance chunks."""
-    _, flags = FrameVad(options.vad_aggressiveness, VAD_FRAME_MS).frames(track)
-    per_frame = SAMPLE_RATE * VAD_FRAME_MS // 1000
-
-    def frames(ms: float) -> int:
-        return max(1, round(ms / VAD_FRAME_MS))
-
-    regions = speech_regions(
-        flags,
-        frames(options.min_speech_ms),
-        frames(options.min_silence_ms),
-        frames(options.speech_pad_ms),
-    )
-    max_frames = frames(options.max_chunk_s * 1000)
-    chunks = plan_chunks(regions, flags, max_frames, frames(options.chunk_join_ms), max_frames)
-    return [(start * per_frame, min(track.size, end * per_frame)) for start, end, _ in chunks]
+    return [(c.start, c.end) for c in plan_track(track, options.chunking)]
 
 
 async def recognize_once(submit: Submit, request: RecognitionRequest) -> Recognition:

@@ -25,11 +25,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from terra.audio import SAMPLE_RATE, Samples, decode_audio, ms_to_samples
+from terra.chunking import plan_flags
 from terra.config import MinutesConfig
 from terra.minutes.types import Minutes, Phrase, Speaker
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest, Word
 from terra.spool import StoredParticipant, conference_digest, read_conference
-from terra.vad import FrameVad
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ Recognize = Callable[[Sequence[RecognitionRequest]], Sequence[Recognition]]
 Progress = Callable[[float], None]
 Cancelled = Callable[[], bool]
 
-VAD_FRAME_MS = 30
 # Fragments whose start is this close to the end of the previous one continue its run
 # (clients' clocks jitter); a larger hole is silence.
 CONTIGUOUS_TOLERANCE_MS = 60
@@ -108,89 +107,7 @@ class CompileResult:
     seconds: float
 
 
-# -- pure helpers: frames -> regions -> chunks -> phrases --------------------------------
-
-
-def speech_regions(
-    flags: NDArray[np.bool_], min_speech: int, min_silence: int, pad: int
-) -> list[tuple[int, int]]:
-    """Frame ranges ``[start, end)`` of speech: runs of speech frames joined across pauses
-    shorter than ``min_silence``, dropped when shorter than ``min_speech``, padded by ``pad``."""
-    if flags.size == 0:
-        return []
-    padded = np.concatenate(([False], flags, [False])).astype(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    runs = [(int(s), int(e)) for s, e in zip(edges[::2], edges[1::2])]
-    joined: list[tuple[int, int]] = []
-    for start, end in runs:
-        if joined and start - joined[-1][1] < min_silence:
-            joined[-1] = (joined[-1][0], end)
-        else:
-            joined.append((start, end))
-    kept = [(start, end) for start, end in joined if end - start >= min_speech]
-    regions: list[tuple[int, int]] = []
-    for i, (start, end) in enumerate(kept):
-        # Padding never crosses the middle of the pause to the next region: two utterances
-        # stay two (a chunk may join them, but its fallback recognizes them one by one).
-        low = (kept[i - 1][1] + start) // 2 if i else 0
-        high = (end + kept[i + 1][0]) // 2 if i + 1 < len(kept) else flags.size
-        regions.append((max(low, start - pad), min(high, end + pad)))
-    return regions
-
-
-def split_long(
-    start: int, end: int, flags: NDArray[np.bool_], max_frames: int
-) -> list[tuple[int, int]]:
-    """Cut a region longer than ``max_frames`` in the middle of its longest pause within the
-    second half of each allowed stretch (a hard cut where there is none)."""
-    pieces = []
-    while end - start > max_frames:
-        low, high = start + max_frames // 2, start + max_frames
-        window = ~flags[low:high]
-        cut = high
-        if window.any():
-            padded = np.concatenate(([False], window, [False])).astype(np.int8)
-            edges = np.flatnonzero(np.diff(padded))
-            runs = list(zip(edges[::2], edges[1::2]))
-            s, e = max(runs, key=lambda r: (r[1] - r[0], r[0]))
-            cut = low + int(s + e) // 2
-        pieces.append((start, cut))
-        start = cut
-    pieces.append((start, end))
-    return pieces
-
-
-def plan_chunks(
-    regions: list[tuple[int, int]],
-    flags: NDArray[np.bool_],
-    max_frames: int,
-    join_frames: int,
-    min_split_frames: int,
-) -> list[tuple[int, int, tuple[tuple[int, int], ...]]]:
-    """Join consecutive regions closer than ``join_frames`` into chunks of at most
-    ``max_frames`` (pauses inside included: Whisper reads whole utterances with context).
-
-    Each chunk comes with its fallback: the regions it joined, or for a single region at
-    least ``min_split_frames`` long, its two halves cut at a pause in its middle third."""
-    joined: list[list[tuple[int, int]]] = []
-    for region in regions:
-        for start, end in split_long(*region, flags, max_frames):
-            last = joined[-1] if joined else None
-            if last and start - last[-1][1] <= join_frames and end - last[0][0] <= max_frames:
-                last.append((start, end))
-            else:
-                joined.append([(start, end)])
-    chunks = []
-    for pieces in joined:
-        start, end = pieces[0][0], pieces[-1][1]
-        if len(pieces) > 1:
-            fallback = tuple(pieces)
-        elif end - start >= min_split_frames:
-            fallback = tuple(split_long(start, end, flags, max(1, (end - start) * 2 // 3)))
-        else:
-            fallback = ()
-        chunks.append((start, end, fallback))
-    return chunks
+# -- pure helpers: recognitions -> phrases ------------------------------------------------
 
 
 def looks_wrong(result: Recognition, max_compression_ratio: float) -> bool:
@@ -378,7 +295,7 @@ class MinutesCompiler:
         config = self._config
         tolerance = ms_to_samples(CONTIGUOUS_TOLERANCE_MS)
         runs: list[_Run] = []
-        vad = FrameVad(config.vad_aggressiveness, VAD_FRAME_MS)
+        vad = config.chunking.vad()
         expected: int | None = None
         for fragment in track.stored.fragments:
             if self._cancelled():
@@ -392,7 +309,7 @@ class MinutesCompiler:
                 skip = expected - offset  # overlaps what is already there: keep the new part
                 offset = expected
             else:
-                vad = FrameVad(config.vad_aggressiveness, VAD_FRAME_MS)
+                vad = config.chunking.vad()
                 runs.append(_Run(offset))
             length = max(0, samples.size - skip)
             if length == 0:
@@ -404,36 +321,17 @@ class MinutesCompiler:
         return runs
 
     def _find_chunks(self, runs: list[_Run], index: int) -> list[Chunk]:
-        config = self._config
-        frame = SAMPLE_RATE * VAD_FRAME_MS // 1000
-
-        def frames(ms: float) -> int:
-            return max(1, round(ms / VAD_FRAME_MS))
-
         chunks: list[Chunk] = []
         for run in runs:
             flags = np.concatenate(run.flags) if run.flags else np.zeros(0, dtype=np.bool_)
-            regions = speech_regions(
-                flags,
-                frames(config.min_speech_ms),
-                frames(config.min_silence_ms),
-                frames(config.speech_pad_ms),
-            )
-            planned = plan_chunks(
-                regions,
-                flags,
-                frames(config.max_chunk_s * 1000),
-                frames(config.chunk_join_ms),
-                frames(MIN_SPLIT_S * 1000),
-            )
             chunks.extend(
                 Chunk(
                     index,
-                    run.start + s * frame,
-                    run.start + e * frame,
-                    tuple((run.start + a * frame, run.start + b * frame) for a, b in fallback),
+                    run.start + planned.start,
+                    run.start + planned.end,
+                    tuple((run.start + a, run.start + b) for a, b in planned.fallback),
                 )
-                for s, e, fallback in planned
+                for planned in plan_flags(flags, self._config.chunking, MIN_SPLIT_S)
             )
         return chunks
 
