@@ -22,6 +22,7 @@ import numpy as np
 
 from terra.audio import SAMPLE_RATE, Samples
 from terra.recognizer.types import (
+    DropReason,
     Recognition,
     RecognitionRequest,
     Segment,
@@ -140,7 +141,7 @@ class FakeEngine:
             avg_logprob=-0.2,
             compression_ratio=1.0,
             window_s=30.0,
-            dropped_reason="" if said else "no_speech",
+            dropped_reason=None if said else DropReason.NO_SPEECH,
             segments=tuple(segments),
             alternatives=alternatives,
         )

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from terra.recognizer.guards import collapse_repeats, compression_ratio, is_known_hallucination
+from terra.config import RecognizerConfig
+from terra.recognizer.guards import (
+    collapse_repeats,
+    compression_ratio,
+    drop_reason,
+    is_known_hallucination,
+)
 from terra.recognizer.prefix import agreed_prefix
+from terra.recognizer.types import DropReason
 
 
 def test_repetition_loops_are_collapsed() -> None:
@@ -47,3 +54,15 @@ def test_agreed_prefix_ends_a_word_short_of_the_agreement() -> None:
 def test_no_agreement_no_prefix() -> None:
     assert agreed_prefix((), (10, 20), TS, starts_word) == ()
     assert agreed_prefix((10, 20), (40, 50), TS, starts_word) == ()
+
+
+def test_drop_reasons() -> None:
+    config = RecognizerConfig()
+    assert drop_reason(" Hello there.", 0.1, -0.3, config) is None
+    assert drop_reason(" Hello there.", 0.65, -1.5, config) is DropReason.NO_SPEECH
+    assert drop_reason(" Hello there.", 0.65, -0.3, config) is None  # unsure, but clear text
+    assert drop_reason(" Hello there.", 0.95, -0.3, config) is DropReason.NO_SPEECH
+    assert drop_reason(" Thank you for watching!", 0.1, -0.3, config) is (
+        DropReason.KNOWN_HALLUCINATION
+    )
+    assert drop_reason(" [MUSIC]", 0.1, -0.3, config) is DropReason.KNOWN_HALLUCINATION

@@ -28,6 +28,7 @@ from terra.minutes.formats import render, to_json, to_md, to_srt, to_vtt, to_xml
 from terra.minutes.service import MinutesService, State
 from terra.minutes.types import Minutes, Phrase, Speaker
 from terra.recognizer.types import (
+    DropReason,
     Priority,
     Recognition,
     RecognitionRequest,
@@ -134,7 +135,9 @@ def test_looks_wrong_catches_loops_not_speech() -> None:
     assert looks_wrong(recognition("ok", avg_logprob=-1.5), 2.0)
     fine = "Доброе утро, коллеги. Давайте начнём планёрку, у нас сегодня три вопроса."
     assert not looks_wrong(recognition(fine), 2.0)
-    assert not looks_wrong(recognition("", dropped_reason="no_speech", avg_logprob=-3), 2.0)
+    assert not looks_wrong(
+        recognition("", dropped_reason=DropReason.NO_SPEECH, avg_logprob=-3), 2.0
+    )
 
 
 # -- the job store -------------------------------------------------------------------------

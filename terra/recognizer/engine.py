@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from terra.audio import SAMPLE_RATE, Samples
 from terra.config import ModelConfig, RecognizerConfig
 from terra.recognizer import guards
-from terra.recognizer.types import Recognition, RecognitionRequest, Segment, Word
+from terra.recognizer.types import DropReason, Recognition, RecognitionRequest, Segment, Word
 from terra.recognizer.vocabulary import WhisperVocabulary
 
 log = logging.getLogger(__name__)
@@ -313,14 +313,8 @@ class WhisperEngine(WhisperVocabulary):
         avg_logprob = float(result.scores[0]) * seq_len / (seq_len + 1)
         no_speech_prob = float(result.no_speech_prob)
         ratio = guards.compression_ratio(text)
-        dropped = ""
         cfg = self._config
-        if no_speech_prob > cfg.no_speech_threshold and avg_logprob < cfg.logprob_threshold:
-            dropped = "no_speech"
-        elif no_speech_prob > cfg.no_speech_drop_threshold:
-            dropped = "no_speech"
-        elif guards.is_known_hallucination(text) or guards.is_sound_caption(text):
-            dropped = "known_hallucination"
+        dropped = guards.drop_reason(text, no_speech_prob, avg_logprob, cfg)
         if dropped:
             text, tokens = "", ()
         elif ratio > cfg.compression_ratio_threshold:
@@ -364,7 +358,9 @@ class WhisperEngine(WhisperVocabulary):
 
     @staticmethod
     def _alternatives(
-        result: ctranslate2.models.WhisperGenerationResult, tokenizer: Tokenizer, dropped: str
+        result: ctranslate2.models.WhisperGenerationResult,
+        tokenizer: Tokenizer,
+        dropped: DropReason | None,
     ) -> tuple[str, ...]:
         """The texts of the 2nd..nth beam hypotheses (n-best), when asked for. Hypotheses that
         differ only in their timestamp tokens read the same: each text is given once."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import Protocol
 
 from terra.audio import Samples
@@ -39,6 +39,13 @@ class RecognitionRequest:
     num_hypotheses: int = 1
 
 
+class DropReason(StrEnum):
+    """Why the engine's guards threw a recognition's text away (guards.drop_reason)."""
+
+    NO_SPEECH = "no_speech"  # Whisper's no-speech probability says silence or noise
+    KNOWN_HALLUCINATION = "known_hallucination"  # a phrase it invents on silence, a caption
+
+
 @dataclass(frozen=True, slots=True)
 class Word:
     """A word and its time inside the request's audio (seconds from its first sample)."""
@@ -69,7 +76,7 @@ class Recognition:
     avg_logprob: float
     compression_ratio: float
     window_s: float
-    dropped_reason: str = ""
+    dropped_reason: DropReason | None = None  # None: kept
     # Filled when the text was decoded with timestamp tokens (one segment spanning the
     # audio otherwise); words only when the request asked for word_timestamps.
     segments: tuple[Segment, ...] = ()
