@@ -181,15 +181,19 @@ class LiveService:
         held = False
         async with session.lock:
             key = post_key(fragment.post_id) if fragment.post_id is not None else None
-            if key is not None and key in session.seen_posts:
+            duplicate = key is not None and key in session.seen_posts
+            if not duplicate and fragment.offline:
+                # The spool is shared by every front end: a post another one stored (affinity
+                # lost, a client's retry) is on disk, and not counted twice.
+                duplicate = not await asyncio.to_thread(self._spool_fragment, fragment)
+                if not duplicate:
+                    self._metrics.spooled_fragments.inc()
+            if key is not None:
+                session.seen_posts.add(key)
+            if duplicate:
                 self._metrics.duplicate_fragments.inc()
                 log.info("duplicate post_id %s ignored", fragment.post_id, extra=session.ids)
             else:
-                if fragment.offline:
-                    await asyncio.to_thread(self._spool_fragment, fragment)
-                    self._metrics.spooled_fragments.inc()
-                if key is not None:
-                    session.seen_posts.add(key)
                 self._metrics.fragments.inc()
                 self._metrics.fragment_audio_seconds.inc(fragment.samples.size / 16_000)
                 if fragment.online:  # online=false: store only, no recognizer time
@@ -218,8 +222,9 @@ class LiveService:
         self._request_progress(session)
         return update.held
 
-    def _spool_fragment(self, fragment: FragmentInput) -> None:
-        self._spool.write(
+    def _spool_fragment(self, fragment: FragmentInput) -> bool:
+        """Store the fragment; False when the spool has this post already."""
+        stored = self._spool.write(
             fragment.conference_id,
             fragment.participant_id,
             fragment.participant_name,
@@ -229,6 +234,7 @@ class LiveService:
             fragment.language,
             encode_wav(fragment.samples),
         )
+        return stored is not None
 
     async def _wait_for_text(self, session: Session, held_post: str | None) -> None:
         deadline = time.monotonic() + self._stream_config.answer_wait_ms / 1000

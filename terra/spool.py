@@ -97,12 +97,18 @@ class Spool:
         post_id: str | None,
         language: str | None,
         wav: bytes,
-    ) -> SpooledFragment:
-        """Store one fragment durably; returns once it is on disk (fsync'd when enabled)."""
+    ) -> SpooledFragment | None:
+        """Store one fragment durably; returns once it is on disk (fsync'd when enabled).
+
+        None when this post (same start, same post id) is on disk already: stored by an
+        earlier request, possibly on another front end sharing the spool.
+        """
         folder = self.participant_dir(conference_id, participant_id)
+        name = f"{int(round(start_time * 1_000_000)):017d}_{post_key(post_id)}.wav"
+        if post_id is not None and (folder / name).exists():
+            return None
         folder.mkdir(parents=True, exist_ok=True)
         self._write_participant(folder, participant_id, participant_name, language)
-        name = f"{int(round(start_time * 1_000_000)):017d}_{post_key(post_id)}.wav"
         write_atomic(folder / name, wav, self.fsync)
         record = SpooledFragment(
             conference_id,
