@@ -42,7 +42,7 @@ from .test_minutes_e2e import (
 
 pytestmark = [
     pytest.mark.model,
-    pytest.mark.cluster,
+    pytest.mark.deploy,
     pytest.mark.skipif(shutil.which("haproxy") is None, reason="Debian's haproxy (scripts/test)"),
 ]
 
