@@ -16,11 +16,13 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.tokenizer import Tokenizer
+from faster_whisper.transcribe import merge_punctuations
 from numpy.typing import NDArray
 
 from terra.audio import SAMPLE_RATE, Samples
@@ -36,7 +38,6 @@ MAX_WINDOW_S = 30.0
 MAX_DECODER_TOKENS = 448
 MAX_PROMPT_TOKENS = MAX_DECODER_TOKENS // 2 - 1  # previous-text context, as Whisper does
 SECONDS_PER_TIMESTAMP = 0.02  # one timestamp token step
-ALIGN_FRAMES_PER_SECOND = 50  # cross-attention steps per second (encoder stride 2)
 SAMPLES_PER_FRAME = SAMPLE_RATE // FRAMES_PER_SECOND
 _SENTENCE_END = ".。!！?？"
 _PREPEND_PUNCTUATION = "\"'“¿([{-«"
@@ -433,10 +434,7 @@ class WhisperEngine(WhisperVocabulary):
                 continue
             item = encoded if len(batch) == 1 else _batch_item(encoded, i)
             num_frames = max(1, min(request.audio.size // SAMPLES_PER_FRAME, 3000))
-            alignment = self._ct2.align(
-                item, list(tokenizer.sot_sequence), [text_tokens], num_frames
-            )[0]
-            words = _words_from_alignment(tokenizer, text_tokens, alignment)
+            words = _aligned_words(self._model, tokenizer, text_tokens, item, num_frames)
             segments = []
             at = 0
             for part in parts:
@@ -482,39 +480,31 @@ def _batch_item(encoded: ctranslate2.StorageView, index: int) -> ctranslate2.Sto
     return ctranslate2.StorageView.from_array(np.ascontiguousarray(array[index : index + 1]))
 
 
-def _words_from_alignment(
+def _aligned_words(
+    model: WhisperModel,
     tokenizer: Tokenizer,
     text_tokens: list[int],
-    alignment: ctranslate2.models.WhisperAlignmentResult,
+    encoded: ctranslate2.StorageView,
+    num_frames: int,
 ) -> list[_TimedWord]:
-    """Word times from the DTW path over the alignment heads (faster-whisper's method)."""
-    pairs = alignment.alignments
-    if not pairs:
+    """Word times from faster-whisper's own DTW over the alignment heads
+    (``WhisperModel.find_alignment``) and its punctuation merge, with long words capped."""
+    try:
+        alignment = model.find_alignment(tokenizer, [text_tokens], encoded, num_frames)[0]
+    except IndexError:  # an empty alignment path: faster-whisper indexes past its end
         return []
-    text_indices = np.array([p[0] for p in pairs])
-    time_indices = np.array([p[1] for p in pairs])
-    names, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
-    if len(word_tokens) <= 1:
-        return []
-    boundaries = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
-    jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
-    jump_times = time_indices[jumps] / ALIGN_FRAMES_PER_SECOND
-    if jump_times.size <= int(boundaries[-1]):
-        return []
-    probabilities = np.asarray(alignment.text_token_probs, dtype=np.float64)
     words = [
         _TimedWord(
-            text=name,
-            tokens=list(tokens),
-            start_s=float(jump_times[i]),
-            end_s=float(jump_times[j]),
-            probability=float(probabilities[i:j].mean()) if j > i else 0.0,
+            text=str(timed["word"]),
+            tokens=list(timed["tokens"]),
+            start_s=float(timed["start"]),
+            end_s=float(timed["end"]),
+            probability=float(timed["probability"]),
         )
-        for name, tokens, i, j in zip(names, word_tokens, boundaries[:-1], boundaries[1:])
+        for timed in alignment
     ]
     _cap_long_words(words)
-    _merge_punctuation(words)
-    return words
+    return _merge_punctuation(words)
 
 
 def _cap_long_words(words: list[_TimedWord]) -> None:
@@ -534,19 +524,11 @@ def _cap_long_words(words: list[_TimedWord]) -> None:
             word.end_s = word.start_s + longest
 
 
-def _merge_punctuation(words: list[_TimedWord]) -> None:
-    """Attach opening punctuation to the next word and closing to the previous one."""
-    for i in range(len(words) - 2, -1, -1):
-        word, following = words[i], words[i + 1]
-        if word.text.startswith(" ") and word.text.strip() in _PREPEND_PUNCTUATION:
-            following.text = word.text + following.text
-            following.tokens = word.tokens + following.tokens
-            word.text, word.tokens = "", []
-    for i in range(1, len(words)):
-        previous, word = words[i - 1], words[i]
-        if word.text and not previous.text.endswith(" ") and word.text in _APPEND_PUNCTUATION:
-            if not previous.text:
-                continue
-            previous.text += word.text
-            previous.tokens = previous.tokens + word.tokens
-            word.text, word.tokens = "", []
+def _merge_punctuation(words: list[_TimedWord]) -> list[_TimedWord]:
+    """Attach opening punctuation to the next word and closing to the previous one
+    (faster-whisper's ``merge_punctuations``; merged-away words are left with no text)."""
+    timing: list[dict[str, Any]] = [{"word": w.text, "tokens": w.tokens} for w in words]
+    merge_punctuations(timing, _PREPEND_PUNCTUATION, _APPEND_PUNCTUATION)
+    for word, merged in zip(words, timing):
+        word.text, word.tokens = str(merged["word"]), list(merged["tokens"])
+    return words
