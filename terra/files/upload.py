@@ -1,0 +1,48 @@
+"""A request body streamed to disk: one chunk in memory at a time (aiofiles), written to a
+temp file in the target folder, fsynced, renamed into place. Nothing is left behind when
+the body is too large or the client goes away."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterable
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+
+from terra.spool import fsync_dir
+
+
+class UploadTooLarge(Exception):
+    """The body is longer than the limit."""
+
+
+async def save_stream(
+    chunks: AsyncIterable[bytes], path: Path, limit: int, *, fsync: bool = True
+) -> int:
+    """Write ``chunks`` to ``path`` atomically and return their size in bytes;
+    :class:`UploadTooLarge` as soon as they pass ``limit``."""
+    await aiofiles.os.makedirs(path.parent, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
+    size = 0
+    try:
+        async with aiofiles.open(tmp, "wb") as f:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise UploadTooLarge(f"the body is larger than {limit} bytes")
+                await f.write(chunk)
+            await f.flush()
+            if fsync:
+                await aiofiles.os.wrap(os.fsync)(f.fileno())
+        await aiofiles.os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            await aiofiles.os.remove(tmp)
+        raise
+    if fsync:
+        await aiofiles.os.wrap(fsync_dir)(path.parent)
+    return size
