@@ -1,4 +1,5 @@
-"""The IVA Terra dialect: POST /process (GET /minutes and /translate_to_any come later)."""
+"""The IVA Terra dialect's POST /process (GET /minutes and /translate_to_any: api/minutes.py,
+api/translate.py)."""
 
 from __future__ import annotations
 
