@@ -33,13 +33,19 @@ def decode_audio(data: bytes) -> Samples:
     """Decode any container soundfile reads (WAV PCM16/32/float, FLAC, OGG, ...) to 16 kHz mono."""
     if not data:
         raise AudioDecodeError("the audio file is empty")
+    frames, rate = read_container(data)
+    return to_mono_16k(frames, rate)
+
+
+def read_container(data: bytes, what: str = "audio") -> tuple[NDArray[np.float32], int]:
+    """The (frames, channels) float32 samples and the rate of a file soundfile reads."""
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            rate = f.samplerate
-            frames = f.read(dtype="float32", always_2d=True)
+            rate = int(f.samplerate)
+            frames: NDArray[np.float32] = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioDecodeError(f"cannot decode audio: {e}") from e
-    return to_mono_16k(frames, rate)
+        raise AudioDecodeError(f"cannot decode {what}: {e}") from e
+    return frames, rate
 
 
 def decode_raw_pcm16(data: bytes, channels: int = 1) -> NDArray[np.float32]:

@@ -6,13 +6,10 @@ raw PCM16 and G.711 A-law/mu-law are decoded here with numpy (``audioop`` is dep
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-import soundfile as sf
 from numpy.typing import NDArray
 
-from terra.audio import AudioDecodeError, Samples, decode_raw_pcm16, to_mono_16k
+from terra.audio import AudioDecodeError, Samples, decode_raw_pcm16, read_container, to_mono_16k
 
 CONTAINER_ENCODINGS = frozenset({"OPUS", "MP3", "FLAC", "WAV", "OGG"})
 RAW_ENCODINGS = frozenset({"PCM_S16LE", "ALAW", "MULAW"})
@@ -73,12 +70,7 @@ def decode_channels(
         else:
             frames = decode_g711(data, encoding, channels)
     else:
-        try:
-            with sf.SoundFile(io.BytesIO(data)) as f:
-                rate = f.samplerate
-                frames = f.read(dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-            raise AudioDecodeError(f"cannot decode {encoding} audio: {e}") from e
+        frames, rate = read_container(data, f"{encoding} audio")
     if frames.shape[0] == 0:
         raise AudioDecodeError("the audio file holds no samples")
     if not split or frames.shape[1] == 1:
