@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from terra.audio import SAMPLE_RATE
+from tests.fakes import FakeEngine
 
-from .conftest import ServerFactory, post_fragment
+from .conftest import SPEECH, ServerFactory, load_clip, post_fragment, stream_samples
 
 SPEECHLESS = np.zeros(SAMPLE_RATE, np.float32)
 
@@ -99,3 +100,24 @@ async def test_healthz_and_metrics(make_fast_server: ServerFactory) -> None:
         "terra_fragments_total 1.0",
     ):
         assert name in text
+
+
+async def test_captions_only_to_english(make_fast_server: ServerFactory) -> None:
+    client = await make_fast_server()
+    status, body = await post_fragment(client, extra={"lang2": "de"})
+    assert status == 400 and "only en" in body["detail"]
+
+
+async def test_online_false_costs_no_recognizer_time(
+    make_fast_server: ServerFactory, fake_engine: FakeEngine
+) -> None:
+    client = await make_fast_server()
+    speech = load_clip(SPEECH / "clips" / "faster_whisper" / "jfk.flac")
+    answers = await stream_samples(client, speech, online=False)
+    assert all(answer == [] for answer in answers)
+    # Spooled before each 200; never fed to the live stream, so nothing was queued either.
+    health = await (await client.get("/healthz")).json()
+    assert health["recognizer_queue_depth"] == 0 and fake_engine.requests == 0
+    metrics = await (await client.get("/metrics")).text()
+    assert "terra_recognizer_batch_size_count 0.0" in metrics
+    assert f"terra_spooled_fragments_total {len(answers)}.0" in metrics
