@@ -120,6 +120,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             **os.environ,
             "TERRA_LB_BIND": f"127.0.0.1:{ports[2]}",
             "TERRA_STATS_BIND": f"127.0.0.1:{ports[3]}",
+            "TERRA_HAPROXY_SOCKET": str(folder / "haproxy.sock"),
             "TERRA_FRONTEND_1": f"127.0.0.1:{ports[0]}",
             "TERRA_FRONTEND_2": f"127.0.0.1:{ports[1]}",
             "TERRA_FRONTEND_3": "absent.invalid:9001",  # two front ends here: the third is left out

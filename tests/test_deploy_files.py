@@ -1,0 +1,87 @@
+"""deploy/: the compose file, the front ends' config and the HAProxy config fit together.
+
+Docker cannot run on the development machine, so docker-compose.yml is checked for its
+structure (services, shared volume, the addresses HAProxy is given) rather than started;
+deploy/haproxy.cfg runs for real in tests/test_deploy.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from terra.config import load_config
+
+from .conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+
+
+def compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    return document
+
+
+def haproxy_servers() -> dict[str, str]:
+    """fe name -> the environment variable its address comes from."""
+    text = (DEPLOY / "haproxy.cfg").read_text()
+    return dict(re.findall(r'^\s*server (\w+) "\$\{(\w+)-[^}]*\}"', text, re.MULTILINE))
+
+
+def test_compose_has_every_part_and_front_ends_share_storage() -> None:
+    services = compose()["services"]
+    assert {"ray-head", "recognizer", "recognizer-deploy", "haproxy"} <= set(services)
+    front_ends = sorted(name for name in services if name.startswith("frontend"))
+    assert len(front_ends) >= 2
+    config = load_config(DEPLOY / "terra.yaml", environ={})
+    shared = [
+        Path(config.spool.dir),
+        Path(config.minutes.dir),
+        Path(config.minutes.jobs_dir),
+        Path(config.files.dir),
+        Path(config.files.jobs_dir),
+    ]
+    for name in front_ends:
+        service = services[name]
+        assert "terra serve" in service["command"]
+        assert service["environment"]["TERRA_RECOGNIZER_BACKEND"] == "ray"
+        mounts = dict(v.split(":")[:2][::-1] for v in service["volumes"])
+        assert mounts["/etc/terra/config.yaml"] == "./terra.yaml"
+        volume = mounts["/var/lib/terra"]
+        assert volume in compose()["volumes"]
+        assert all(d.is_relative_to("/var/lib/terra") for d in shared), shared
+    assert "ray start --head" in services["ray-head"]["command"]
+    assert "terra recognizer" in services["recognizer-deploy"]["command"]
+    assert (ROOT / services["recognizer"]["build"]["dockerfile"]).is_file()
+
+
+def test_haproxy_gets_one_server_per_front_end() -> None:
+    services = compose()["services"]
+    haproxy = services["haproxy"]
+    assert "./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in haproxy["volumes"]
+    environment = haproxy["environment"]
+    servers = haproxy_servers()
+    addresses = {environment[variable] for variable in servers.values()}
+    front_ends = {name for name in services if name.startswith("frontend")}
+    assert addresses == {f"{name}:9001" for name in front_ends}
+    assert environment["TERRA_LB_BIND"].endswith(":9001")
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="Debian's haproxy (scripts/test)")
+def test_haproxy_accepts_the_config_with_the_compose_environment() -> None:
+    environment = {**os.environ, **compose()["services"]["haproxy"]["environment"]}
+    result = subprocess.run(
+        ["haproxy", "-c", "-f", str(DEPLOY / "haproxy.cfg")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Configuration file is valid" in result.stdout + result.stderr
