@@ -17,6 +17,7 @@ from terra.api import minutes as minutes_api
 from terra.api import salute as salute_api
 from terra.api import terra as terra_api
 from terra.api import translate as translate_api
+from terra.api import viewer as viewer_api
 from terra.api.errors import Handler, error_middleware
 from terra.config import Config
 from terra.feed import FeedHub
@@ -105,6 +106,7 @@ def create_app(config: Config, engine: RecognitionEngine | None = None) -> web.A
     salute_api.add_routes(app)
     connecte_api.add_routes(app)
     docs_api.add_routes(app)
+    viewer_api.add_routes(app)
     return app
 
 

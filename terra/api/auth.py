@@ -9,12 +9,14 @@ surrogate from a JSON ``\\ud800``) is refused like a wrong one: 401, never a 500
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Iterable
 
 from aiohttp import web
 
 from terra import keys
 from terra.api.errors import Unauthorized
+from terra.links import verify_link
 
 
 def _as_bytes(token: object) -> bytes | None:
@@ -75,3 +77,32 @@ def require_bearer(request: web.Request) -> None:
 def require_query_token(request: web.Request) -> None:
     """401 unless ``?token=`` is a server token."""
     check_token(request.app[keys.CONFIG].server.tokens, query_token(request))
+
+
+def viewer_token(request: web.Request) -> str | None:
+    """A viewer's token: ``Authorization: Bearer`` (scripts) or ``?token=`` (pages, and the
+    browser's EventSource, which cannot set headers)."""
+    return bearer_token(request) or query_token(request) or None
+
+
+def require_viewer(request: web.Request, conference_id: str) -> None:
+    """401 unless the request may watch ``conference_id``: a ``server.viewer_tokens`` token,
+    a signed link for this conference that has not expired (``terra/links.py``), or a
+    server token."""
+    config = request.app[keys.CONFIG]
+    token = viewer_token(request)
+    if token is None:
+        raise Unauthorized("token is required (?token= or Authorization: Bearer)")
+    if token_matches(config.server.viewer_tokens, token):
+        return
+    if _as_bytes(token) is not None and verify_link(
+        config.server.link_secret, conference_id, token, time.time()
+    ):
+        return
+    check_token(config.server.tokens, token)
+
+
+def require_operator(request: web.Request) -> None:
+    """401 unless ``?token=`` or ``Authorization: Bearer`` is a server token (not a viewer's:
+    what it opens spans conferences)."""
+    check_token(request.app[keys.CONFIG].server.tokens, viewer_token(request))

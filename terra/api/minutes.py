@@ -8,7 +8,7 @@ from pathlib import Path
 from aiohttp import web
 
 from terra import keys
-from terra.api.auth import require_query_token
+from terra.api.auth import require_viewer
 from terra.api.errors import BadRequest, NotFound, ServerError
 from terra.api.respond import json_response
 from terra.config import zone_of
@@ -34,7 +34,9 @@ async def minutes(request: web.Request) -> web.Response:
     """404 when nothing was spooled; ``queueplacing`` on the call that queues a compile;
     ``running`` (with the queue time and progress) until it is done; then the protocol."""
     config = request.app[keys.CONFIG]
-    require_query_token(request)
+    # A server token, or a viewer's (a viewer token or this conference's signed link), as the
+    # minutes viewer page passes on.
+    require_viewer(request, request.match_info["conference_id"])
     try:
         conference_id = validate_id("conference_id", request.match_info["conference_id"])
     except ParamError as e:

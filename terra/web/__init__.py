@@ -1,0 +1,1 @@
+"""The viewers' pages: static HTML, CSS and JavaScript (no build step, no CDN)."""
