@@ -384,8 +384,20 @@ async def test_front_end_killed_under_load(cluster: Cluster) -> None:
             )
 
         # Live text resumed on the survivor: finals of speech after the kill came back.
-        after_kill = [e for at, _, e in finals if at > killed_at]
+        after_kill = [at for at, _, _ in finals if at > killed_at]
         assert after_kill, f"no final after the kill; errors: {errors}"
+        async with session.get(f"{cluster.stats_url}/metrics") as response:
+            moved = re.findall(
+                r"^haproxy_backend_(retry|redispatch)_warnings_total"
+                r'\{proxy="terra_frontends"\} (\d+)',
+                await response.text(),
+                re.MULTILINE,
+            )
+        # What happened, for the record (`pytest -s`); timings on a shared CPU are indicative.
+        print(
+            f"failover: first final {min(after_kill) - killed_at:.2f} s after the kill; "
+            f"HAProxy {dict(moved)}; fragments the client had to send again: {len(errors)}"
+        )
         async with session.get(f"{survivor.url}/healthz") as response:
             assert (await response.json())["participants"] >= len(tracks)
 
