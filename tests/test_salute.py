@@ -374,3 +374,22 @@ async def test_uploads_and_results_expire(make_fast_server: ServerFactory, tmp_p
         "/rest/v1/speech:async_recognize", json={"request_file_id": file_id}, headers=AUTH
     )
     assert response.status == 404
+
+
+async def test_a_chunked_upload_over_the_limit_is_413_and_leaves_nothing(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    """No Content-Length: the body is streamed to disk and cut off at the limit."""
+    client = await make_fast_server(files=files_section(tmp_path, max_upload_bytes=64_000))
+
+    async def body(parts: int) -> Any:
+        for _ in range(parts):
+            yield b"\0" * 16_000
+
+    response = await client.post("/rest/v1/data:upload", data=body(5), headers=AUTH)
+    assert response.status == 413
+    assert await response.json() == {"status": 413, "message": "Payload too large"}
+    uploads = tmp_path / "files" / "salute" / "uploads"
+    assert not uploads.exists() or not any(uploads.iterdir())
+    file_id = await upload(client, b"".join([b"\0" * 16_000] * 4))  # at the limit: kept
+    assert (uploads / file_id).stat().st_size == 64_000

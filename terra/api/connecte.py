@@ -38,6 +38,7 @@ from terra.files.codecs import decode_channels
 from terra.files.fetch import Fetcher, FetchError, decode_data_uri
 from terra.files.service import FileJobService, JobFailed, QueueFull
 from terra.files.transcribe import FileOptions, Utterance, transcribe
+from terra.files.upload import in_memory
 from terra.jobs import Job, JobStatus
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ async def create(request: web.Request) -> web.Response:
             data = decode_data_uri(prediction_input["audio"], config.url_max_bytes)
         except FetchError as e:
             raise BadRequest(str(e)) from e
-        upload = await state.service.save_upload(data)
+        upload = await state.service.save_upload(in_memory(data), len(data))
         header = prediction_input["audio"].partition(",")[0]
         prediction_input["audio"] = f"{header},<{len(data)} bytes>"
     waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()

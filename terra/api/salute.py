@@ -52,6 +52,7 @@ from terra.config import FilesConfig
 from terra.files.codecs import ENCODINGS, decode_channels
 from terra.files.service import FileJobService, JobFailed, QueueFull
 from terra.files.transcribe import FileOptions, Utterance, hint_tokens, transcribe
+from terra.files.upload import UploadTooLarge, request_body
 from terra.jobs import Job, JobStatus
 
 KIND = "salute"
@@ -309,20 +310,6 @@ def _authorize(request: web.Request) -> None:
         raise Unauthorized("Unauthorized") from e
 
 
-async def read_limited(request: web.Request, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it is longer than ``limit``."""
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge("Payload too large")
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await request.content.read(256 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge("Payload too large")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 def _ok(result: dict[str, Any]) -> web.Response:
     return json_response({"status": 200, "result": result})
 
@@ -349,10 +336,17 @@ def task_json(job: Job) -> dict[str, Any]:
 async def upload(request: web.Request) -> web.Response:
     """POST /rest/v1/data:upload: the body is the audio."""
     _authorize(request)
-    data = await read_limited(request, request.app[keys.CONFIG].files.max_upload_bytes)
-    if not data:
+    limit = request.app[keys.CONFIG].files.max_upload_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge("Payload too large")
+    first = await request.content.readany()
+    if not first:
         raise BadRequest("the request body (the audio file) is empty")
-    file_id = await request.app[SALUTE].save_upload(data)
+    try:
+        # Streamed to disk: a 100 MiB upload is never held in memory.
+        file_id = await request.app[SALUTE].save_upload(request_body(first, request.content), limit)
+    except UploadTooLarge as e:
+        raise PayloadTooLarge("Payload too large") from e
     return _ok({"request_file_id": file_id})
 
 

@@ -13,11 +13,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from terra.config import FilesConfig
+from terra.files.upload import save_stream
 from terra.jobs import Job, JobStatus, JobStore, new_job
 from terra.spool import write_atomic
 
@@ -79,9 +80,11 @@ class FileJobService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- files ---------------------------------------------------------------------------
-    async def save_upload(self, data: bytes) -> str:
+    async def save_upload(self, chunks: AsyncIterable[bytes], limit: int) -> str:
+        """Stream an upload to disk and return its id (:class:`UploadTooLarge` past
+        ``limit`` bytes, with nothing kept)."""
         file_id = str(uuid.uuid4())
-        await asyncio.to_thread(write_atomic, self.uploads / file_id, data, self._fsync)
+        await save_stream(chunks, self.uploads / file_id, limit, fsync=self._fsync)
         return file_id
 
     def upload_path(self, file_id: str) -> Path | None:

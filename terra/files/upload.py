@@ -7,17 +7,32 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
 import aiofiles
 import aiofiles.os
+from aiohttp import StreamReader
 
 from terra.spool import fsync_dir
+
+CHUNK_BYTES = 256 * 1024
 
 
 class UploadTooLarge(Exception):
     """The body is longer than the limit."""
+
+
+async def in_memory(data: bytes) -> AsyncIterator[bytes]:
+    """Bytes already in memory (a decoded ``data:`` URI) as a stream of one chunk."""
+    yield data
+
+
+async def request_body(first: bytes, rest: StreamReader) -> AsyncIterator[bytes]:
+    """A request body whose first chunk was read already (to refuse an empty one)."""
+    yield first
+    async for chunk in rest.iter_chunked(CHUNK_BYTES):
+        yield chunk
 
 
 async def save_stream(
