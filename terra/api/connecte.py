@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from yarl import URL
 
 from terra import keys
 from terra.api.auth import require_bearer
@@ -69,6 +71,18 @@ _LANGUAGE = re.compile(r"^[a-z]{2,3}$")
 
 
 # -- input --------------------------------------------------------------------------------
+def _check_http_url(value: str, name: str) -> None:
+    """400 unless ``value`` is an http(s) URL with a host that can be encoded (IDNA)."""
+    if not value.startswith(("http://", "https://")):
+        raise BadRequest(f"{name} must be an http(s) URL")
+    try:
+        host = URL(value).raw_host
+    except (ValueError, UnicodeError) as e:
+        raise BadRequest(f"{name} is not a valid URL: {e}") from e
+    if not host:
+        raise BadRequest(f"{name} has no host")
+
+
 def parse_input(body: Any) -> dict[str, Any]:
     """The request body, validated and with defaults filled (it is echoed as ``input``)."""
     if not isinstance(body, dict):
@@ -78,6 +92,8 @@ def parse_input(body: Any) -> dict[str, Any]:
         raise BadRequest("audio is required: an http(s) URL or a data: URI")
     if not audio.startswith(("http://", "https://", "data:")):
         raise BadRequest("audio must be an http(s) URL or a data: URI")
+    if not audio.startswith("data:"):
+        _check_http_url(audio, "audio")
     language = str(body.get("language") or "auto").lower()
     if language != "auto" and not _LANGUAGE.fullmatch(language):
         raise BadRequest(f"language must be 'auto' or a code such as 'ru', got {language!r}")
@@ -320,9 +336,11 @@ async def create(request: web.Request) -> web.Response:
         timeout_s = float(request.headers.get("Request-Timeout", config.sync_timeout_s))
     except ValueError as e:
         raise BadRequest("Request-Timeout must be a number of seconds") from e
+    if not math.isfinite(timeout_s):
+        raise BadRequest("Request-Timeout must be a finite number of seconds")
     webhook = request.headers.get("Webhook-URL", "")
-    if webhook and not webhook.startswith(("http://", "https://")):
-        raise BadRequest("Webhook-URL must be an http(s) URL")
+    if webhook:
+        _check_http_url(webhook, "Webhook-URL")
     state = request.app[CONNECTE]
     upload = ""
     if prediction_input["audio"].startswith("data:"):
