@@ -1,4 +1,4 @@
-"""Command line: ``terra serve | models | stream | minutes``."""
+"""Command line: ``terra serve | models | stream | minutes | link``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from terra.links import add_link_arguments
     from terra.minutes.cli import add_minutes_arguments
     from terra.models import add_models_arguments
     from terra.streamclient import add_stream_arguments
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     minutes = commands.add_parser("minutes", help="compile a conference's minutes from the spool")
     add_minutes_arguments(minutes)
+
+    link = commands.add_parser("link", help="signed viewer links to a conference's pages")
+    add_link_arguments(link)
     return parser
 
 
@@ -76,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from terra.minutes.cli import run_minutes_command
 
         return run_minutes_command(args)
+    if args.command == "link":
+        from terra.links import run_link_command
+
+        return run_link_command(args)
     if args.command == "stream":
         from terra.streamclient import run_stream_command
 

@@ -357,3 +357,22 @@ def test_malformed_links_are_refused(bad: str) -> None:
     from terra.links import verify_link
 
     assert not verify_link(SECRET, "c1", bad, time.time())
+
+
+def test_terra_link_prints_links_that_open_the_conference(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from terra.cli import main
+    from terra.links import verify_link
+
+    monkeypatch.setenv("TERRA_LINK_SECRET", SECRET)
+    assert main(["link", "c1", "--hours", "2", "--url", "http://terra.example:9001/"]) == 0
+    live, minutes = capsys.readouterr().out.split()
+    assert live.startswith("http://terra.example:9001/live/c1?token=")
+    assert minutes.startswith("http://terra.example:9001/minutes/c1/view?token=")
+    token = live.partition("token=")[2]
+    assert verify_link(SECRET, "c1", token, time.time() + 7000)
+    assert not verify_link(SECRET, "c1", token, time.time() + 7300)
+    assert not verify_link(SECRET, "c2", token, time.time())
+    monkeypatch.delenv("TERRA_LINK_SECRET")
+    assert main(["link", "c1"]) == 2  # no secret: no links

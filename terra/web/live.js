@@ -16,10 +16,10 @@
   $("conference").textContent = conferenceId;
   document.title = "Live captions · " + conferenceId;
 
+  const hues = new Map(); // participant_id -> hue: the golden angle apart, in order of arrival
   function hue(id) {
-    let h = 0;
-    for (const c of id) h = (h * 31 + c.codePointAt(0)) % 360;
-    return h;
+    if (!hues.has(id)) hues.set(id, Math.round((hues.size * 137.508 + 210) % 360));
+    return hues.get(id);
   }
   function clock(seconds) {
     const d = new Date(seconds * 1000);

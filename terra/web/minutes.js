@@ -18,10 +18,10 @@
     if (token) query.set("token", token);
     return "/minutes/" + encodeURIComponent(conferenceId) + "?" + query;
   }
+  const hues = new Map(); // participant_id -> hue: the golden angle apart, in order of arrival
   function hue(id) {
-    let h = 0;
-    for (const c of id) h = (h * 31 + c.codePointAt(0)) % 360;
-    return h;
+    if (!hues.has(id)) hues.set(id, Math.round((hues.size * 137.508 + 210) % 360));
+    return hues.get(id);
   }
   function offset(seconds) {
     const s = Math.floor(seconds), h = Math.floor(s / 3600), m = Math.floor(s / 60) % 60;
