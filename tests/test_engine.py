@@ -100,8 +100,8 @@ def test_one_call_serves_mixed_windows_and_contexts(engine: WhisperEngine) -> No
         ),
     ]
     assert len({engine.batch_key(r) for r in requests}) == 1
-    together = engine.recognize(requests)
-    assert [t.batch_size for t in engine.last_timings] == [2, 2]  # no context | context
+    together, timings = engine.recognize_timed(requests)
+    assert [t.batch_size for t in timings] == [2, 2]  # no context | context
     alone = [engine.recognize([r])[0] for r in requests]
     for a, b in zip(alone, together):
         assert a.text.strip() and cer(a.text, b.text) <= 0.1, (a.text, b.text)

@@ -97,7 +97,6 @@ class WhisperEngine(WhisperVocabulary):
         self._config = config
         self._buckets = tuple(sorted(min(b, MAX_WINDOW_S) for b in config.window_buckets_s))
         self.multilingual = bool(model.model.is_multilingual)
-        self.last_timings: list[EngineTimings] = []
 
     # -- window sizing -------------------------------------------------------------------
     def window_seconds(self, n_samples: int) -> float:
@@ -124,6 +123,13 @@ class WhisperEngine(WhisperVocabulary):
     # -- recognition ---------------------------------------------------------------------
     def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
         """Recognize requests, batching those that share a key (see ``batch_key``)."""
+        return self.recognize_timed(requests)[0]
+
+    def recognize_timed(
+        self, requests: Sequence[RecognitionRequest]
+    ) -> tuple[list[Recognition], list[EngineTimings]]:
+        """``recognize``, and the size, window and time of each model call it made (returned,
+        not kept: worker threads call the engine at once)."""
         results: list[Recognition | None] = [None] * len(requests)
         # CTranslate2 needs <|startoftranscript|> at one position across a batch: requests
         # with context share a call with their contexts cut to the shortest among them, and
@@ -140,7 +146,7 @@ class WhisperEngine(WhisperVocabulary):
                 request.num_hypotheses,
             )
             groups.setdefault(key, []).append(index)
-        self.last_timings = []
+        timings: list[EngineTimings] = []
         for (_, beam_size, _, _), indices in groups.items():
             started = time.perf_counter()
             batch = [requests[i] for i in indices]
@@ -157,10 +163,8 @@ class WhisperEngine(WhisperVocabulary):
                 )
             for i, result in zip(indices, recognized):
                 results[i] = result
-            self.last_timings.append(
-                EngineTimings(len(batch), window_s, time.perf_counter() - started)
-            )
-        return [r for r in results if r is not None]
+            timings.append(EngineTimings(len(batch), window_s, time.perf_counter() - started))
+        return [r for r in results if r is not None], timings
 
     def _features(self, audio: Samples, window_s: float) -> NDArray[np.float32]:
         window_samples = int(window_s * SAMPLE_RATE)
