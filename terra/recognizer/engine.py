@@ -44,13 +44,6 @@ _PREPEND_PUNCTUATION = "\"'“¿([{-«"
 _APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、»"
 
 
-@dataclass(frozen=True, slots=True)
-class EngineTimings:
-    batch_size: int
-    window_s: float
-    seconds: float
-
-
 def load_whisper(model_path: str, config: ModelConfig, workers: int = 1) -> WhisperModel:
     """Load a faster-whisper model from a folder (or a hub name when downloads are allowed).
 
@@ -82,6 +75,15 @@ def generation_limit(prompt_length: int, budget: int) -> int:
     context with the plain budget would leave no room at all.
     """
     return min(max(2 * budget, budget + prompt_length - 1), MAX_DECODER_TOKENS)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineTimings:
+    """One model call of :meth:`WhisperEngine.recognize_timed`."""
+
+    batch_size: int
+    window_s: float
+    seconds: float
 
 
 class WhisperEngine(WhisperVocabulary):
