@@ -6,6 +6,8 @@ Inside terra all audio is float32 mono at 16 kHz and time is counted in integer 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
@@ -29,31 +31,124 @@ def samples_to_ms(samples: int) -> int:
     return int(round(samples * 1000 / SAMPLE_RATE))
 
 
-def decode_audio(data: bytes) -> Samples:
-    """Decode any container soundfile reads (WAV PCM16/32/float, FLAC, OGG, ...) to 16 kHz mono."""
+@dataclass(frozen=True, slots=True)
+class AudioLimits:
+    """What a decoder accepts, checked against the declared format before any sample is
+    decoded, and again while decoding (a header may lie): ``max_seconds`` of audio in all
+    (summed over the tracks when channels are kept apart), rates and channel counts."""
+
+    max_seconds: float
+    min_rate: int = 4_000
+    max_rate: int = 384_000
+    max_channels: int = 8
+
+    def check_format(self, rate: int, channels: int) -> None:
+        if not self.min_rate <= rate <= self.max_rate:
+            raise AudioDecodeError(
+                f"the sample rate {rate} Hz is out of range ({self.min_rate}..{self.max_rate})"
+            )
+        if not 1 <= channels <= self.max_channels:
+            raise AudioDecodeError(f"{channels} channels are out of range (1..{self.max_channels})")
+
+    def max_frames(self, rate: int, tracks: int) -> int:
+        return int(self.max_seconds * rate / max(tracks, 1))
+
+    def check_frames(self, frames: int, rate: int, tracks: int) -> None:
+        if frames > self.max_frames(rate, tracks):
+            raise AudioTooLong(
+                f"the audio lasts {frames / rate:.1f} s"
+                + (f" on {tracks} channels" if tracks > 1 else "")
+                + f": more than the {self.max_seconds:g} s allowed"
+            )
+
+
+class AudioTooLong(AudioDecodeError):
+    """The audio (as declared or as decoded) is longer than the limit: a 413."""
+
+
+# Decoding runs block by block: a block of this many frames at its own rate is the most
+# held at once besides the 16 kHz output.
+BLOCK_FRAMES = 64 * 1024
+
+Block = NDArray[np.float32]  # (frames, channels) at the source rate
+
+
+def decode_blocks(
+    blocks: Iterable[Block], rate: int, channels: int, split: bool, limits: AudioLimits
+) -> list[Samples]:
+    """(frames, channels) blocks to 16 kHz tracks (one per channel when ``split``, else one
+    down-mixed), resampled as a stream, refused as soon as they pass ``limits``."""
+    limits.check_format(rate, channels)
+    tracks = channels if split else 1
+    max_frames = limits.max_frames(rate, tracks)
+    resamplers = (
+        [soxr.ResampleStream(rate, SAMPLE_RATE, 1, quality="HQ") for _ in range(tracks)]
+        if rate != SAMPLE_RATE
+        else None
+    )
+    parts: list[list[Samples]] = [[] for _ in range(tracks)]
+    total = 0
+    for block in blocks:
+        total += block.shape[0]
+        if total > max_frames:
+            limits.check_frames(total, rate, tracks)
+        for t in range(tracks):
+            column = block[:, t] if split else block.mean(axis=1, dtype=np.float32)
+            column = np.ascontiguousarray(column, dtype=np.float32)
+            parts[t].append(resamplers[t].resample_chunk(column) if resamplers else column.copy())
+    if resamplers:
+        for t in range(tracks):
+            parts[t].append(resamplers[t].resample_chunk(np.zeros(0, np.float32), last=True))
+    return [
+        np.concatenate(p).astype(np.float32, copy=False) if p else np.zeros(0, np.float32)
+        for p in parts
+    ]
+
+
+def open_container(data: bytes) -> sf.SoundFile:
+    try:
+        return sf.SoundFile(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioDecodeError(f"cannot decode audio: {e}") from e
+
+
+def decode_container(data: bytes, split: bool, limits: AudioLimits) -> list[Samples]:
+    """Anything soundfile reads: its declared rate, channels and length are checked against
+    ``limits`` before decoding, which then runs in blocks of BLOCK_FRAMES."""
     if not data:
         raise AudioDecodeError("the audio file is empty")
-    frames, rate = read_container(data)
-    return to_mono_16k(frames, rate)
+    with open_container(data) as f:
+        rate, channels = f.samplerate, f.channels
+        limits.check_format(rate, channels)
+        if f.frames < 2**62:  # libsndfile's "unknown" is SF_COUNT_MAX
+            limits.check_frames(f.frames, rate, channels if split else 1)
+        try:
+            return decode_blocks(
+                f.blocks(BLOCK_FRAMES, dtype="float32", always_2d=True),
+                rate,
+                channels,
+                split,
+                limits,
+            )
+        except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+            raise AudioDecodeError(f"cannot decode audio: {e}") from e
 
 
-def read_container(data: bytes, what: str = "audio") -> tuple[NDArray[np.float32], int]:
-    """The (frames, channels) float32 samples and the rate of a file soundfile reads."""
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            rate = int(f.samplerate)
-            frames: NDArray[np.float32] = f.read(dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioDecodeError(f"cannot decode {what}: {e}") from e
-    return frames, rate
+def decode_audio(data: bytes, limits: AudioLimits) -> Samples:
+    """Decode any container soundfile reads (WAV PCM16/32/float, FLAC, OGG, ...) to 16 kHz
+    mono, within ``limits``."""
+    return decode_container(data, split=False, limits=limits)[0]
 
 
-def decode_raw_pcm16(data: bytes, channels: int = 1) -> NDArray[np.float32]:
-    """Raw little-endian PCM16 as (frames, channels) float32 at its own rate."""
+def pcm16_blocks(data: bytes, channels: int) -> Iterator[Block]:
+    """Raw little-endian PCM16 as (frames, channels) float32 blocks."""
     if len(data) % (2 * channels):
         raise AudioDecodeError("raw PCM16 length is not a whole number of frames")
-    pcm = np.frombuffer(data, dtype="<i2").reshape(-1, channels)
-    return (pcm.astype(np.float32) / 32768.0).astype(np.float32)
+    step = BLOCK_FRAMES * 2 * channels
+    view = memoryview(data)
+    for at in range(0, len(data), step):
+        pcm = np.frombuffer(view[at : at + step], dtype="<i2").reshape(-1, channels)
+        yield (pcm.astype(np.float32) / 32768.0).astype(np.float32, copy=False)
 
 
 def to_mono_16k(frames: NDArray[np.float32], rate: int) -> Samples:

@@ -37,6 +37,9 @@ class ServerConfig:
     port: int = 9001
     tokens: tuple[str, ...] = ("ivcs",)
     max_upload_bytes: int = 20 * 1024 * 1024
+    max_form_parts: int = 64  # multipart parts in one request; more: 400
+    body_timeout_s: float = 60.0  # the whole body must arrive in this time; else 408
+    max_json_depth: int = 32  # JSON bodies nested deeper: 400
     log_level: str = "INFO"
     log_json: bool = True
     # Viewers (the event feed, the transcript and the pages) take these tokens, a signed
@@ -74,6 +77,11 @@ class StreamConfig:
     min_speech_ms: int = 250
     timezone: str = ""
     captions: str = ""
+    # The longest fragment POST /process decodes (declared length, checked before decoding).
+    max_fragment_ms: int = 30_000
+    # A fragment's time (timestamp_float or the file name's) must be within this many seconds
+    # of the server's clock (0: any time from 1970 to 2106).
+    max_clock_skew_s: float = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +190,8 @@ class FilesConfig:
     workers: int = 1
     max_queued: int = 64
     max_upload_bytes: int = 100 * 1024 * 1024
+    # The longest audio a file job decodes (summed over channels recognised apart).
+    max_audio_s: float = 3 * 3600.0
     max_in_flight: int = 3
     beam_size: int = 5
     chunking: ChunkOptions = field(default_factory=ChunkOptions)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
+
+from faster_whisper.tokenizer import _LANGUAGE_CODES
 
 # The one id rule (conferences, participants, jobs, post keys): ids become folder and file
 # names. Always applied with fullmatch: ``$`` in re.match would let a trailing "\n" through.
@@ -24,6 +27,13 @@ FILENAME_PATTERN = re.compile(
     r"(?P<date>\d{8})_(?P<hour>\d{2})_(?P<minute>\d{2})_(?P<second>\d{2})_(?P<micro>\d{6})"
     r"\.[A-Za-z0-9]+$"
 )
+
+# Whisper's languages (faster-whisper's list): the only codes the tokenizer takes.
+LANGUAGES = frozenset(_LANGUAGE_CODES)
+
+# No time before 1970 or after 2106 (unsigned 32-bit seconds) is a fragment's time, whatever
+# the configured window around the server's clock.
+LATEST_TIME = float(2**32)
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -47,6 +57,37 @@ def validate_id(name: str, value: str | None) -> str:
     if not is_safe_id(value):
         raise ParamError(f"{name} must match [A-Za-z0-9_-]{{1,128}}, got {value[:140]!r}")
     return value
+
+
+def parse_language(name: str, value: str | None) -> str | None:
+    """A Whisper language code (``ru``, ``en``, ...), or None for absent/``auto`` (detect).
+    Anything else is refused: an unknown code would fail the whole batch it rides in."""
+    if value is None:
+        return None
+    code = value.strip().lower()
+    if code in ("", "auto"):
+        return None
+    if code not in LANGUAGES:
+        raise ParamError(
+            f"{name} must be a language code Whisper knows (such as ru or en), got {value[:20]!r}"
+        )
+    return code
+
+
+def clean_name(value: str | None, default: str, max_chars: int = 256) -> str:
+    """A display name safe for XML, JSON and logs: control characters, surrogates and
+    non-characters become spaces, runs of white space one space, ends stripped."""
+    if not value:
+        return default
+    kept = []
+    for char in value[: max_chars * 2]:
+        category = unicodedata.category(char)
+        if category in ("Cc", "Cs", "Cn", "Zl", "Zp"):
+            kept.append(" ")
+        else:
+            kept.append(char)
+    cleaned = " ".join("".join(kept).split())[:max_chars].strip()
+    return cleaned or default
 
 
 def parse_bool(name: str, value: str | None, default: bool) -> bool:
@@ -84,10 +125,28 @@ def to_unix(local_time: datetime, zone: ZoneInfo | None) -> float:
     return local_time.timestamp()
 
 
+def check_time(moment: float, now: float | None, max_skew_s: float, source: str) -> float:
+    """``moment`` if it is a plausible fragment time: after 1970 and before 2106, and within
+    ``max_skew_s`` of ``now`` when both are given (0: no window)."""
+    if not 0 < moment < LATEST_TIME:
+        raise ParamError(f"{source} {moment!r} is not a time between 1970 and 2106")
+    if now is not None and max_skew_s > 0 and abs(moment - now) > max_skew_s:
+        raise ParamError(
+            f"{source} {moment:.3f} is {moment - now:+.0f} s from the server's clock "
+            f"(at most {max_skew_s:g} s either way)"
+        )
+    return moment
+
+
 def parse_timestamp(
-    value: str | None, filename: FilenameInfo | None, zone: ZoneInfo | None
+    value: str | None,
+    filename: FilenameInfo | None,
+    zone: ZoneInfo | None,
+    now: float | None = None,
+    max_skew_s: float = 0.0,
 ) -> float:
-    """``timestamp_float`` if given and non-zero, else the time in the file name."""
+    """``timestamp_float`` if given and non-zero, else the time in the file name; either
+    must pass :func:`check_time`."""
     if value is not None and value.strip() != "":
         try:
             number = float(value)
@@ -96,10 +155,10 @@ def parse_timestamp(
         if not math.isfinite(number) or number < 0:
             raise ParamError(f"timestamp_float must be a finite positive number, got {value!r}")
         if number > 0:
-            return number
+            return check_time(number, now, max_skew_s, "timestamp_float")
     if filename is None:
         raise ParamError(
             "timestamp_float is absent or 0 and the audiofile name does not carry a time "
             "({conf_id}:a-{participant_id}_{YYYYMMDD}_{HH}_{MM}_{SS}_{micro}.wav)"
         )
-    return to_unix(filename.local_time, zone)
+    return check_time(to_unix(filename.local_time, zone), now, max_skew_s, "the file name's time")

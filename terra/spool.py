@@ -21,7 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from terra.params import is_safe_id
+from terra.params import clean_name, is_safe_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +190,7 @@ def read_conference(root: Path, conference_id: str) -> list[StoredParticipant]:
         name, language = entry.name, None
         try:
             info = json.loads((entry / "participant.json").read_text(encoding="utf-8"))
-            name = str(info.get("participant_name") or name)
+            name = clean_name(str(info.get("participant_name") or ""), entry.name)
             language = info.get("language") or None
         except (OSError, ValueError, AttributeError):
             pass

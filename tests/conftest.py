@@ -76,6 +76,9 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         "server": {"tokens": [TOKEN]},
         "spool": {"dir": str(tmp_path / "spool")},
         "minutes": {"dir": str(tmp_path / "minutes"), "jobs_dir": str(tmp_path / "jobs")},
+        # The tests' fragments carry fixed times (2024, or 1970 + 1000 s): no window around
+        # the clock (tests/test_hostile_http.py checks the window).
+        "stream": {"max_clock_skew_s": 0},
     }
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)

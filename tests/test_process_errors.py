@@ -64,7 +64,7 @@ async def test_missing_audiofile(make_fast_server: ServerFactory) -> None:
     client = await make_fast_server()
     response = await client.post(
         "/process",
-        params={"conference_id": "c", "participant_id": "p", "token": "x"},
+        params={"conference_id": "c", "participant_id": "p", "token": "test-token"},
         data={"token": "test-token"},
     )
     assert response.status == 400

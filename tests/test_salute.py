@@ -17,7 +17,7 @@ import soundfile as sf
 
 from terra.api.errors import BadRequest
 from terra.api.salute import SALUTE, mask_profanity, parse_options, plain_text
-from terra.audio import SAMPLE_RATE, to_pcm16
+from terra.audio import SAMPLE_RATE, AudioLimits, to_pcm16
 from terra.files.codecs import decode_channels
 from terra.files.transcribe import hint_tokens
 from terra.recognizer.engine import WhisperEngine
@@ -26,6 +26,7 @@ from .conftest import SPEECH, TOKEN, ServerFactory, cer, clip, load_clip
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STEREO = SPEECH / "clips/faster_whisper/stereo_diarization.wav"
+LIMITS = AudioLimits(max_seconds=3600)
 
 
 def files_section(tmp_path: Path, **extra: Any) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def test_profanity_mask_and_plain_text() -> None:
 def test_decode_each_encoding(encoding: str, format: str, subtype: str) -> None:
     stereo, rate = sf.read(STEREO, dtype="float32", always_2d=True)
     data = encoded(stereo, rate, format, subtype)
-    tracks = decode_channels(data, encoding, 16000, 2, split=True)
+    tracks = decode_channels(data, encoding, 16000, 2, split=True, limits=LIMITS)
     assert len(tracks) == 2
     for channel, track in enumerate(tracks):
         reference = stereo[:, channel]
@@ -146,7 +147,7 @@ def test_decode_each_encoding(encoding: str, format: str, subtype: str) -> None:
         assert abs(track.size - reference.size) < 0.1 * SAMPLE_RATE
         if encoding in ("ALAW", "MULAW", "FLAC"):  # sample-exact codecs: compare directly
             assert np.corrcoef(track[:n], reference[:n])[0, 1] > 0.99
-    mono = decode_channels(data, encoding, 16000, 2, split=False)
+    mono = decode_channels(data, encoding, 16000, 2, split=False, limits=LIMITS)
     assert len(mono) == 1
 
 

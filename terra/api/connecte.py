@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -33,8 +32,9 @@ from yarl import URL
 from terra import keys
 from terra.api.auth import require_bearer
 from terra.api.errors import BadRequest, NotFound, TooManyRequests
+from terra.api.form import BodyLimits, read_json
 from terra.api.respond import json_response
-from terra.audio import SAMPLE_RATE, AudioDecodeError
+from terra.audio import SAMPLE_RATE, AudioDecodeError, AudioLimits
 from terra.config import FilesConfig
 from terra.files.codecs import decode_channels
 from terra.files.fetch import Fetcher, FetchError, decode_data_uri
@@ -42,6 +42,7 @@ from terra.files.service import FileJobService, JobFailed, QueueFull
 from terra.files.transcribe import FileOptions, Utterance, transcribe
 from terra.files.upload import in_memory
 from terra.jobs import Job, JobStatus
+from terra.params import LANGUAGES
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ _STATUS = {
     JobStatus.FAILED: "failed",
     JobStatus.CANCELED: "canceled",
 }
-_LANGUAGE = re.compile(r"^[a-z]{2,3}$")
 
 
 # -- input --------------------------------------------------------------------------------
@@ -95,8 +95,10 @@ def parse_input(body: Any) -> dict[str, Any]:
     if not audio.startswith("data:"):
         _check_http_url(audio, "audio")
     language = str(body.get("language") or "auto").lower()
-    if language != "auto" and not _LANGUAGE.fullmatch(language):
-        raise BadRequest(f"language must be 'auto' or a code such as 'ru', got {language!r}")
+    if language != "auto" and language not in LANGUAGES:
+        raise BadRequest(
+            f"language must be 'auto' or a code Whisper knows such as 'ru', got {language[:20]!r}"
+        )
     task = str(body.get("task") or "transcribe")
     if task not in ("transcribe", "translate"):
         raise BadRequest("task must be 'transcribe' or 'translate'")
@@ -163,7 +165,13 @@ def _runner(app: web.Application) -> Any:
             else:
                 data = await state.fetcher.get(params["audio"])
             tracks = await asyncio.to_thread(
-                decode_channels, data, "WAV", None, 1, params["diarize"]
+                decode_channels,
+                data,
+                "WAV",
+                None,
+                1,
+                params["diarize"],
+                AudioLimits(max_seconds=config.max_audio_s),
             )
         except FetchError as e:
             raise JobFailed(str(e)) from e
@@ -324,10 +332,9 @@ async def create(request: web.Request) -> web.Response:
             f"model {name} maps to {mapped!r}, which this server does not run (it runs "
             f"{served!r}; one model per server)"
         )
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the body must be JSON: {e}") from e
+    body = await read_json(
+        request, BodyLimits.of(request.app[keys.CONFIG].server, config.max_upload_bytes)
+    )
     prediction_input = parse_input(body)
     prefer = request.headers.get("Prefer", "ASYNC").strip().upper()
     if prefer not in ("SYNC", "ASYNC"):

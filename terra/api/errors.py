@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
-from terra.audio import AudioDecodeError
+from terra.audio import AudioDecodeError, AudioTooLong
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class PayloadTooLarge(ApiError):
     status = 413
 
 
+class RequestTimeout(ApiError):
+    status = 408
+
+
 class TooManyRequests(ApiError):
     status = 429
 
@@ -60,8 +65,12 @@ class Unavailable(ApiError):
 def _status_and_detail(error: BaseException) -> tuple[int, str] | None:
     if isinstance(error, ApiError):
         return error.status, error.detail
+    if isinstance(error, AudioTooLong):
+        return 413, str(error)
     if isinstance(error, AudioDecodeError):
         return 400, str(error)
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 507, "the server's disk is full: nothing was stored, try again later"
     if isinstance(error, web.HTTPRequestEntityTooLarge):
         return 413, "the request body is larger than the configured limit"
     if isinstance(error, web.HTTPException) and error.status >= 400:
@@ -87,6 +96,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         mapped = _status_and_detail(e)
         assert mapped is not None
         return _error_json(request, mapped[0], mapped[1])
+    except (ConnectionResetError, ClientPayloadError) as e:
+        # The client went away mid-request (its body cut short): nobody is left to answer.
+        log.debug("client disconnected during %s %s: %s", request.method, request.path, e)
+        return web.Response(status=400)
     except Exception as e:
         mapped = _status_and_detail(e)
         if mapped is None:

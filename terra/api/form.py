@@ -1,4 +1,10 @@
-"""Reading multipart bodies the way real Terra clients send them.
+"""Reading request bodies within limits: multipart and urlencoded forms the way real Terra
+clients send them, raw uploads and JSON.
+
+Every reader counts the bytes that arrive, however the body is framed (a Content-Length
+over the limit is refused before reading; a chunked body is cut off as soon as it passes
+it), caps the number of multipart parts, and gives up with a 408 when the whole body has
+not arrived within ``timeout_s`` (a client that trickles bytes holds nothing for long).
 
 The spec's clients write ``Content-Disposition: name="token"`` without ``form-data;``,
 which aiohttp's part properties reject, so the header is parsed here directly.
@@ -6,14 +12,39 @@ which aiohttp's part properties reject, so the header is parsed here directly.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import warnings
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import BodyPartReader, web
 from aiohttp.multipart import BadContentDispositionHeader, parse_content_disposition
 
-from terra.api.errors import BadRequest, PayloadTooLarge
+from terra.api.errors import BadRequest, PayloadTooLarge, RequestTimeout
+from terra.config import ServerConfig
+
+TOO_LARGE = "the request body is larger than the configured limit"
+
+
+@dataclass(frozen=True, slots=True)
+class BodyLimits:
+    max_bytes: int
+    max_parts: int = 64
+    timeout_s: float = 60.0
+    max_json_depth: int = 32
+
+    @classmethod
+    def of(cls, server: ServerConfig, max_bytes: int | None = None) -> BodyLimits:
+        return cls(
+            max_bytes=server.max_upload_bytes if max_bytes is None else max_bytes,
+            max_parts=server.max_form_parts,
+            timeout_s=server.body_timeout_s,
+            max_json_depth=server.max_json_depth,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,50 +74,142 @@ def _disposition(header: str) -> tuple[str | None, str | None]:
     return params.get("name"), params.get("filename")
 
 
-async def _read_part(part: BodyPartReader, budget: int) -> bytes:
+@asynccontextmanager
+async def _deadline(limits: BodyLimits) -> AsyncIterator[None]:
+    try:
+        async with asyncio.timeout(limits.timeout_s):
+            yield
+    except TimeoutError as e:
+        raise RequestTimeout(
+            f"the request body did not arrive within {limits.timeout_s:g} s"
+        ) from e
+
+
+def _check_declared(request: web.Request, limits: BodyLimits) -> None:
+    if request.content_length is not None and request.content_length > limits.max_bytes:
+        raise PayloadTooLarge(TOO_LARGE)
+
+
+def _check_received(request: web.Request, limits: BodyLimits) -> None:
+    """Bytes received so far, multipart framing and headers included."""
+    if request.content.total_bytes > limits.max_bytes:
+        raise PayloadTooLarge(TOO_LARGE)
+
+
+async def _read_part(request: web.Request, part: BodyPartReader, limits: BodyLimits) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while chunk := await part.read_chunk(64 * 1024):
         size += len(chunk)
-        if size > budget:
-            raise PayloadTooLarge("the request body is larger than the configured limit")
+        if size > limits.max_bytes:
+            raise PayloadTooLarge(TOO_LARGE)
+        _check_received(request, limits)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def read_form(request: web.Request, max_bytes: int) -> Form:
-    """Read a multipart or urlencoded body, refusing more than ``max_bytes`` of content."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise PayloadTooLarge("the request body is larger than the configured limit")
+async def read_form(
+    request: web.Request,
+    limits: BodyLimits,
+    on_field: Callable[[str, str], None] | None = None,
+) -> Form:
+    """Read a multipart or urlencoded body within ``limits``. ``on_field(name, value)`` is
+    called as each text field arrives (e.g. to check the token before the file part)."""
+    _check_declared(request, limits)
     form = Form()
     content_type = request.content_type
-    if content_type.startswith("multipart/"):
-        try:
-            reader = await request.multipart()
-        except (AssertionError, ValueError) as e:
-            raise BadRequest(f"malformed multipart body: {e}") from e
-        budget = max_bytes
-        while True:
-            try:
-                part = await reader.next()
-            except ValueError as e:
-                raise BadRequest(f"malformed multipart body: {e}") from e
-            if part is None:
-                break
-            if not isinstance(part, BodyPartReader):
-                raise BadRequest("nested multipart bodies are not supported")
-            name, filename = _disposition(part.headers.get("Content-Disposition", ""))
-            data = await _read_part(part, budget)
-            budget -= len(data)
-            if not name:
-                continue
-            if filename is not None:
-                form.files[name] = UploadedFile(filename=filename, data=data)
-            else:
-                form.fields[name] = data.decode("utf-8", errors="replace").strip()
-    elif content_type == "application/x-www-form-urlencoded":
-        body = await request.content.read(max_bytes + 1)
-        if len(body) > max_bytes:
-            raise PayloadTooLarge("the request body is larger than the configured limit")
-        form.fields.update(parse_qsl(body.decode("utf-8", errors="replace")))
+    async with _deadline(limits):
+        if content_type.startswith("multipart/"):
+            await _read_multipart(request, limits, form, on_field)
+        elif content_type == "application/x-www-form-urlencoded":
+            body = await read_body(request, limits)
+            for name, value in parse_qsl(body.decode("utf-8", errors="replace")):
+                form.fields[name] = value
+                if on_field is not None:
+                    on_field(name, value)
     return form
+
+
+async def _read_multipart(
+    request: web.Request,
+    limits: BodyLimits,
+    form: Form,
+    on_field: Callable[[str, str], None] | None,
+) -> None:
+    try:
+        reader = await request.multipart()
+    except (AssertionError, ValueError) as e:
+        raise BadRequest(f"malformed multipart body: {e}") from e
+    parts = 0
+    while True:
+        try:
+            part = await reader.next()
+        except ValueError as e:
+            raise BadRequest(f"malformed multipart body: {e}") from e
+        if part is None:
+            break
+        parts += 1
+        if parts > limits.max_parts:
+            raise BadRequest(f"the multipart body has more than {limits.max_parts} parts")
+        _check_received(request, limits)
+        if not isinstance(part, BodyPartReader):
+            raise BadRequest("nested multipart bodies are not supported")
+        name, filename = _disposition(part.headers.get("Content-Disposition", ""))
+        data = await _read_part(request, part, limits)
+        if not name:
+            continue
+        if filename is not None:
+            form.files[name] = UploadedFile(filename=filename, data=data)
+        else:
+            value = data.decode("utf-8", errors="replace").strip()
+            form.fields[name] = value
+            if on_field is not None:
+                on_field(name, value)
+
+
+async def read_body(request: web.Request, limits: BodyLimits) -> bytes:
+    """The whole body, or 413 as soon as more than ``limits.max_bytes`` has arrived."""
+    _check_declared(request, limits)
+    parts: list[bytes] = []
+    size = 0
+    async with _deadline(limits):
+        while chunk := await request.content.read(256 * 1024):
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise PayloadTooLarge(TOO_LARGE)
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def parse_json(raw: bytes | str, max_depth: int, what: str = "the body") -> Any:
+    """A JSON document, or BadRequest: malformed, not UTF-8, or nested deeper than
+    ``max_depth`` (a 200k-deep body is refused, not a RecursionError)."""
+    try:
+        value = json.loads(raw)
+    except RecursionError as e:
+        raise BadRequest(f"{what} nests deeper than {max_depth} levels") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"{what} is not valid JSON: {e}") from e
+    if json_depth(value) > max_depth:
+        raise BadRequest(f"{what} nests deeper than {max_depth} levels")
+    return value
+
+
+async def read_json(request: web.Request, limits: BodyLimits) -> Any:
+    """The body as JSON within ``limits`` (size, time, depth)."""
+    return parse_json(await read_body(request, limits), limits.max_json_depth)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -46,14 +45,16 @@ from terra.api.errors import (
     TooManyRequests,
     Unauthorized,
 )
+from terra.api.form import BodyLimits, read_json
 from terra.api.respond import json_response
-from terra.audio import AudioDecodeError
+from terra.audio import AudioDecodeError, AudioLimits
 from terra.config import FilesConfig
 from terra.files.codecs import ENCODINGS, decode_channels
 from terra.files.service import FileJobService, JobFailed, QueueFull
 from terra.files.transcribe import FileOptions, Utterance, hint_tokens, transcribe
 from terra.files.upload import UploadTooLarge, request_body
 from terra.jobs import Job, JobStatus
+from terra.params import LANGUAGES
 
 KIND = "salute"
 PREFIX = "/rest/v1/"
@@ -134,8 +135,10 @@ def parse_options(raw: Any) -> SaluteOptions:
         raise BadRequest("options must be an object")
     language = str(raw.get("language", "ru-RU"))
     match = _LANGUAGE.fullmatch(language)
-    if not match:
-        raise BadRequest(f"options.language: expected a code such as ru-RU, got {language!r}")
+    if not match or match.group(1).lower() not in LANGUAGES:
+        raise BadRequest(
+            f"options.language: expected a code Whisper knows such as ru-RU, got {language[:20]!r}"
+        )
     encoding = str(raw.get("audio_encoding", "PCM_S16LE")).upper()
     if encoding not in ENCODINGS:
         raise BadRequest(
@@ -154,7 +157,7 @@ def parse_options(raw: Any) -> SaluteOptions:
         16000 if encoding == "PCM_S16LE" else 8000 if encoding in ("ALAW", "MULAW") else None
     )
     return SaluteOptions(
-        language=match.group(1),
+        language=match.group(1).lower(),
         audio_encoding=encoding,
         sample_rate=_int(raw, "sample_rate", default_rate, 1000, 192_000),
         channels_count=_int(raw, "channels_count", 1, 1, 8),
@@ -279,6 +282,7 @@ def _runner(app: web.Application) -> Any:
                     options.sample_rate,
                     options.channels_count,
                     split=options.channels_count > 1,
+                    limits=AudioLimits(max_seconds=config.max_audio_s),
                 )
             )
         except AudioDecodeError as e:
@@ -353,10 +357,7 @@ async def upload(request: web.Request) -> web.Response:
 async def async_recognize(request: web.Request) -> web.Response:
     """POST /rest/v1/speech:async_recognize: a task for an uploaded file."""
     _authorize(request)
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the body must be JSON: {e}") from e
+    body = await read_json(request, BodyLimits.of(request.app[keys.CONFIG].server))
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     options = parse_options(body.get("options"))

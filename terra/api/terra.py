@@ -4,38 +4,46 @@ api/translate.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aiohttp import web
 
 from terra import keys
-from terra.api.auth import check_token
+from terra.api.auth import check_token, query_token
 from terra.api.errors import BadRequest
-from terra.api.form import quiet_spec_dispositions, read_form
+from terra.api.form import BodyLimits, quiet_spec_dispositions, read_form
 from terra.api.respond import json_response
-from terra.audio import decode_audio
+from terra.audio import AudioLimits, decode_audio
 from terra.config import zone_of
 from terra.live import FragmentInput
 from terra.params import (
     ParamError,
+    clean_name,
     parse_bool,
     parse_filename,
+    parse_language,
     parse_timestamp,
     validate_id,
 )
-
-# Above this size decoding goes to a thread; a 2 s fragment decodes in well under 1 ms.
-_DECODE_INLINE_BYTES = 256 * 1024
 
 
 async def process(request: web.Request) -> web.Response:
     """POST /process: spool a fragment and/or answer with the participant's TextElems."""
     config = request.app[keys.CONFIG]
-    form = await read_form(request, config.server.max_upload_bytes)
+    tokens = config.server.tokens
+    if query_token(request) is not None:  # checked before a byte of the body is read
+        check_token(tokens, query_token(request))
+
+    def early_token(name: str, value: str) -> None:
+        if name == "token" and query_token(request) is None:
+            check_token(tokens, value)  # a bad token field stops the read here
+
+    form = await read_form(request, BodyLimits.of(config.server), on_field=early_token)
 
     def param(name: str) -> str | None:
         return form.fields.get(name) or request.query.get(name)
 
-    check_token(config.server.tokens, param("token"))
+    check_token(tokens, param("token"))
     audio = form.files.get("audiofile")
     if audio is None:
         raise BadRequest("audiofile is required (a multipart file part)")
@@ -50,7 +58,15 @@ async def process(request: web.Request) -> web.Response:
             "participant_id",
             param("participant_id") or (from_name.participant_id if from_name else None),
         )
-        start_time = parse_timestamp(param("timestamp_float"), from_name, zone)
+        start_time = parse_timestamp(
+            param("timestamp_float"),
+            from_name,
+            zone,
+            now=time.time(),
+            max_skew_s=config.stream.max_clock_skew_s,
+        )
+        language = parse_language("lang1", param("lang1"))
+        participant_name = clean_name(param("participant_name"), "UNKNOWN")
         online = parse_bool("online", param("online"), default=False)
         offline = parse_bool("offline", param("offline"), default=True)
     except ParamError as e:
@@ -61,19 +77,14 @@ async def process(request: web.Request) -> web.Response:
     captions = (param("lang2") or config.stream.captions or "").strip().lower() or None
     if captions not in (None, "en"):
         raise BadRequest("lang2 (live captions) supports only en: Whisper translates to English")
-    language = (param("lang1") or "").strip().lower() or None
-    if language is not None and (len(language) > 8 or not language.isalpha()):
-        raise BadRequest(f"lang1 must be a language code such as ru or en, got {language!r}")
 
-    if len(audio.data) > _DECODE_INLINE_BYTES:
-        samples = await asyncio.to_thread(decode_audio, audio.data)
-    else:
-        samples = decode_audio(audio.data)
+    limits = AudioLimits(max_seconds=config.stream.max_fragment_ms / 1000)
+    samples = await asyncio.to_thread(decode_audio, audio.data, limits)
 
     fragment = FragmentInput(
         conference_id=conference_id,
         participant_id=participant_id,
-        participant_name=(param("participant_name") or "UNKNOWN")[:256],
+        participant_name=participant_name,
         start_time=start_time,
         post_id=post_id,
         language=language,

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from terra import keys
 from terra.api.auth import check_token, query_token
-from terra.api.errors import BadRequest, PayloadTooLarge
-from terra.api.form import read_form
+from terra.api.errors import BadRequest
+from terra.api.form import BodyLimits, parse_json, read_body, read_form
 from terra.api.respond import json_response
 from terra.translate.service import PayloadError, parse_payload
 
@@ -19,34 +18,35 @@ DISABLED = "TRANSLATOR DISABLED OR URL IS NOT CONFIGURED"
 _BODY_SHAPE = 'the body must be a JSON object {"token": ..., "payload": [...]}'
 
 
-async def _read_fields(request: web.Request, max_bytes: int) -> tuple[dict[str, Any], str | None]:
+async def _read_fields(
+    request: web.Request, limits: BodyLimits
+) -> tuple[dict[str, Any], str | None]:
     """The request's fields and, if the body is malformed, why (reported after the token)."""
     content_type = request.content_type
     if content_type.startswith("multipart/") or content_type == "application/x-www-form-urlencoded":
-        form = await read_form(request, max_bytes)
+        form = await read_form(request, limits)
         fields: dict[str, Any] = dict(form.fields)
         if "payload" in fields:
             try:
-                fields["payload"] = json.loads(fields["payload"])
-            except ValueError:
-                return fields, "the payload field is not valid JSON"
+                fields["payload"] = parse_json(
+                    fields["payload"], limits.max_json_depth, "the payload field"
+                )
+            except BadRequest as e:
+                return fields, e.detail
         return fields, None
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise PayloadTooLarge("the request body is larger than the configured limit")
-    raw = await request.content.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise PayloadTooLarge("the request body is larger than the configured limit")
     try:
-        body = json.loads(raw)
-    except ValueError:
-        return {}, _BODY_SHAPE
+        body = parse_json(await read_body(request, limits), limits.max_json_depth)
+    except BadRequest as e:
+        return {}, f"{_BODY_SHAPE} ({e.detail})"
     return (body, None) if isinstance(body, dict) else ({}, _BODY_SHAPE)
 
 
 async def translate_to_any(request: web.Request) -> web.Response:
     """POST /translate_to_any: translate each parcel of ``payload`` per the spec's rules."""
     config = request.app[keys.CONFIG]
-    fields, malformed = await _read_fields(request, config.server.max_upload_bytes)
+    if query_token(request) is not None:  # checked before a byte of the body is read
+        check_token(config.server.tokens, query_token(request))
+    fields, malformed = await _read_fields(request, BodyLimits.of(config.server))
     token = fields.get("token")
     check_token(config.server.tokens, token if token else query_token(request))
     service = request.app.get(keys.TRANSLATION)

@@ -6,10 +6,21 @@ raw PCM16 and G.711 A-law/mu-law are decoded here with numpy (``audioop`` is dep
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 from numpy.typing import NDArray
 
-from terra.audio import AudioDecodeError, Samples, decode_raw_pcm16, read_container, to_mono_16k
+from terra.audio import (
+    BLOCK_FRAMES,
+    AudioDecodeError,
+    AudioLimits,
+    Block,
+    Samples,
+    decode_blocks,
+    decode_container,
+    pcm16_blocks,
+)
 
 CONTAINER_ENCODINGS = frozenset({"OPUS", "MP3", "FLAC", "WAV", "OGG"})
 RAW_ENCODINGS = frozenset({"PCM_S16LE", "ALAW", "MULAW"})
@@ -40,39 +51,52 @@ def _alaw_table() -> NDArray[np.float32]:
 _G711 = {"MULAW": _mulaw_table(), "ALAW": _alaw_table()}
 
 
-def decode_g711(data: bytes, encoding: str, channels: int) -> NDArray[np.float32]:
-    """8-bit G.711 (``ALAW`` or ``MULAW``) as (frames, channels) float32."""
+def g711_blocks(data: bytes, encoding: str, channels: int) -> Iterator[Block]:
+    """8-bit G.711 (``ALAW`` or ``MULAW``) as (frames, channels) float32 blocks."""
     if len(data) % channels:
         raise AudioDecodeError("G.711 length is not a whole number of frames")
-    codes = np.frombuffer(data, dtype=np.uint8)
-    return _G711[encoding][codes].reshape(-1, channels)
+    table = _G711[encoding]
+    step = BLOCK_FRAMES * channels
+    view = memoryview(data)
+    for at in range(0, len(data), step):
+        yield table[np.frombuffer(view[at : at + step], dtype=np.uint8)].reshape(-1, channels)
 
 
 def decode_channels(
-    data: bytes, encoding: str, sample_rate: int | None, channels: int, split: bool
+    data: bytes,
+    encoding: str,
+    sample_rate: int | None,
+    channels: int,
+    split: bool,
+    limits: AudioLimits,
 ) -> list[Samples]:
     """The file as 16 kHz tracks: one per channel when ``split``, else one down-mixed track.
 
     Raw encodings need ``sample_rate`` (PCM16 also accepts a WAV file: its header wins);
-    containers carry their own rate and channel count.
+    containers carry their own rate and channel count. The declared rate, channels and
+    duration are checked against ``limits`` before anything is decoded; decoding runs in
+    blocks, so only the 16 kHz output is ever whole in memory.
     """
     if not data:
         raise AudioDecodeError("the audio file is empty")
     if encoding not in ENCODINGS:
         raise AudioDecodeError(f"unsupported audio_encoding {encoding!r}")
-    frames: NDArray[np.float32]
     if encoding in RAW_ENCODINGS and not data.startswith(b"RIFF"):
-        if not sample_rate or sample_rate < 1000:
+        if not sample_rate:
             raise AudioDecodeError(f"sample_rate is required for {encoding}")
-        rate = sample_rate
-        if encoding == "PCM_S16LE":
-            frames = decode_raw_pcm16(data, channels)
-        else:
-            frames = decode_g711(data, encoding, channels)
-    else:
-        frames, rate = read_container(data, f"{encoding} audio")
-    if frames.shape[0] == 0:
+        limits.check_format(sample_rate, channels)
+        width = 2 if encoding == "PCM_S16LE" else 1
+        frames = len(data) // (width * channels)
+        if frames == 0:
+            raise AudioDecodeError("the audio file holds no samples")
+        limits.check_frames(frames, sample_rate, channels if split else 1)
+        blocks = (
+            pcm16_blocks(data, channels)
+            if encoding == "PCM_S16LE"
+            else g711_blocks(data, encoding, channels)
+        )
+        return decode_blocks(blocks, sample_rate, channels, split, limits)
+    tracks = decode_container(data, split, limits)
+    if tracks[0].size == 0:
         raise AudioDecodeError("the audio file holds no samples")
-    if not split or frames.shape[1] == 1:
-        return [to_mono_16k(frames, rate)]
-    return [to_mono_16k(np.ascontiguousarray(frames[:, c]), rate) for c in range(frames.shape[1])]
+    return tracks

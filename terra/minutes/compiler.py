@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from terra.audio import SAMPLE_RATE, Samples, decode_audio, ms_to_samples
+from terra.audio import SAMPLE_RATE, AudioLimits, Samples, decode_audio, ms_to_samples
 from terra.chunking import plan_flags
 from terra.config import MinutesConfig
 from terra.minutes.types import Minutes, Phrase, Speaker
@@ -199,10 +199,14 @@ class _AudioCache:
         return samples
 
 
+# Spooled fragments are terra's own 16 kHz WAVs, each at most one POST long.
+SPOOLED_LIMITS = AudioLimits(max_seconds=3600.0)
+
+
 def read_fragment(path: Path) -> Samples:
     """A spooled fragment as 16 kHz mono; an unreadable one is logged and read as nothing."""
     try:
-        return decode_audio(path.read_bytes())
+        return decode_audio(path.read_bytes(), SPOOLED_LIMITS)
     except (OSError, ValueError) as e:
         log.warning("spooled fragment %s is unreadable (%s): skipped", path, e)
         return np.zeros(0, dtype=np.float32)

@@ -1,0 +1,292 @@
+"""Hostile input over HTTP (issue 11): each row's request is refused with a clear 4xx and
+changes nothing, and other participants are untouched.
+
+On FakeEngine (tests/fakes.py): what is checked is the HTTP layer's validation, which runs
+before any recognition."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from aiohttp import web
+
+from terra.app import create_app
+from terra.audio import SAMPLE_RATE
+
+from .conftest import TOKEN, ServerFactory, make_config, post_fragment
+from .fakes import FakeEngine
+
+SPEECHLESS = np.zeros(SAMPLE_RATE, np.float32)
+
+
+def wav_header(rate: int, channels: int, data_bytes: int) -> bytes:
+    block = channels * 2
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data_bytes)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * block, block, 16)
+        + b"data"
+        + struct.pack("<I", data_bytes)
+    )
+
+
+def flac_silence(seconds: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(SAMPLE_RATE * seconds, np.int16), SAMPLE_RATE, format="FLAC")
+    return buffer.getvalue()
+
+
+def nothing_spooled(tmp_path: Path) -> bool:
+    spool = tmp_path / "spool"
+    return not spool.exists() or not any(spool.rglob("*.wav"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "fragment"),
+    [
+        # rows 1-2: decode bombs, refused from the declared format
+        ({"audio_bytes": wav_header(1, 1, 29_000) + bytes(29_000)}, 400, "1 Hz is out of range"),
+        ({"audio_bytes": flac_silence(120)}, 413, "more than the 30 s allowed"),
+        ({"audio_bytes": wav_header(16000, 32, 64) + bytes(64)}, 400, "channels are out of range"),
+        # row 6: languages the model does not know
+        ({"lang": "zz"}, 400, "lang1 must be a language code Whisper knows"),
+        ({"lang": "jp"}, 400, "lang1 must be a language code Whisper knows"),
+        ({"lang": "конф"}, 400, "lang1 must be a language code Whisper knows"),
+        # row 8: times nowhere near now
+        ({"extra": {"timestamp_float": "1e308"}}, 400, "not a time between 1970 and 2106"),
+        ({"extra": {"timestamp_float": "100000000000"}}, 400, "not a time between"),
+        ({"start_time": time.time() + 7 * 86_400}, 400, "from the server's clock"),
+        ({"start_time": 1_000.0}, 400, "from the server's clock"),
+        ({"start_time": None, "filename": "c:a-p_21000101_00_00_00_000000.wav"}, 400, "file name"),
+        # row 12: ids ending in a newline
+        ({"conference_id": "conf-1\n"}, 400, "conference_id must match"),
+        ({"participant_id": "p-1\n"}, 400, "participant_id must match"),
+    ],
+)
+async def test_hostile_fragments_are_refused(
+    make_fast_server: ServerFactory,
+    tmp_path: Path,
+    kwargs: dict[str, Any],
+    status: int,
+    fragment: str,
+) -> None:
+    client = await make_fast_server(stream={"max_clock_skew_s": 86_400})
+    kwargs.setdefault("start_time", time.time())
+    got, body = await post_fragment(client, SPEECHLESS, **kwargs)
+    assert (got, fragment) == (status, fragment) and fragment in body["detail"]
+    assert nothing_spooled(tmp_path)
+
+
+async def test_auto_means_detect_and_a_known_code_passes(make_fast_server: ServerFactory) -> None:
+    client = await make_fast_server(stream={"max_clock_skew_s": 86_400})
+    for lang in ("auto", "RU", "en"):
+        got, _ = await post_fragment(client, SPEECHLESS, lang=lang, start_time=time.time())
+        assert got == 200
+
+
+async def test_names_are_cleaned_of_control_characters(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    # Row 7: a control character in a name made the minutes XML fail forever.
+    client = await make_fast_server()
+    got, _ = await post_fragment(client, SPEECHLESS, participant_name="Anna\x00\x1b[31m\nB\ud800")
+    assert got == 200
+    (info,) = (tmp_path / "spool").rglob("participant.json")
+    assert '"participant_name": "Anna [31m B"' in info.read_text(encoding="utf-8")
+
+
+async def test_tokens_that_are_not_text_are_401(make_fast_server: ServerFactory) -> None:
+    # Row 12: a non-UTF-8 or lone-surrogate token was a 500.
+    client = await make_fast_server()
+    response = await client.post("/process?token=%FF%FE", data=b"")
+    assert response.status == 401
+    response = await client.get("/minutes/c1?token=%ED%A0%80")
+    assert response.status == 401
+    response = await client.post(
+        "/translate_to_any",
+        data=b'{"token": "\\ud800", "payload": []}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status == 401
+    response = await client.get(
+        "/rest/v1/task:get?id=x",
+        headers={
+            "Authorization": "Bearer \udcff".encode("utf-8", "surrogateescape").decode("latin-1")
+        },
+    )
+    assert response.status == 401
+
+
+# -- row 9 and 12: limits before work ---------------------------------------------------------
+async def raw_request(client: Any, head: bytes, body: bytes = b"", close: bool = False) -> bytes:
+    """Send bytes on a fresh connection; the status line the server answers (b"" if none)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(head + body)
+    await writer.drain()
+    if close:
+        writer.close()
+        await writer.wait_closed()
+        return b""
+    try:
+        return await asyncio.wait_for(reader.readline(), 30)
+    finally:
+        writer.close()
+
+
+def head(path: str, extra: str = "") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+
+
+async def test_a_bad_query_token_is_refused_before_the_body(
+    make_fast_server: ServerFactory,
+) -> None:
+    # The declared 10 MB never arrive: the 401 cannot have waited for them.
+    client = await make_fast_server()
+    line = await raw_request(
+        client,
+        head(
+            "/process?token=wrong",
+            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n",
+        ),
+    )
+    assert line.startswith(b"HTTP/1.1 401")
+
+
+async def test_a_bad_token_field_stops_the_read(make_fast_server: ServerFactory) -> None:
+    client = await make_fast_server()
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="token"\r\n\r\nwrong\r\n--b\r\n'
+        b'Content-Disposition: form-data; name="audiofile"; filename="a.wav"\r\n\r\nRIFF'
+        + bytes(200_000)  # the start of the audio; the rest of the declared 10 MB never comes
+    )
+    line = await raw_request(
+        client,
+        head(
+            "/process?conference_id=c&participant_id=p",
+            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n",
+        ),
+        body,
+    )
+    assert line.startswith(b"HTTP/1.1 401")
+
+
+def chunked(data: bytes) -> bytes:
+    out = b"".join(
+        b"%x\r\n%s\r\n" % (len(data[i : i + 65536]), data[i : i + 65536])
+        for i in range(0, len(data), 65536)
+    )
+    return out + b"0\r\n\r\n"
+
+
+CHUNKED_FORM = "Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n"
+
+
+async def test_many_empty_parts_are_refused(make_fast_server: ServerFactory) -> None:
+    # Row 9 (scaled down): empty parts, chunked. The part cap stops it.
+    client = await make_fast_server()
+    body = b"--b\r\n\r\n\r\n" * 5000 + b"--b--\r\n"
+    line = await raw_request(client, head(f"/process?token={TOKEN}", CHUNKED_FORM), chunked(body))
+    assert line.startswith(b"HTTP/1.1 400")
+
+
+async def test_the_body_limit_counts_chunked_framing(make_fast_server: ServerFactory) -> None:
+    client = await make_fast_server(server={"max_upload_bytes": 100_000, "max_form_parts": 10**6})
+    body = b"--b\r\nX-Pad: " + b"p" * 4000 + b"\r\n\r\n\r\n"
+    line = await raw_request(
+        client, head(f"/process?token={TOKEN}", CHUNKED_FORM), chunked(body * 50 + b"--b--\r\n")
+    )
+    assert line.startswith(b"HTTP/1.1 413")
+
+
+async def test_a_trickling_body_is_timed_out(make_fast_server: ServerFactory) -> None:
+    client = await make_fast_server(server={"body_timeout_s": 0.5})
+    line = await raw_request(
+        client,
+        head(
+            f"/process?token={TOKEN}",
+            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000\r\n",
+        ),
+        b"--b\r\n",
+    )
+    assert line.startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/translate_to_any", {}),
+        ("/rest/v1/speech:async_recognize", {"Authorization": f"Bearer {TOKEN}"}),
+        ("/api/v1/openai/whisper", {"Authorization": f"Bearer {TOKEN}"}),
+    ],
+)
+async def test_deep_json_is_400(
+    make_fast_server: ServerFactory, path: str, headers: dict[str, str]
+) -> None:
+    client = await make_fast_server(translate={"enabled": True, "url": "http://127.0.0.1:9"})
+    deep = b"[" * 200_000 + b"]" * 200_000
+    response = await client.post(
+        path + f"?token={TOKEN}", data=deep, headers={"Content-Type": "application/json", **headers}
+    )
+    assert response.status == 400
+    assert "nests deeper than 32 levels" in str(await response.json())
+
+
+async def test_a_full_disk_is_507(
+    make_fast_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fake full disk: filling a real one is not something a test may do to the machine.
+    import terra.spool
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(terra.spool, "write_atomic", full)
+    client = await make_fast_server()
+    got, body = await post_fragment(client, SPEECHLESS)
+    assert got == 507 and "disk is full" in body["detail"]
+
+
+async def test_a_client_gone_mid_upload_is_a_debug_line(
+    fake_engine: FakeEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A runner as `terra serve` makes it: aiohttp's TestServer cancels handlers on disconnect
+    # (handler_cancellation=True); `terra serve` does not, so the handler sees the reset.
+    runner = web.AppRunner(create_app(make_config(tmp_path), engine=fake_engine))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    caplog.set_level(logging.DEBUG, logger="terra")
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            head(
+                f"/process?token={TOKEN}",
+                "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n",
+            )
+            + b'--b\r\nContent-Disposition: form-data; name="audiofile"; filename="a.wav"\r\n\r\n'
+            + bytes(5000)
+        )
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(500):  # until the server has seen the connection go (at most 5 s)
+            if any("client disconnected" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await runner.cleanup()
+    assert any("client disconnected" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
