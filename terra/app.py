@@ -18,6 +18,7 @@ from terra.api import salute as salute_api
 from terra.api import terra as terra_api
 from terra.api import translate as translate_api
 from terra.api import viewer as viewer_api
+from terra.api.auth import require_metrics_access
 from terra.api.errors import Handler, error_middleware
 from terra.config import Config
 from terra.feed import FeedHub
@@ -77,6 +78,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    require_metrics_access(request)
     body = request.app[keys.METRICS].render()
     return web.Response(
         body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}

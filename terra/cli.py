@@ -29,6 +29,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config.server.log_level, config.server.log_json)
     if "ivcs" in config.server.tokens:
+        if not is_loopback_host(config.server.host) and not args.insecure_default_token:
+            print(
+                f"terra: refusing to serve on {config.server.host} with the example token "
+                "'ivcs': set server.tokens or TERRA_TOKENS (or pass --insecure-default-token)",
+                file=sys.stderr,
+            )
+            return 2
         log.warning("the default token 'ivcs' is enabled: set server.tokens or TERRA_TOKENS")
     web.run_app(
         create_app(config),
@@ -38,6 +45,18 @@ def _serve(args: argparse.Namespace) -> int:
         print=lambda message: log.info("%s", message),
     )
     return 0
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding ``host`` serves this machine only (``localhost``, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None, help="config.yaml (defaults apply without one)")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument(
+        "--insecure-default-token",
+        action="store_true",
+        help="serve on a non-loopback address even with the example token 'ivcs'",
+    )
     serve.set_defaults(func=_serve)
 
     models = commands.add_parser("models", help="install and list Whisper models")

@@ -33,13 +33,15 @@ def zone_of(name: str) -> ZoneInfo | None:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 9001
     tokens: tuple[str, ...] = ("ivcs",)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_form_parts: int = 64  # multipart parts in one request; more: 400
     body_timeout_s: float = 60.0  # the whole body must arrive in this time; else 408
     max_json_depth: int = 32  # JSON bodies nested deeper: 400
+    # /metrics needs this token when set; when empty it answers loopback clients only.
+    metrics_token: str = ""
     log_level: str = "INFO"
     log_json: bool = True
     # Viewers (the event feed, the transcript and the pages) take these tokens, a signed
@@ -234,6 +236,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "TERRA_LOG_LEVEL": ("server", "log_level"),
     "TERRA_VIEWER_TOKENS": ("server", "viewer_tokens"),
     "TERRA_LINK_SECRET": ("server", "link_secret"),
+    "TERRA_METRICS_TOKEN": ("server", "metrics_token"),
     "TERRA_MODEL": ("model", "name"),
     "TERRA_MODELS_DIR": ("model", "models_dir"),
     "TERRA_DEVICE": ("model", "device"),
@@ -242,6 +245,8 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "TERRA_SPOOL_DIR": ("spool", "dir"),
     "TERRA_MINUTES_DIR": ("minutes", "dir"),
     "TERRA_JOBS_DIR": ("minutes", "jobs_dir"),
+    "TERRA_FILES_DIR": ("files", "dir"),
+    "TERRA_FILE_JOBS_DIR": ("files", "jobs_dir"),
     "TERRA_MINUTES_WORKERS": ("minutes", "workers"),
     "TERRA_RECOGNIZER_MODE": ("recognizer", "mode"),
     # The translator's variables keep the names the IVA Terra spec gives them (no prefix).

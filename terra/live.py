@@ -334,13 +334,14 @@ class LiveService:
         if text.strip():
             self._metrics.finals.inc()
         log.info(
-            "final %s (%d ms, %s): %s",
+            "final %s (%d ms, %s, %d characters)",
             combination.id,
             combination.duration_ms,
             combination.close_reason.value if combination.close_reason else "?",
-            text,
+            len(text),
             extra=session.ids,
         )
+        log.debug("final %s: %s", combination.id, text, extra=session.ids)  # transcripts: DEBUG
 
     def _progress_interval(self) -> float:
         load = self._scheduler.depth / max(self._recognizer_config.max_batch_size, 1)

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 from aiohttp import web
+from yarl import URL
 
 from terra.app import create_app
 from terra.audio import SAMPLE_RATE
+from terra.files.fetch import FetchError, check_url
 
 from .conftest import TOKEN, ServerFactory, make_config, post_fragment
 from .fakes import FakeEngine
@@ -290,3 +292,73 @@ async def test_a_client_gone_mid_upload_is_a_debug_line(
         await runner.cleanup()
     assert any("client disconnected" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- row 11: check_url refuses non-canonical IPv4 itself -----------------------------------
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://2130706433/",
+        "http://127.1/",
+        "http://0177.0.0.1/",
+        "http://0/",
+        "http://0x7f.1/",
+        "http://0x7f000001/",
+        "http://example.0x1/",
+        "http://1.2.3.04/",
+    ],
+)
+def test_non_canonical_ipv4_is_refused(url: str) -> None:
+    with pytest.raises(FetchError, match="non-canonical"):
+        check_url(URL(url), ())
+
+
+@pytest.mark.parametrize(
+    "url", ["http://93.184.215.14/", "https://example.com/a.wav", "http://dead.beef/"]
+)
+def test_canonical_hosts_pass_check_url(url: str) -> None:
+    check_url(URL(url), ())
+
+
+# -- row 14: safer defaults ---------------------------------------------------------------
+def test_the_example_token_is_refused_off_loopback(capsys: pytest.CaptureFixture[str]) -> None:
+    from terra.cli import is_loopback_host, main
+
+    assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
+    assert "refusing to serve on 0.0.0.0 with the example token 'ivcs'" in capsys.readouterr().err
+    assert is_loopback_host("127.0.0.1") and is_loopback_host("::1")
+    assert is_loopback_host("localhost") and not is_loopback_host("")
+
+
+def test_path_settings_have_env_overrides(tmp_path: Path) -> None:
+    from terra.config import load_config
+
+    environ = {
+        "TERRA_SPOOL_DIR": "/s",
+        "TERRA_MINUTES_DIR": "/m",
+        "TERRA_JOBS_DIR": "/j",
+        "TERRA_FILES_DIR": "/f",
+        "TERRA_FILE_JOBS_DIR": "/fj",
+        "TERRA_MODELS_DIR": "/md",
+        "TERRA_METRICS_TOKEN": "scrape",
+    }
+    config = load_config(None, environ=environ)
+    assert (config.spool.dir, config.minutes.dir, config.minutes.jobs_dir) == ("/s", "/m", "/j")
+    assert (config.files.dir, config.files.jobs_dir, config.model.models_dir) == (
+        "/f",
+        "/fj",
+        "/md",
+    )
+    assert config.server.metrics_token == "scrape" and config.server.host == "127.0.0.1"
+
+
+async def test_metrics_token(make_fast_server: ServerFactory) -> None:
+    open_client = await make_fast_server()
+    assert (await open_client.get("/metrics")).status == 200  # loopback, no token set
+    client = await make_fast_server(server={"metrics_token": "scrape"})
+    assert (await client.get("/metrics")).status == 401
+    assert (await client.get("/metrics", params={"token": TOKEN})).status == 401
+    assert (await client.get("/metrics", params={"token": "scrape"})).status == 200
+    ok = await client.get("/metrics", headers={"Authorization": "Bearer scrape"})
+    assert ok.status == 200
+    assert (await client.get("/healthz")).status == 200  # open for load balancers

@@ -9,6 +9,7 @@ surrogate from a JSON ``\\ud800``) is refused like a wrong one: 401, never a 500
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import time
 from collections.abc import Iterable
 
@@ -72,6 +73,23 @@ def require_bearer(request: web.Request) -> None:
     if token is None:
         raise Unauthorized("Authorization: Bearer <token> is required")
     check_token(request.app[keys.CONFIG].server.tokens, token)
+
+
+def is_loopback(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address((request.remote or "").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def require_metrics_access(request: web.Request) -> None:
+    """/metrics: ``server.metrics_token`` (Bearer or ?token=) when set, else loopback only."""
+    token = request.app[keys.CONFIG].server.metrics_token
+    if not token:
+        if not is_loopback(request):
+            raise Unauthorized("/metrics answers loopback clients only (or set metrics_token)")
+        return
+    check_token((token,), bearer_token(request) or query_token(request))
 
 
 def require_query_token(request: web.Request) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BadContentDispositionHeader, parse_content_disposition
 
 from terra.api.errors import BadRequest, PayloadTooLarge, RequestTimeout
@@ -120,7 +121,10 @@ async def read_form(
     content_type = request.content_type
     async with _deadline(limits):
         if content_type.startswith("multipart/"):
-            await _read_multipart(request, limits, form, on_field)
+            try:
+                await _read_multipart(request, limits, form, on_field)
+            except HttpProcessingError as e:  # a part's headers that are not headers
+                raise BadRequest(f"malformed multipart body: {e.message}") from e
         elif content_type == "application/x-www-form-urlencoded":
             body = await read_body(request, limits)
             for name, value in parse_qsl(body.decode("utf-8", errors="replace")):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import re
 import socket
 from collections.abc import Sequence
 from urllib.parse import unquote_to_bytes
@@ -63,14 +64,30 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]*")
+_CANONICAL_IPV4 = re.compile(r"(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}")
+
+
+def ends_in_a_number(host: str) -> bool:
+    """Whether a URL parser following WHATWG reads ``host`` as an IPv4 address: its last
+    label is decimal or 0x-hex (``2130706433``, ``127.1``, ``0177.0.0.1``, ``0x7f.1``, ``0``)."""
+    labels = host.removesuffix(".").split(".")
+    return bool(labels) and _NUMERIC_LABEL.fullmatch(labels[-1]) is not None
+
+
 def check_url(url: URL, allow: Sequence[Network]) -> None:
     if url.scheme not in ("http", "https") or not url.host:
         raise FetchError(f"only http(s) URLs can be fetched, not {url.scheme or 'a bare path'}:")
+    host = url.host.strip("[]")
+    if ends_in_a_number(host) and not _CANONICAL_IPV4.fullmatch(host):
+        # Resolvers and HTTP clients disagree on what these mean (127.1 is 127.0.0.1 to
+        # inet_aton): refuse them rather than guess.
+        raise FetchError(f"the host {host[:60]!r} is an IPv4 address in a non-canonical form")
     try:
-        ipaddress.ip_address(url.host.strip("[]"))
+        ipaddress.ip_address(host)
     except ValueError:
         return  # a name: the resolver checks what it resolves to
-    check_address(url.host.strip("[]"), allow)
+    check_address(host, allow)
 
 
 def decode_data_uri(uri: str, max_bytes: int) -> bytes:

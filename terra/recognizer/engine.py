@@ -326,7 +326,7 @@ class WhisperEngine(WhisperVocabulary):
             text, tokens = "", ()
         elif ratio > cfg.compression_ratio_threshold:
             collapsed = guards.collapse_repeats(text)
-            log.info("collapsed a repetition loop (ratio %.2f): %r", ratio, text[:80])
+            log.debug("collapsed a repetition loop (ratio %.2f): %r", ratio, text[:80])
             text = collapsed
             # The tokens no longer match the text: never feed a loop back as a prefix.
             tokens = ()
