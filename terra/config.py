@@ -211,6 +211,18 @@ class FilesConfig:
     webhook_tries: int = 12
     webhook_backoff_s: float = 0.5
     webhook_backoff_max_s: float = 60.0
+    webhook_timeout_s: float = 10.0
+    webhook_max_response_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class JobsConfig:
+    """Durable jobs of every kind (minutes, SaluteSpeech, connecte): see config.yaml."""
+
+    max_attempts: int = 3
+    lease_s: float = 30.0
+    scan_interval_s: float = 10.0
+    node_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +236,7 @@ class Config:
     translate: TranslateConfig = field(default_factory=TranslateConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
 
 
 T = TypeVar("T")
@@ -249,6 +262,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "TERRA_FILE_JOBS_DIR": ("files", "jobs_dir"),
     "TERRA_MINUTES_WORKERS": ("minutes", "workers"),
     "TERRA_RECOGNIZER_MODE": ("recognizer", "mode"),
+    "TERRA_NODE_ID": ("jobs", "node_id"),
     # The translator's variables keep the names the IVA Terra spec gives them (no prefix).
     "USE_TRANSLATOR": ("translate", "enabled"),
     "TRANSLATOR_URL": ("translate", "url"),
@@ -401,6 +415,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("files.workers, max_queued, max_in_flight and beam_size: at least 1")
     for problem in files.chunking.problems():
         raise ConfigError(f"files.chunking.{problem}")
+    jobs = config.jobs
+    if jobs.max_attempts < 1 or jobs.lease_s <= 0 or jobs.scan_interval_s <= 0:
+        raise ConfigError("jobs.max_attempts: at least 1; jobs.lease_s, scan_interval_s: > 0")
     if config.translate.backend not in ("http", "ctranslate2"):
         raise ConfigError("translate.backend must be 'http' or 'ctranslate2'")
     translate = config.translate

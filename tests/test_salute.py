@@ -16,9 +16,10 @@ import pytest
 import soundfile as sf
 
 from terra.api.errors import BadRequest
-from terra.api.salute import SALUTE, mask_profanity, parse_options, plain_text
+from terra.api.salute import SALUTE, parse_options
 from terra.audio import SAMPLE_RATE, AudioLimits, to_pcm16
 from terra.files.codecs import decode_channels
+from terra.files.salute import mask_profanity, plain_text
 from terra.files.transcribe import hint_tokens
 from terra.recognizer.engine import WhisperEngine
 

@@ -21,7 +21,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,11 @@ from terra.api.auth import require_bearer
 from terra.api.errors import BadRequest, NotFound, TooManyRequests
 from terra.api.form import BodyLimits, read_json
 from terra.api.respond import json_response
-from terra.audio import SAMPLE_RATE, AudioDecodeError, AudioLimits
-from terra.config import FilesConfig
-from terra.files.codecs import decode_channels
-from terra.files.fetch import Fetcher, FetchError, decode_data_uri
-from terra.files.service import FileJobService, JobFailed, QueueFull
-from terra.files.transcribe import FileOptions, Utterance, transcribe
+from terra.files.connecte import ConnecteService
+from terra.files.fetch import FetchError, decode_data_uri
 from terra.files.upload import in_memory
-from terra.jobs import Job, JobStatus
+from terra.jobs.runner import QueueFull
+from terra.jobs.store import Job, JobStatus
 from terra.params import LANGUAGES
 
 log = logging.getLogger(__name__)
@@ -49,18 +45,7 @@ log = logging.getLogger(__name__)
 KIND = "connecte"
 
 
-@dataclass(slots=True)
-class _State:
-    """What the process knows beside the job store: phases, SYNC waiters, webhook tasks."""
-
-    service: FileJobService
-    fetcher: Fetcher
-    phase: dict[str, str]
-    waiters: dict[str, list[asyncio.Future[None]]]
-    webhooks: set[asyncio.Task[None]]
-
-
-CONNECTE = web.AppKey("connecte", _State)
+CONNECTE = web.AppKey("connecte", ConnecteService)
 
 _STATUS = {
     JobStatus.QUEUED: "queued",
@@ -120,146 +105,24 @@ def parse_input(body: Any) -> dict[str, Any]:
     }
 
 
-# -- the job ------------------------------------------------------------------------------
-def _options(config: FilesConfig, language: str | None, task: str, words: bool) -> FileOptions:
-    return FileOptions(
-        language=language,
-        task=task,
-        beam_size=config.beam_size,
-        word_timestamps=words,
-        chunking=config.chunking,
-        max_in_flight=config.max_in_flight,
-    )
-
-
-def _segment(u: Utterance, diarize: bool, words: bool) -> dict[str, Any]:
-    segment: dict[str, Any] = {"start": u.start_s, "end": u.end_s, "text": u.text}
-    if diarize:
-        segment["speaker"] = f"SPEAKER_{u.channel:02d}"
-    if words:
-        segment["words"] = [
-            {
-                "start": w.start_s,
-                "end": w.end_s,
-                "word": w.text.strip(),
-                "probability": w.probability,
-            }
-            for w in u.words
-        ]
-    return segment
-
-
-def _runner(app: web.Application) -> Any:
-    async def run(job: Job) -> dict[str, Any]:
-        config = app[keys.CONFIG].files
-        state = app[CONNECTE]
-        params = job.params["input"]
-        state.phase[job.id] = "starting"
-        try:
-            upload = job.params.get("upload")
-            if upload:  # a data: URI, saved when the prediction was created
-                path = state.service.upload_path(str(upload))
-                if path is None:
-                    raise JobFailed("the uploaded audio is gone (expired?)")
-                data = await asyncio.to_thread(path.read_bytes)
-            else:
-                data = await state.fetcher.get(params["audio"])
-            tracks = await asyncio.to_thread(
-                decode_channels,
-                data,
-                "WAV",
-                None,
-                1,
-                params["diarize"],
-                AudioLimits(max_seconds=config.max_audio_s),
-            )
-        except FetchError as e:
-            raise JobFailed(str(e)) from e
-        except AudioDecodeError as e:
-            raise JobFailed(str(e)) from e
-        state.phase[job.id] = "processing"
-        language = None if params["language"] == "auto" else params["language"]
-        submit = app[keys.SCHEDULER].submit
-        utterances = await transcribe(
-            tracks, _options(config, language, "transcribe", params["word_timestamp"]), submit
-        )
-        detected = utterances[0].language if utterances else (language or "")
-        translation = None
-        if params["translate"]:
-            translated = await transcribe(
-                tracks, _options(config, language or detected or None, "translate", False), submit
-            )
-            translation = " ".join(u.text for u in translated)
-        audio_s = max(t.size for t in tracks) / SAMPLE_RATE
-        return {
-            "output": {
-                "segments": [
-                    _segment(u, params["diarize"], params["word_timestamp"]) for u in utterances
-                ],
-                "transcription": " ".join(u.text for u in utterances),
-                "translation": translation,
-                "detected_language": detected,
-            },
-            "audio_s": round(audio_s, 3),
-        }
-
-    return run
-
-
-def _ended(app: web.Application, job: Job) -> None:
-    """A prediction reached a terminal state: wake SYNC waiters, send its webhook."""
-    state = app[CONNECTE]
-    state.phase.pop(job.id, None)
-    for waiter in state.waiters.pop(job.id, []):
-        if not waiter.done():
-            waiter.set_result(None)
-    url = job.params.get("webhook")
-    if url:
-        task = asyncio.create_task(_send_webhook(app, job, str(url)))
-        state.webhooks.add(task)
-        task.add_done_callback(state.webhooks.discard)
-
-
-async def _send_webhook(app: web.Application, job: Job, url: str) -> None:
-    """POST the prediction to ``url`` until it is taken (2xx-4xx but 429), with backoff."""
-    config = app[keys.CONFIG].files
-    state = app[CONNECTE]
-    payload = await prediction_json(state.service, job)
-    delay = config.webhook_backoff_s
-    for attempt in range(1, config.webhook_tries + 1):
-        try:
-            status = await state.fetcher.post_json(url, payload)
-            if status != 429 and status < 500:
-                log.info("webhook for %s: HTTP %d (try %d)", job.id, status, attempt)
-                return
-            reason = f"HTTP {status}"
-        except FetchError as e:
-            log.warning("webhook for %s refused: %s", job.id, e)
-            return
-        except Exception as e:  # a task boundary: connection errors are retried
-            reason = f"{type(e).__name__}: {e}"
-        log.info("webhook for %s failed (%s), try %d: retrying", job.id, reason, attempt)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, config.webhook_backoff_max_s)
-    log.warning("webhook for %s given up after %d tries", job.id, config.webhook_tries)
-
-
 async def connecte_ctx(app: web.Application) -> AsyncIterator[None]:
     """The predictions service; after the recognizer's context (it submits there)."""
     config = app[keys.CONFIG]
-    files = config.files
-    service = FileJobService(
-        files, KIND, _runner(app), fsync=config.spool.fsync, listener=lambda j: _ended(app, j)
+
+    async def payload(job: Job) -> dict[str, Any]:
+        return await prediction_json(job)
+
+    service = ConnecteService(
+        config.files,
+        config.jobs,
+        app[keys.SCHEDULER].submit,
+        payload,
+        fsync=config.spool.fsync,
     )
-    fetcher = Fetcher(files.url_allow, files.url_max_bytes, files.url_timeout_s)
-    app[CONNECTE] = _State(service, fetcher, {}, {}, set())
+    app[CONNECTE] = service
     await service.start()
     yield
     await service.stop()
-    for task in list(app[CONNECTE].webhooks):
-        task.cancel()
-    await asyncio.gather(*app[CONNECTE].webhooks, return_exceptions=True)
-    await fetcher.close()
 
 
 # -- serialisation ------------------------------------------------------------------------
@@ -267,9 +130,7 @@ def _time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-async def prediction_json(
-    service: FileJobService, job: Job, phase: str | None = None
-) -> dict[str, Any]:
+async def prediction_json(job: Job, phase: str | None = None) -> dict[str, Any]:
     config_cost = float(job.params.get("cost_per_audio_s", 0.0))
     status = _STATUS.get(job.status) or phase or "processing"
     output = None
@@ -304,8 +165,7 @@ def _authorize(request: web.Request) -> None:
 
 
 async def _answer(request: web.Request, job: Job, status: int = 200) -> web.Response:
-    state = request.app[CONNECTE]
-    body = await prediction_json(state.service, job, state.phase.get(job.id))
+    body = await prediction_json(job, request.app[CONNECTE].phase.get(job.id))
     return json_response(body, status=status)
 
 
@@ -348,7 +208,7 @@ async def create(request: web.Request) -> web.Response:
     webhook = request.headers.get("Webhook-URL", "")
     if webhook:
         _check_http_url(webhook, "Webhook-URL")
-    state = request.app[CONNECTE]
+    service = request.app[CONNECTE]
     upload = ""
     if prediction_input["audio"].startswith("data:"):
         # Kept as an upload, not in the job's status file; the echo names its size.
@@ -356,12 +216,11 @@ async def create(request: web.Request) -> web.Response:
             data = decode_data_uri(prediction_input["audio"], config.url_max_bytes)
         except FetchError as e:
             raise BadRequest(str(e)) from e
-        upload = await state.service.save_upload(in_memory(data), len(data))
+        upload = await service.jobs.save_upload(in_memory(data), len(data))
         header = prediction_input["audio"].partition(",")[0]
         prediction_input["audio"] = f"{header},<{len(data)} bytes>"
-    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     try:
-        job = await state.service.create(
+        job = await service.jobs.create(
             input=prediction_input,
             upload=upload,
             model=name,
@@ -371,23 +230,14 @@ async def create(request: web.Request) -> web.Response:
     except QueueFull as e:
         raise TooManyRequests(str(e)) from e
     if prefer == "SYNC":
-        state.waiters.setdefault(job.id, []).append(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), max(0.0, timeout_s))
-        except TimeoutError:
-            pass
-        finally:
-            waiting = state.waiters.get(job.id, [])
-            if waiter in waiting:
-                waiting.remove(waiter)
-        job = await state.service.get(job.id) or job
+        job = await service.jobs.runner.wait(job.id, timeout_s) or job
     return await _answer(request, job, 201)
 
 
 async def get(request: web.Request) -> web.Response:
     """GET /api/v1/predictions/{id}."""
     _authorize(request)
-    job = await request.app[CONNECTE].service.get(request.match_info["id"])
+    job = await request.app[CONNECTE].jobs.get(request.match_info["id"])
     if job is None:
         raise NotFound("prediction not found")
     return await _answer(request, job)
@@ -396,7 +246,7 @@ async def get(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     """POST /api/v1/predictions/{id}/cancel: idempotent; an ended prediction stays as it is."""
     _authorize(request)
-    service = request.app[CONNECTE].service
+    service = request.app[CONNECTE].jobs
     job, _ = await service.cancel(request.match_info["id"], running_too=True)
     if job is None:
         raise NotFound("prediction not found")

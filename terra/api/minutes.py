@@ -73,6 +73,7 @@ async def minutes_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[keys.CONFIG]
     service = MinutesService(
         config.minutes,
+        config.jobs,
         Path(config.spool.dir),
         app[keys.SCHEDULER].submit,
         language_confidence=config.recognizer.language_confidence,

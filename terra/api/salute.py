@@ -25,12 +25,9 @@ separation is on.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -47,16 +44,14 @@ from terra.api.errors import (
 )
 from terra.api.form import BodyLimits, read_json
 from terra.api.respond import json_response
-from terra.audio import AudioDecodeError, AudioLimits
-from terra.config import FilesConfig
-from terra.files.codecs import ENCODINGS, decode_channels
-from terra.files.service import FileJobService, JobFailed, QueueFull
-from terra.files.transcribe import FileOptions, Utterance, hint_tokens, transcribe
+from terra.files.codecs import ENCODINGS
+from terra.files.salute import SaluteOptions, salute_service
+from terra.files.service import FileJobService
 from terra.files.upload import UploadTooLarge, request_body
-from terra.jobs import Job, JobStatus
+from terra.jobs.runner import QueueFull
+from terra.jobs.store import Job, JobStatus
 from terra.params import LANGUAGES
 
-KIND = "salute"
 PREFIX = "/rest/v1/"
 SALUTE = web.AppKey("salute", FileJobService)
 
@@ -69,31 +64,9 @@ _STATUS = {
 }
 _LANGUAGE = re.compile(r"^([a-z]{2,3})(?:-[A-Za-z]{2,4})?$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
-_WORD = re.compile(r"\w+", re.UNICODE)
-_PUNCTUATION = re.compile(r"[^\w\s'-]+", re.UNICODE)
 
 
 # -- options ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class SaluteOptions:
-    """The ``options`` of speech:async_recognize, validated (durations in ms)."""
-
-    language: str = "ru"
-    audio_encoding: str = "PCM_S16LE"
-    sample_rate: int | None = None
-    channels_count: int = 1
-    hypotheses_count: int = 1
-    enable_profanity_filter: bool = False
-    no_speech_timeout_ms: int = 7000
-    max_speech_timeout_ms: int = 20000
-    eou_timeout_ms: int | None = None
-    words: tuple[str, ...] = ()
-    separate_speakers: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def _duration_ms(value: Any, name: str) -> int:
     if isinstance(value, bool):
         raise BadRequest(f'options.{name} must be a duration such as "7s"')
@@ -181,125 +154,12 @@ def parse_options(raw: Any) -> SaluteOptions:
     )
 
 
-def file_options(
-    options: SaluteOptions, config: FilesConfig, prompt: tuple[int, ...]
-) -> FileOptions:
-    """Salute's timeouts as VAD settings: ``max_speech_timeout`` caps an utterance's length,
-    ``hints.eou_timeout`` is the pause that ends one, and no utterance spans a stretch without
-    speech longer than ``no_speech_timeout``."""
-    chunking = config.chunking
-    return FileOptions(
-        language=options.language,
-        beam_size=config.beam_size,
-        prompt_tokens=prompt,
-        chunking=dataclasses.replace(
-            chunking,
-            min_silence_ms=options.eou_timeout_ms or chunking.min_silence_ms,
-            chunk_join_ms=min(chunking.chunk_join_ms, options.no_speech_timeout_ms),
-            max_chunk_s=min(chunking.max_chunk_s, max(1.0, options.max_speech_timeout_ms / 1000)),
-        ),
-        max_in_flight=config.max_in_flight,
-        num_hypotheses=options.hypotheses_count,
-    )
-
-
-# -- results ------------------------------------------------------------------------------
-def mask_profanity(text: str, stems: Sequence[str]) -> str:
-    """Replace every word that starts with one of ``stems`` by asterisks of its length."""
-    lowered = tuple(s.lower() for s in stems)
-
-    def mask(match: re.Match[str]) -> str:
-        word = match.group(0)
-        return "*" * len(word) if word.lower().startswith(lowered) else word
-
-    return _WORD.sub(mask, text) if lowered else text
-
-
-def plain_text(text: str) -> str:
-    """SaluteSpeech's ``text``: lower case, no punctuation."""
-    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.3f}s"
-
-
-def result_json(
-    utterances: Sequence[Utterance], options: SaluteOptions, profanity: Sequence[str]
-) -> list[dict[str, Any]]:
-    out = []
-    for u in utterances:
-        normalized, text = u.text, plain_text(u.text)
-        start, end = _duration(u.start_s), _duration(u.end_s)
-        hypotheses = [(text, normalized)] + [
-            (plain_text(a), a) for a in u.alternatives[: max(0, options.hypotheses_count - 1)]
-        ]
-        if options.enable_profanity_filter:
-            hypotheses = [
-                (mask_profanity(t, profanity), mask_profanity(n, profanity)) for t, n in hypotheses
-            ]
-        out.append(
-            {
-                "results": [
-                    {
-                        "text": t,
-                        "normalized_text": n,
-                        "start": start,
-                        "end": end,
-                        "word_alignments": [],
-                    }
-                    for t, n in hypotheses
-                ],
-                "eou": True,
-                "eou_reason": "ORGANIC",
-                "channel": u.channel,
-                "processed_audio_start": start,
-                "processed_audio_end": end,
-                "speaker_info": {
-                    "speaker_id": u.channel if options.separate_speakers else -1,
-                    "main_speaker_confidence": 1.0,
-                },
-                "language": u.language,
-            }
-        )
-    return out
-
-
-# -- the job ------------------------------------------------------------------------------
-def _runner(app: web.Application) -> Any:
-    async def run(job: Job) -> list[dict[str, Any]]:
-        config = app[keys.CONFIG].files
-        service = app[SALUTE]
-        options = SaluteOptions(**job.params["options"])
-        path = service.upload_path(str(job.params["request_file_id"]))
-        if path is None:
-            raise JobFailed("the uploaded file is gone (expired?)")
-        try:
-            tracks = await asyncio.to_thread(
-                lambda: decode_channels(
-                    Path(path).read_bytes(),
-                    options.audio_encoding,
-                    options.sample_rate,
-                    options.channels_count,
-                    split=options.channels_count > 1,
-                    limits=AudioLimits(max_seconds=config.max_audio_s),
-                )
-            )
-        except AudioDecodeError as e:
-            raise JobFailed(str(e)) from e
-        prompt = hint_tokens(app[keys.ENGINE], options.words)
-        utterances = await transcribe(
-            tracks, file_options(options, config, prompt), app[keys.SCHEDULER].submit
-        )
-        return result_json(utterances, options, config.profanity_words)
-
-    return run
-
-
 async def salute_ctx(app: web.Application) -> AsyncIterator[None]:
     """The SaluteSpeech job service; after the recognizer's context (it submits there)."""
     config = app[keys.CONFIG]
-    service = FileJobService(config.files, KIND, _runner(app), fsync=config.spool.fsync)
+    service = salute_service(
+        config.files, config.jobs, app[keys.ENGINE], app[keys.SCHEDULER].submit, config.spool.fsync
+    )
     app[SALUTE] = service
     await service.start()
     yield

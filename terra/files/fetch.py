@@ -165,8 +165,17 @@ class Fetcher:
             raise FetchError(str(cause) if cause else f"fetching {url} failed: {e}") from e
 
     async def post_json(self, url: str, payload: object) -> int:
-        """POST ``payload`` to ``url``; the HTTP status (errors raise, for the caller to retry)."""
+        """POST ``payload`` to ``url``; the HTTP status (errors raise, for the caller to retry).
+
+        At most ``max_bytes`` of the answer are read; a longer one is cut off by closing
+        the connection (a receiver can't make terra hold its answer)."""
         check_url(URL(url), self._allow)
         async with self._client().post(url, json=payload, allow_redirects=False) as response:
-            await response.read()
+            read = 0
+            while read < self._max_bytes and (
+                chunk := await response.content.read(self._max_bytes - read)
+            ):
+                read += len(chunk)
+            if not response.content.at_eof():
+                response.close()
             return response.status

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from terra.audio import SAMPLE_RATE, Samples
@@ -21,12 +21,9 @@ from terra.recognizer.types import (
     RecognitionRequest,
     Word,
 )
+from terra.retry import Submit, until_taken
 
 log = logging.getLogger(__name__)
-
-RETRY_MAX_S = 10.0
-
-Submit = Callable[[RecognitionRequest], "asyncio.Future[Recognition | None]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,17 +58,6 @@ def plan(track: Samples, options: FileOptions) -> list[tuple[int, int]]:
     return [(c.start, c.end) for c in plan_track(track, options.chunking)]
 
 
-async def recognize_once(submit: Submit, request: RecognitionRequest) -> Recognition:
-    """One request through the scheduler; dropped (queue full) means: wait, send again."""
-    delay = 0.5
-    while True:
-        result = await submit(request)
-        if result is not None:
-            return result
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, RETRY_MAX_S)
-
-
 async def transcribe(
     tracks: Sequence[Samples], options: FileOptions, submit: Submit
 ) -> list[Utterance]:
@@ -91,7 +77,7 @@ async def transcribe(
             num_hypotheses=options.num_hypotheses,
         )
         async with gate:
-            result = await recognize_once(submit, request)
+            result = await until_taken(submit, request)
         return utterances_of(result, channel, start, end)
 
     jobs = [one(c, s, e) for c, ranges in enumerate(plans) for s, e in ranges]

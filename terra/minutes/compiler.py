@@ -1,12 +1,17 @@
 """The minutes compiler: spooled fragments -> participant timelines -> VAD -> recognition ->
-phrases of every participant in time order. Blocking; no asyncio.
+phrases of every participant in time order.
+
+The planning and phrasing helpers are pure; :class:`MinutesCompiler` is async orchestration
+that reads the spool and runs the VAD in a thread (``asyncio.to_thread``) and awaits the
+recognizer for each batch of chunks, as the file dialects do.
 
 Each participant is recognized on their own track, so two people talking at once stay two
 phrases. Speech regions found by webrtcvad are joined into chunks of whole utterances (up
 to ``max_chunk_s``, pauses included) and recognized with beam search, timestamp tokens and,
 optionally, the participant's previous text as context and word timestamps; phrases are
-then cut at pauses and sentence ends. Recognition is injected (``recognize``): the server
-passes its scheduler (background priority), the command line the engine itself.
+then cut at pauses and sentence ends. Recognition is injected (``recognize``, awaited): the
+server passes its scheduler (background priority); the command line and the benchmark call
+the blocking :func:`compile_minutes`, which runs the engine in a thread.
 
 Time inside is counted in samples at 16 kHz from the conference origin (the earliest
 fragment of anyone); seconds appear only in the phrases.
@@ -14,10 +19,11 @@ fragment of anyone); seconds appear only in the phrases.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +39,9 @@ from terra.spool import StoredParticipant, conference_digest, read_conference
 
 log = logging.getLogger(__name__)
 
-Recognize = Callable[[Sequence[RecognitionRequest]], Sequence[Recognition]]
+Recognize = Callable[[Sequence[RecognitionRequest]], Awaitable[Sequence[Recognition]]]
+BlockingRecognize = Callable[[Sequence[RecognitionRequest]], Sequence[Recognition]]
 Progress = Callable[[float], None]
-Cancelled = Callable[[], bool]
 
 # Fragments whose start is this close to the end of the previous one continue its run
 # (clients' clocks jitter); a larger hole is silence.
@@ -50,10 +56,6 @@ RETRY_COMPRESSION_RATIO = 2.0
 # Language detection of a participant without lang1 reads this much of their speech.
 DETECT_S = 28.0
 _SENTENCE_END = (".", "!", "?", "…", "。", "！", "？")
-
-
-class CompileCancelled(Exception):
-    """The compile was asked to stop (the server is shutting down)."""
 
 
 class NothingSpooled(LookupError):
@@ -232,7 +234,7 @@ def read_range(
 
 
 class MinutesCompiler:
-    """Compiles one conference. ``recognize`` is called from the compiling thread."""
+    """Compiles one conference; cancel the task that awaits :meth:`compile` to stop it."""
 
     def __init__(
         self,
@@ -242,18 +244,16 @@ class MinutesCompiler:
         language_confidence: float = 0.6,
         model: str = "",
         progress: Progress | None = None,
-        cancelled: Cancelled | None = None,
     ) -> None:
         self._config = config
         self._recognize = recognize
         self._language_confidence = language_confidence
         self._model = model
         self._progress = progress or (lambda _: None)
-        self._cancelled = cancelled or (lambda: False)
 
-    def compile(self, spool_root: Path, conference_id: str) -> CompileResult:
+    async def compile(self, spool_root: Path, conference_id: str) -> CompileResult:
         started = time.perf_counter()
-        stored = read_conference(spool_root, conference_id)
+        stored = await asyncio.to_thread(read_conference, spool_root, conference_id)
         if not stored:
             raise NothingSpooled(conference_id)
         digest = conference_digest(stored)
@@ -264,7 +264,7 @@ class MinutesCompiler:
         audio_samples = 0
         end_sample = 0
         for index, track in enumerate(tracks):
-            runs = self._place(track, origin_us)
+            runs = await asyncio.to_thread(self._place, track, origin_us)
             for placement in track.placements:
                 audio_samples += placement.length
                 end_sample = max(end_sample, placement.offset + placement.length)
@@ -272,8 +272,8 @@ class MinutesCompiler:
             self._progress(READ_SHARE * read_bytes / total_bytes)
             track.chunks = self._find_chunks(runs, index)
         cache = _AudioCache()
-        self._detect_languages(tracks, cache)
-        phrases = self._recognize_all(tracks, cache)
+        await self._detect_languages(tracks, cache)
+        phrases = await self._recognize_all(tracks, cache)
         phrases.sort(key=lambda p: (p.start_s, p.end_s, p.participant_id))
         origin = origin_us / 1_000_000
         minutes = Minutes(
@@ -302,8 +302,6 @@ class MinutesCompiler:
         vad = config.chunking.vad()
         expected: int | None = None
         for fragment in track.stored.fragments:
-            if self._cancelled():
-                raise CompileCancelled()
             samples = read_fragment(fragment.path)
             offset = round((fragment.start_us - origin_us) * SAMPLE_RATE / 1_000_000)
             skip = 0
@@ -340,24 +338,20 @@ class MinutesCompiler:
         return chunks
 
     # -- recognition ---------------------------------------------------------------------
-    def _detect_languages(self, tracks: list[Track], cache: _AudioCache) -> None:
+    async def _detect_languages(self, tracks: list[Track], cache: _AudioCache) -> None:
         """A participant without lang1 gets the language of up to DETECT_S of their speech:
         a few seconds of one chunk are often too little for Whisper to be sure."""
         pending = [t for t in tracks if t.language is None and t.chunks]
         step = self._config.max_in_flight
         for group in (pending[i : i + step] for i in range(0, len(pending), step)):
-            if self._cancelled():
-                raise CompileCancelled()
+            samples = await asyncio.to_thread(self._speech_samples, group, cache)
             requests = [
                 RecognitionRequest(
-                    audio=self._speech_sample(track, cache),
-                    language=None,
-                    priority=Priority.BACKGROUND,
-                    beam_size=1,
+                    audio=audio, language=None, priority=Priority.BACKGROUND, beam_size=1
                 )
-                for track in group
+                for audio in samples
             ]
-            for track, result in zip(group, self._recognize(requests)):
+            for track, result in zip(group, await self._recognize(requests)):
                 if result.language_probability >= self._language_confidence:
                     track.language = result.language
                 log.info(
@@ -366,6 +360,9 @@ class MinutesCompiler:
                     track.language or "not sure",
                     result.language_probability,
                 )
+
+    def _speech_samples(self, tracks: Sequence[Track], cache: _AudioCache) -> list[Samples]:
+        return [self._speech_sample(track, cache) for track in tracks]
 
     @staticmethod
     def _speech_sample(track: Track, cache: _AudioCache) -> Samples:
@@ -379,21 +376,17 @@ class MinutesCompiler:
             total += take
         return np.concatenate(pieces)
 
-    def _recognize_all(self, tracks: list[Track], cache: _AudioCache) -> list[Phrase]:
+    async def _recognize_all(self, tracks: list[Track], cache: _AudioCache) -> list[Phrase]:
         total = sum(c.end - c.start for t in tracks for c in t.chunks) or 1
         done = 0
         phrases: list[Phrase] = []
         while True:
-            if self._cancelled():
-                raise CompileCancelled()
             batch = self._next_batch(tracks)
             if not batch:
                 return phrases
-            requests = [
-                self._request(tracks[c.participant], c.start, c.end, cache, context=True)
-                for c in batch
-            ]
-            results = list(self._recognize(requests))
+            ranges = [(c.participant, c.start, c.end) for c in batch]
+            requests = await asyncio.to_thread(self._requests, tracks, ranges, cache, True)
+            results = list(await self._recognize(requests))
             retry = [
                 (i, piece)
                 for i, (chunk, result) in enumerate(zip(batch, results))
@@ -407,12 +400,9 @@ class MinutesCompiler:
                     len({i for i, _ in retry}),
                     len(retry),
                 )
-                retried = self._recognize(
-                    [
-                        self._request(tracks[batch[i].participant], a, b, cache, context=False)
-                        for i, (a, b) in retry
-                    ]
-                )
+                ranges = [(batch[i].participant, a, b) for i, (a, b) in retry]
+                again = await asyncio.to_thread(self._requests, tracks, ranges, cache, False)
+                retried = await self._recognize(again)
                 for (i, (a, b)), result in zip(retry, retried):
                     pieces.setdefault(i, []).append((a, b, result))
             for i, (chunk, result) in enumerate(zip(batch, results)):
@@ -423,6 +413,16 @@ class MinutesCompiler:
                     phrases.extend(self._phrases(track, start, end, part))
                 done += chunk.end - chunk.start
             self._progress(READ_SHARE + (1 - READ_SHARE) * done / total)
+
+    def _requests(
+        self,
+        tracks: Sequence[Track],
+        ranges: Sequence[tuple[int, int, int]],
+        cache: _AudioCache,
+        context: bool,
+    ) -> list[RecognitionRequest]:
+        """Requests for ``(participant, start, end)`` ranges (reads audio: in a thread)."""
+        return [self._request(tracks[p], a, b, cache, context=context) for p, a, b in ranges]
 
     def _request(
         self, track: Track, start: int, end: int, cache: _AudioCache, *, context: bool
@@ -467,20 +467,20 @@ def compile_minutes(
     spool_root: Path,
     conference_id: str,
     config: MinutesConfig,
-    recognize: Recognize,
+    recognize: BlockingRecognize,
     *,
     language_confidence: float = 0.6,
     model: str = "",
     progress: Progress | None = None,
-    cancelled: Cancelled | None = None,
 ) -> CompileResult:
-    """Compile one conference from the spool; raises NothingSpooled or CompileCancelled."""
+    """Compile one conference from the spool with a blocking ``recognize`` (the engine
+    itself, run in a thread); blocking. Raises NothingSpooled. For the command line and
+    benchmarks; the server awaits :meth:`MinutesCompiler.compile` with its scheduler."""
+
+    async def run(requests: Sequence[RecognitionRequest]) -> Sequence[Recognition]:
+        return await asyncio.to_thread(recognize, requests)
+
     compiler = MinutesCompiler(
-        config,
-        recognize,
-        language_confidence=language_confidence,
-        model=model,
-        progress=progress,
-        cancelled=cancelled,
+        config, run, language_confidence=language_confidence, model=model, progress=progress
     )
-    return compiler.compile(spool_root, conference_id)
+    return asyncio.run(compiler.compile(spool_root, conference_id))

@@ -1,44 +1,40 @@
 """The minutes service: durable compile jobs behind GET /minutes/{conference_id}.
 
-A job per conference lives in the job store (one status file each), so queued and running
-compiles survive a restart: :meth:`MinutesService.start` puts them back in the queue.
-``minutes.workers`` compiles run at once, one per conference at most. A compile runs in a
-thread of its own (reading the spool, VAD, phrases); its recognition requests hop back onto
-the event loop and go through the recognizer scheduler at background priority, at most
-``minutes.max_in_flight`` at a time, so live text always goes first.
+A compile is a job of kind ``minutes`` (its id is the conference's) on the shared job
+runner (:mod:`terra.jobs.runner`): it survives a restart, is taken over by another front
+end sharing the folders when its own dies, and is failed after ``jobs.max_attempts``
+starts that never finished. ``minutes.workers`` compiles run at once per front end, one
+per conference at most (the lease). A compile is async: it reads the spool and runs the VAD
+in a thread and awaits the recognizer scheduler at background priority, at most
+``minutes.max_in_flight`` requests at a time, so live text always goes first. Requests are
+answered from the job store, so any front end answers for any conference.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
-from terra.config import MinutesConfig
-from terra.jobs import Job, JobStatus, JobStore, new_job
-from terra.minutes.compiler import CompileCancelled, CompileResult, compile_minutes
+from terra.config import JobsConfig, MinutesConfig
+from terra.jobs.runner import Clock, Done, JobRunner, Progress
+from terra.jobs.store import Job, JobStatus, JobStore, new_job
+from terra.minutes.compiler import CompileResult, MinutesCompiler
 from terra.minutes.formats import to_xml
 from terra.minutes.types import Minutes
 from terra.recognizer.types import Recognition, RecognitionRequest
+from terra.retry import Submit, until_taken
 from terra.spool import conference_digest, read_conference, write_atomic
 
 log = logging.getLogger(__name__)
 
 KIND = "minutes"
-PROGRESS_WRITE_S = 2.0  # the status file's progress is refreshed at most this often
-RETRY_MAX_S = 10.0  # backoff cap when the recognizer queue is full
-
-Submit = Callable[[RecognitionRequest], "asyncio.Future[Recognition | None]"]
 
 
 class State(Enum):
@@ -60,6 +56,7 @@ class MinutesService:
     def __init__(
         self,
         config: MinutesConfig,
+        jobs: JobsConfig,
         spool_root: Path,
         submit: Submit,
         *,
@@ -67,6 +64,7 @@ class MinutesService:
         model: str = "",
         zone: ZoneInfo | None = None,
         fsync: bool = True,
+        clock: Clock = time.time,
     ) -> None:
         self._config = config
         self._spool_root = spool_root
@@ -75,55 +73,41 @@ class MinutesService:
         self._model = model
         self._zone = zone
         self._fsync = fsync
-        self.store = JobStore(Path(config.jobs_dir), fsync=fsync)
+        self._clock = clock
         self.results_dir = Path(config.dir)
-        self._jobs: dict[str, Job] = {}  # queued or running in this process
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self.runner = JobRunner(
+            JobStore(Path(config.jobs_dir), fsync=fsync),
+            KIND,
+            self._compile,
+            jobs,
+            workers=config.workers,
+            clock=clock,
+        )
+        self.store = self.runner.store
         self._lock = asyncio.Lock()
-        self._workers: list[asyncio.Task[None]] = []
-        self._in_flight: set[asyncio.Task[Any]] = set()
-        self._stopping = threading.Event()
-        self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="minutes")
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Take up the jobs a previous process left queued or running, then start workers."""
-        for job in await asyncio.to_thread(self.store.recover, KIND):
-            self._enqueue(job)
-            log.info("minutes compile recovered", extra={"conference_id": job.id})
-        self._workers = [
-            asyncio.create_task(self._work(), name=f"minutes-{i}")
-            for i in range(self._config.workers)
-        ]
+        """Take up the compiles nobody runs (left by a process that died), start workers."""
+        await self.runner.start()
 
     async def stop(self) -> None:
-        """Stop compiling; a running job stays ``running`` on disk and resumes at start-up."""
-        self._stopping.set()
-        for task in list(self._in_flight):
-            task.cancel()
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
-
-    def _enqueue(self, job: Job) -> None:
-        self._jobs[job.id] = job
-        self._queue.put_nowait(job.id)
+        """Stop compiling; a running compile goes back in the queue for the next start."""
+        await self.runner.stop()
 
     # -- the request path ----------------------------------------------------------------
     async def request(self, conference_id: str) -> MinutesAnswer:
         """What GET /minutes answers: queue a compile when there is none for the current
         audio, report one under way, or hand over the compiled minutes."""
         async with self._lock:
-            active = self._jobs.get(conference_id)
-            if active is not None:
+            active = self.runner.active(conference_id)
+            if active is not None and not active.status.is_terminal():
                 return MinutesAnswer(State.RUNNING, active)
             job = await asyncio.to_thread(self.store.get, KIND, conference_id)
             if job is not None and not job.status.is_terminal():
-                # Left by a process that did not recover it (e.g. another one sharing the
-                # folders): take it up here rather than leave the client waiting forever.
-                job = job.requeued()
-                self._enqueue(job)
+                # Queued or running here or on another front end; if nobody holds it (its
+                # front end died), take it up here rather than leave the client waiting.
+                await self.runner.take_up(job)
                 return MinutesAnswer(State.RUNNING, job)
             digest = await asyncio.to_thread(self._digest, conference_id)
             if job is not None and job.status is JobStatus.SUCCEEDED:
@@ -136,9 +120,9 @@ class MinutesService:
             if job is not None and job.status is JobStatus.FAILED:
                 if digest == job.params.get("digest"):
                     return MinutesAnswer(State.FAILED, job)
-            queued = new_job(KIND, conference_id, time.time(), digest=digest)
-            await asyncio.to_thread(self.store.put, queued)
-            self._enqueue(queued)
+            queued = await self.runner.submit(
+                new_job(KIND, conference_id, self._clock(), digest=digest)
+            )
             log.info("minutes compile queued", extra={"conference_id": conference_id})
             return MinutesAnswer(State.QUEUED_NOW, queued)
 
@@ -161,53 +145,18 @@ class MinutesService:
             )
             return None
 
-    # -- workers -------------------------------------------------------------------------
-    async def _work(self) -> None:
-        while True:
-            conference_id = await self._queue.get()
-            try:
-                await self._run(conference_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a task boundary: log it, keep the worker
-                log.exception("minutes worker failed", extra={"conference_id": conference_id})
-                self._jobs.pop(conference_id, None)
-
-    async def _run(self, conference_id: str) -> None:
-        queued = self._jobs.get(conference_id)
-        if queued is None:
-            return
-        job = queued.started(time.time())
-        self._jobs[conference_id] = job
-        await asyncio.to_thread(self.store.put, job)
-        log.info(
-            "minutes compile started (attempt %d)", job.attempts, extra={"conference_id": job.id}
+    # -- the job -------------------------------------------------------------------------
+    async def _compile(self, job: Job, progress: Progress) -> Done:
+        """The whole compile, awaited; a failure anywhere (the writes too) fails the job."""
+        compiler = MinutesCompiler(
+            self._config,
+            self._recognize,
+            language_confidence=self._language_confidence,
+            model=self._model,
+            progress=progress,
         )
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(self._executor, self._compile, job, loop)
-        except CompileCancelled:
-            return  # shutting down: the job stays "running" on disk and resumes at start-up
-        except Exception as e:
-            if self._stopping.is_set():
-                return
-            log.exception("minutes compile failed", extra={"conference_id": job.id})
-            failed = job.failed(time.time(), f"{type(e).__name__}: {e}")
-            await asyncio.to_thread(self.store.put, failed)
-            self._jobs.pop(conference_id, None)
-            return
+        result = await compiler.compile(self._spool_root, job.id)
         path = await asyncio.to_thread(self._save, result)
-        done = job.succeeded(
-            time.time(),
-            str(path),
-            digest=result.digest,
-            audio_s=result.minutes.audio_s,
-            speech_s=round(result.speech_s, 3),
-            compile_s=round(result.seconds, 3),
-            phrases=len(result.minutes.phrases),
-        )
-        await asyncio.to_thread(self.store.put, done)
-        self._jobs.pop(conference_id, None)
         log.info(
             "minutes compiled: %d phrases from %.1f s of audio in %.1f s",
             len(result.minutes.phrases),
@@ -215,77 +164,27 @@ class MinutesService:
             result.seconds,
             extra={"conference_id": job.id},
         )
-
-    def _compile(self, job: Job, loop: asyncio.AbstractEventLoop) -> CompileResult:
-        """In a worker thread: the whole compile, recognition bridged to the loop."""
-        last_write = time.monotonic()
-
-        def progress(fraction: float) -> None:
-            nonlocal last_write
-            current = job.progressed(fraction)
-            loop.call_soon_threadsafe(self._progressed, current)
-            if time.monotonic() - last_write >= PROGRESS_WRITE_S:
-                last_write = time.monotonic()
-                self.store.put(current)
-
-        def recognize(requests: Sequence[RecognitionRequest]) -> list[Recognition]:
-            if self._stopping.is_set():
-                raise CompileCancelled()
-            future = asyncio.run_coroutine_threadsafe(self._recognize(requests), loop)
-            try:
-                return future.result()
-            except concurrent.futures.CancelledError as e:
-                raise CompileCancelled() from e
-
-        return compile_minutes(
-            self._spool_root,
-            job.id,
-            self._config,
-            recognize,
-            language_confidence=self._language_confidence,
-            model=self._model,
-            progress=progress,
-            cancelled=self._stopping.is_set,
+        return Done(
+            str(path),
+            {
+                "digest": result.digest,
+                "audio_s": result.minutes.audio_s,
+                "speech_s": round(result.speech_s, 3),
+                "compile_s": round(result.seconds, 3),
+                "phrases": len(result.minutes.phrases),
+            },
         )
-
-    def _progressed(self, job: Job) -> None:
-        if job.id in self._jobs and self._jobs[job.id].status is JobStatus.RUNNING:
-            self._jobs[job.id] = job
 
     async def _recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
         """Through the scheduler; a request dropped because its queue is full is sent again."""
-        task = asyncio.current_task()
-        assert task is not None
-        if self._stopping.is_set():
-            raise asyncio.CancelledError()
-        self._in_flight.add(task)
-        try:
-            results: list[Recognition | None] = [None] * len(requests)
-            waiting = list(range(len(requests)))
-            delay = 0.5
-            while waiting:
-                futures = [self._submit(requests[i]) for i in waiting]
-                try:
-                    answers = await asyncio.gather(*futures)
-                except asyncio.CancelledError:
-                    for future in futures:
-                        future.cancel()
-                    raise
-                for i, answer in zip(waiting, answers):
-                    results[i] = answer
-                waiting = [i for i in waiting if results[i] is None]
-                if waiting:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX_S)
-            return [r for r in results if r is not None]
-        finally:
-            self._in_flight.discard(task)
+        return list(await asyncio.gather(*(until_taken(self._submit, r) for r in requests)))
 
     def _save(self, result: CompileResult) -> Path:
         minutes = result.minutes
         data = json.dumps(minutes.to_json(), ensure_ascii=False).encode("utf-8")
+        xml = to_xml(minutes, self._zone)  # before anything is written: all or nothing
         path = self.results_dir / f"{minutes.conference_id}.json"
         write_atomic(path, data, self._fsync)
         # The protocol as a file too, for operators; requests render from the JSON.
-        write_atomic(path.with_suffix(".xml"), to_xml(minutes, self._zone), self._fsync)
+        write_atomic(path.with_suffix(".xml"), xml, self._fsync)
         return path

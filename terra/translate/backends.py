@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 
 from terra.config import TranslateConfig
+from terra.retry import Backoff, Retryable, retryable_status, retrying
 
 if TYPE_CHECKING:
     import ctranslate2
@@ -30,7 +31,7 @@ Direction = tuple[str, str]
 DIRECTIONS: tuple[Direction, ...] = (("ru", "en"), ("en", "ru"))
 
 # Answers worth another try: the service is overloaded or restarting.
-_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_MAX_S = 30.0  # the backoff's cap (translate.retry_backoff_s doubles up to this)
 
 
 class TranslatorError(Exception):
@@ -110,24 +111,29 @@ class HttpTranslator:
         body: dict[str, Any] = {"q": texts, "source": source, "target": target, "format": "text"}
         if self._config.api_key:
             body["api_key"] = self._config.api_key
-        attempts = self._config.retries + 1
-        failure = ""
-        for attempt in range(attempts):
-            if attempt:
-                await asyncio.sleep(self._config.retry_backoff_s * 2 ** (attempt - 1))
-            try:
-                async with self._session.post(self._endpoint, json=body) as response:
-                    if response.status == 200:
-                        return _parse_libretranslate(await response.read(), len(texts))
-                    detail = (await response.text(errors="replace"))[:200]
-                    failure = f"{self._endpoint} answered {response.status}: {detail}"
-                    if response.status not in _RETRY_STATUSES:
-                        raise TranslatorError(failure)
-            except (aiohttp.ClientError, TimeoutError) as e:
-                failure = (
-                    f"the translator at {self._endpoint} is unreachable ({type(e).__name__}: {e})"
-                )
-        raise TranslatorError(f"{failure}; gave up after {attempts} attempt(s)")
+        policy = Backoff(self._config.retry_backoff_s, RETRY_MAX_S, self._config.retries + 1)
+        try:
+            async for attempt in retrying(policy):
+                with attempt:
+                    return await self._post_once(body, len(texts))
+        except Retryable as e:
+            raise TranslatorError(f"{e}; gave up after {policy.tries} attempt(s)") from e
+        raise AssertionError("unreachable: retrying returns or raises")
+
+    async def _post_once(self, body: dict[str, Any], count: int) -> list[str]:
+        try:
+            async with self._session.post(self._endpoint, json=body) as response:
+                if response.status == 200:
+                    return _parse_libretranslate(await response.read(), count)
+                detail = (await response.text(errors="replace"))[:200]
+                failure = f"{self._endpoint} answered {response.status}: {detail}"
+                if retryable_status(response.status):
+                    raise Retryable(failure)
+                raise TranslatorError(failure)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise Retryable(
+                f"the translator at {self._endpoint} is unreachable ({type(e).__name__}: {e})"
+            ) from e
 
 
 def _parse_libretranslate(raw: bytes, count: int) -> list[str]:
