@@ -145,3 +145,14 @@ class FakeEngine:
             segments=tuple(segments),
             alternatives=alternatives,
         )
+
+
+class RecordedSleeps:
+    """A fake ``asyncio.sleep`` for retry tests: records each delay and returns at once, so
+    a test checks the backoff's delays without waiting them."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)

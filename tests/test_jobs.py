@@ -282,7 +282,7 @@ async def test_stop_puts_the_job_back_and_lets_its_lease_go(
 
 async def ended(job_id: str, *front_ends: JobRunner) -> Job | None:
     """The job once it ended on whichever front end ran it."""
-    waits = [asyncio.create_task(r.wait(job_id, 10.0)) for r in front_ends]
+    waits = [asyncio.create_task(r.wait(job_id, 60.0)) for r in front_ends]
     finished, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()

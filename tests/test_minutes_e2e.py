@@ -282,6 +282,8 @@ def write_config(tmp_path: Path, port: int = 9001) -> Path:
         "model": {"name": "base", "models_dir": str(ROOT / "models"), "cpu_threads": 2},
         "spool": {"dir": str(tmp_path / "spool"), "fsync": False},
         "minutes": {"dir": str(tmp_path / "minutes"), "jobs_dir": str(tmp_path / "jobs")},
+        # A killed server's lease is taken over after lease_s: short here, to keep it quick.
+        "jobs": {"lease_s": 3, "scan_interval_s": 1},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")

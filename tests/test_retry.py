@@ -11,15 +11,7 @@ import pytest
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest
 from terra.retry import Backoff, Retryable, retryable_status, retrying, until_taken
 
-
-class Sleeps:
-    """An injected sleep that records each delay and returns at once."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
+from .fakes import RecordedSleeps
 
 
 def test_which_http_answers_retry() -> None:
@@ -28,7 +20,7 @@ def test_which_http_answers_retry() -> None:
 
 
 async def test_delays_double_up_to_the_cap_and_the_tries_are_counted() -> None:
-    sleeps = Sleeps()
+    sleeps = RecordedSleeps()
     calls = 0
     with pytest.raises(Retryable, match="still down"):
         async for attempt in retrying(Backoff(0.5, 4.0, tries=7), sleep=sleeps):
@@ -40,7 +32,7 @@ async def test_delays_double_up_to_the_cap_and_the_tries_are_counted() -> None:
 
 
 async def test_other_failures_are_not_retried_and_success_ends_it() -> None:
-    sleeps = Sleeps()
+    sleeps = RecordedSleeps()
     with pytest.raises(ValueError):
         async for attempt in retrying(Backoff(0.5, 4.0, tries=5), sleep=sleeps):
             with attempt:
@@ -59,7 +51,7 @@ async def test_other_failures_are_not_retried_and_success_ends_it() -> None:
 
 
 async def test_a_dropped_recognition_is_sent_again_until_taken() -> None:
-    sleeps = Sleeps()
+    sleeps = RecordedSleeps()
     request = RecognitionRequest(
         audio=np.zeros(16000, dtype=np.float32),
         language="en",

@@ -18,6 +18,8 @@ from terra.files.connecte import KIND, ConnecteService
 from terra.jobs.store import Job, JobStatus, JobStore, new_job
 from terra.recognizer.types import Recognition, RecognitionRequest
 
+from .fakes import RecordedSleeps
+
 
 class Receiver:
     """A webhook receiver on loopback: /ok records the body, /huge answers without end,
@@ -57,16 +59,6 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     await server.close()
 
 
-class Sleeps:
-    """An injected sleep that records each delay and returns at once."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-
-
 def no_recognizer(request: RecognitionRequest) -> asyncio.Future[Recognition | None]:
     raise AssertionError("these tests recognize nothing")
 
@@ -75,7 +67,9 @@ async def payload(job: Job) -> dict[str, Any]:
     return {"id": job.id, "status": job.status.value}
 
 
-def service_for(tmp_path: Path, sleep: Sleeps | None = None, **files: Any) -> ConnecteService:
+def service_for(
+    tmp_path: Path, sleep: RecordedSleeps | None = None, **files: Any
+) -> ConnecteService:
     config = FilesConfig(
         dir=str(tmp_path / "files"),
         jobs_dir=str(tmp_path / "file-jobs"),
@@ -83,7 +77,7 @@ def service_for(tmp_path: Path, sleep: Sleeps | None = None, **files: Any) -> Co
         **files,
     )
     return ConnecteService(
-        config, JobsConfig(), no_recognizer, payload, fsync=False, sleep=sleep or Sleeps()
+        config, JobsConfig(), no_recognizer, payload, fsync=False, sleep=sleep or RecordedSleeps()
     )
 
 
@@ -106,7 +100,7 @@ async def test_a_receiver_that_never_answers_times_out_and_is_retried(
     tmp_path: Path, receiver: tuple[Receiver, str]
 ) -> None:
     _, url = receiver
-    sleeps = Sleeps()
+    sleeps = RecordedSleeps()
     service = service_for(
         tmp_path,
         sleeps,
