@@ -44,6 +44,7 @@ class FakeWork:
         if released:
             self.release.set()
         self.cancelled: list[str] = []
+        self.stopped = asyncio.Event()  # set when a run is cancelled
         self.error: BaseException | None = None
 
     async def __call__(self, job: Job, progress: Progress) -> Done:
@@ -54,6 +55,7 @@ class FakeWork:
             await self.release.wait()
         except asyncio.CancelledError:
             self.cancelled.append(job.id)
+            self.stopped.set()
             raise
         if self.error is not None:
             raise self.error
@@ -326,6 +328,7 @@ async def test_a_dead_front_ends_job_is_taken_over_after_its_lease(
     done = await b.wait(job.id, 10.0)
     assert done is not None and done.status is JobStatus.SUCCEEDED and done.attempts == 2
     await a.renew()  # A wakes up: its lease is lost, its work stopped, nothing written
+    await work_a.stopped.wait()
     assert work_a.cancelled == [job.id]
     assert a.store.get(KIND, job.id) == done
     assert work_b.runs == [job.id]

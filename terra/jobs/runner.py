@@ -261,8 +261,7 @@ class JobRunner:
                 log.warning("%s job %s: lease lost to another front end", self.kind, job_id)
                 self._leases.pop(job_id, None)
                 if task is not None:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+                    task.cancel()  # not awaited: the other leases are renewed meanwhile
                 continue
             self._leases[job_id] = renewed
             stored = await asyncio.to_thread(self.store.get, self.kind, job_id)
@@ -270,7 +269,6 @@ class JobRunner:
                 log.info("%s job %s canceled elsewhere: stopped", self.kind, job_id)
                 self._active[job_id] = stored
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
                 continue
             current = self._active.get(job_id)
             if current is not None and current.status is JobStatus.RUNNING and stored is not None:
