@@ -401,6 +401,16 @@ async def test_front_end_killed_under_load(cluster: Cluster) -> None:
         async with session.get(f"{survivor.url}/healthz") as response:
             assert (await response.json())["participants"] >= len(tracks)
 
+        # The viewers' routes reach the conference's front end: its transcript has the finals.
+        async with session.get(
+            f"{cluster.url}/conferences/{conference}/transcript", params={"token": TOKEN}
+        ) as response:
+            assert response.status == 200
+            transcript = await response.json()
+        assert {f["id"] for f in transcript["finals"]} >= {
+            e["id"] for at, _, e in finals if at > killed_at
+        }
+
         # Every fragment that got a 200 is on disk, once.
         for name in tracks:
             expected = sorted([f"{name}-{i}" for i in range(counts[name])] + [f"{name}-tail"])
