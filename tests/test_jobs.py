@@ -334,6 +334,32 @@ async def test_a_dead_front_ends_job_is_taken_over_after_its_lease(
     assert work_b.runs == [job.id]
 
 
+async def test_a_cancel_on_another_front_end_stands(
+    tmp_path: Path, runners: list[JobRunner]
+) -> None:
+    clock = Clock()
+    work_a, work_b = FakeWork(), FakeWork(released=True)
+    a = await started(runner_for(tmp_path, work_a, clock, owner="A"), runners)
+    b = await started(runner_for(tmp_path, work_b, clock, owner="B"), runners)
+    running = await a.create()
+    await work_a.started.wait()
+    queued = await a.create()  # waits in A's queue behind the running one
+    canceled, ok = await b.cancel(queued.id, running_too=False)
+    assert ok and canceled is not None and canceled.status is JobStatus.CANCELED
+    canceled, ok = await b.cancel(running.id, running_too=True)
+    assert ok and canceled is not None and canceled.status is JobStatus.CANCELED
+    work_a.release.set()  # A finishes the work it was doing: its result must not win
+    await a.renew()  # (or A sees the cancel at its next renewal)
+    for job in (running, queued):
+        stored = a.store.get(KIND, job.id)
+        assert stored is not None and stored.status is JobStatus.CANCELED
+    third = await a.create()  # A's worker goes on; the canceled queued job never ran
+    done = await a.wait(third.id, 10.0)
+    assert done is not None and done.status is JobStatus.SUCCEEDED
+    assert work_a.runs == [running.id, third.id] and work_b.runs == []
+    assert (await a.get(running.id)) == a.store.get(KIND, running.id)
+
+
 # -- terminal notices (webhooks) ------------------------------------------------------------
 
 

@@ -101,6 +101,7 @@ class JobRunner:
         self._running: dict[str, asyncio.Task[Done]] = {}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._lock = asyncio.Lock()
+        self._writes = asyncio.Lock()  # a progress write and a terminal one never cross
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._notices: set[asyncio.Task[None]] = set()
@@ -192,12 +193,39 @@ class JobRunner:
                 if task is not None:
                     self._active[job_id] = canceled  # the worker sees it and writes nothing
                     task.cancel()
-            elif job.status is JobStatus.QUEUED:
+            elif job.status is JobStatus.QUEUED and job_id in self._active:
                 self._active.pop(job_id, None)  # the worker skips it
+            elif job.status is JobStatus.QUEUED:
+                # Queued on another front end: take its lease first, so that nobody starts
+                # it while the cancel is written.
+                fresh, cancelable = await self._claim_to_cancel(job_id, running_too)
+                if fresh is None or fresh.status is JobStatus.CANCELED:
+                    return fresh, fresh is not None
+                if not cancelable:
+                    return fresh, False
+                canceled = fresh.canceled(self._clock())
             else:
                 return job, False
             await self._finish(canceled)
         return canceled, True
+
+    async def _claim_to_cancel(self, job_id: str, running_too: bool) -> tuple[Job | None, bool]:
+        """The stored job, and whether to cancel it: a queued one under a lease taken here;
+        one that another front end has just started only when ``running_too`` (its runner
+        sees the cancel in the store and stops)."""
+        lease = await asyncio.to_thread(
+            self.store.claim, self.kind, job_id, self.owner, self._clock(), self._config.lease_s
+        )
+        if lease is not None:
+            self._leases[job_id] = lease  # let go by _finish, or below
+        fresh = await asyncio.to_thread(self.store.get, self.kind, job_id)
+        cancelable = fresh is not None and (
+            (fresh.status is JobStatus.QUEUED and lease is not None)
+            or (not fresh.status.is_terminal() and running_too)
+        )
+        if not cancelable and lease is not None:
+            await self._let_go(job_id)
+        return fresh, cancelable
 
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
         """The job once it ends here, or as it is after ``timeout_s``."""
@@ -270,9 +298,16 @@ class JobRunner:
                 self._active[job_id] = stored
                 task.cancel()
                 continue
-            current = self._active.get(job_id)
-            if current is not None and current.status is JobStatus.RUNNING and stored is not None:
-                if current.progress != stored.progress:
+            if stored is None or stored.status is not JobStatus.RUNNING:
+                continue
+            async with self._writes:  # never after (over) the worker's terminal write
+                current = self._active.get(job_id)
+                if (
+                    job_id in self._running
+                    and current is not None
+                    and current.status is JobStatus.RUNNING
+                    and current.progress != stored.progress
+                ):
                     await asyncio.to_thread(self.store.put, current)
 
     async def _keeper(self) -> None:
@@ -396,6 +431,10 @@ class JobRunner:
         if not await asyncio.to_thread(self.store.holds, lease):
             log.warning("%s job %s: lease lost, result not written", self.kind, job_id)
             return None
+        stored = await asyncio.to_thread(self.store.get, self.kind, job_id)
+        if stored is not None and stored.status is JobStatus.CANCELED:
+            log.info("%s job %s was canceled elsewhere: result dropped", self.kind, job_id)
+            return stored  # a front end canceled it while it ran: the cancel stands
         await self._finish(ended)
         log.info("%s job %s %s", self.kind, job_id, ended.status.value)
         return ended
@@ -404,7 +443,8 @@ class JobRunner:
         """Write a terminal state, wake waiters, start the notice."""
         notice = self._notify is not None and self._wants_notice(job)
         job = job.with_notice(notice)
-        await asyncio.to_thread(self.store.put, job)
+        async with self._writes:
+            await asyncio.to_thread(self.store.put, job)
         if notice:
             self._active[job.id] = job  # until the notice is sent
         else:
