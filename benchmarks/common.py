@@ -89,8 +89,17 @@ def machine() -> dict[str, Any]:
 
     import ctranslate2
 
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu_model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), ""
+            )
+    except OSError:
+        pass
     return {
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "ctranslate2": ctranslate2.__version__,

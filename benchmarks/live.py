@@ -1,30 +1,41 @@
-"""Live capacity and latency: terra against the naive baseline, side by side in one run.
+"""Live capacity and latency as the client sees it: terra against the naive baseline, one run.
 
 For each recognizer mode (``terra``; ``naive`` = one ``transcribe()`` of the whole pending
-buffer per update, 30 s padded window, no batching) and each number of talkers N, a real
-``terra serve`` process is started on loopback and N talkers play real speech from
-../shared/data/speech/ (looped) in 2 s fragments at real-time pace, each its own
-participant, for a fixed wall time. Fragments are sent on schedule whether or not the
-previous answer came back, as a conference server does.
+buffer per update, 30 s padded window, no batching), each load shape and each level N, a real
+``terra serve`` process is started on loopback and N talkers (or N meetings) play real speech
+from ../shared/data/speech/ (looped) in 2 s fragments at real-time pace, for a fixed wall
+time. Fragments are sent on schedule whether or not the previous answer came back, as a
+conference server does.
 
-Measured per level:
-- progress latency: from a fragment's arrival to the first text made from audio that
-  includes it (the server's ``terra_text_latency_seconds{kind="progress"}``);
-- final latency: from the VAD closing a combination to its final text (``kind="final"``);
-- POST round-trip time at the client; recognizer queue depth over time and batch sizes
-  (``/metrics``); CPU seconds and peak RSS of the server process (psutil).
-Percentiles of server histograms are interpolated within their 0.1 s buckets.
+Loads (``--load``):
+- ``continuous``: N talkers speaking without pause: odd talkers ``long/ru_60s.wav``, even
+  ``long/en_60s.wav``, looped, each starting elsewhere in its file;
+- ``meetings``: N concurrent three-person meetings (the tracks of ``meetings/planerka_ru``
+  and ``meetings/standup_en``, alternately), looped, each meeting copy at its own offset:
+  3N participants, about one of each three talking at a time;
+- ``mixed``: half the talkers continuous, half single meeting tracks (the old load).
+Clocks (``--phases``): ``spread``: each talker's 2 s clock has its own phase, as separate
+clients have; ``lockstep``: every fragment of every talker is sent at the same instant (a
+conference server cutting all participants on one timer).
 
-Capacity is the largest N whose p95 progress latency is <= 1.5 s with no growing backlog
-(queue depth and pending finals at the end no larger than early in the run).
+The headline, measured at the client: for each fragment, from sending its POST to the first
+answer (to that POST or a later one of the same talker) whose TextElem lists its post_id, i.e.
+text made from audio that includes it. Fragments no text ever lists (silence, noise, the last
+ones of a run) are counted, not timed. Second view, from the server's histograms: progress
+latency (arrival to text covering it), final latency (VAD close to final text), POST round
+trip, queue depth, batch sizes, CPU and peak RSS (psutil).
 
-    python -m benchmarks.live [--quick] [--name NAME]
+Capacity is the largest N whose client-visible p95 is <= 1.5 s with no growing backlog
+(queue depth and pending finals at the end no larger than early in the run) and no errors.
+
+    python -m benchmarks.live [--quick] [--load continuous,meetings] [--phases spread,lockstep]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import signal
@@ -50,8 +61,14 @@ TOKEN = "bench-token"
 CONFIG_PATH = ROOT / "config.yaml"  # replaced by a tuned copy with --set
 CHUNK_S = 2.0
 CAPACITY_P95_S = 1.5
+LOADS = ("continuous", "meetings", "mixed")
 
-TALKER_FILES = [
+CONTINUOUS = [("long/ru_60s.wav", "ru"), ("long/en_60s.wav", "en")]
+MEETINGS = [
+    ("meetings/planerka_ru", ("anna", "boris", "viktor"), "ru"),
+    ("meetings/standup_en", ("john", "maria", "peter"), "en"),
+]
+MIXED = [
     ("long/ru_60s.wav", "ru"),
     ("long/en_60s.wav", "en"),
     ("meetings/planerka_ru/anna.flac", "ru"),
@@ -62,9 +79,16 @@ TALKER_FILES = [
 @dataclass
 class LevelResult:
     mode: str
-    talkers: int
+    load: str
+    phases: str
+    talkers: int  # the level: talkers, or meetings for the meetings load
+    participants: int
     seconds: float
     fragments_sent: int
+    fragments_covered: int  # listed by some answer's TextElem
+    client_p50_s: float  # the headline: POST sent -> first answer listing its post_id
+    client_p95_s: float
+    client_max_s: float
     post_p50_s: float
     post_p95_s: float
     progress_p50_s: float
@@ -200,31 +224,72 @@ class ServerProcess:
 
 
 # -- talkers -------------------------------------------------------------------------
-def talker_audio(index: int, seconds: float) -> tuple[Samples, str]:
-    relative, lang = TALKER_FILES[index % len(TALKER_FILES)]
-    audio = load_audio(SPEECH / relative)
-    # Start each talker elsewhere in its file, so N talkers are not N copies in lockstep.
-    shift = int((index * 7.3 % 20.0) * SAMPLE_RATE) % audio.size
+@dataclass(frozen=True)
+class Talker:
+    conference: str
+    participant: str
+    audio: Samples
+    lang: str
+    phase_s: float  # its clock's offset inside the 2 s
+
+
+def _looped(audio: Samples, shift_s: float, seconds: float) -> Samples:
+    shift = int(shift_s * SAMPLE_RATE) % audio.size
     audio = np.roll(audio, -shift)
     repeats = int(np.ceil(seconds * SAMPLE_RATE / audio.size)) + 1
-    return np.tile(audio, repeats)[: int(seconds * SAMPLE_RATE)], lang
+    return np.tile(audio, repeats)[: int(seconds * SAMPLE_RATE)]
+
+
+def make_talkers(load: str, level: int, seconds: float, spread: bool) -> list[Talker]:
+    """The participants of one level: ``level`` talkers, or ``level`` meetings of three."""
+    talkers: list[Talker] = []
+    if load == "meetings":
+        for m in range(level):
+            folder, names, lang = MEETINGS[m % len(MEETINGS)]
+            tracks = [load_audio(SPEECH / folder / f"{n}.flac") for n in names]
+            # Each meeting copy starts elsewhere in the meeting (the same shift for its three
+            # tracks, which stay in sync): at any moment someone talks in most of them.
+            shift_s = (m // len(MEETINGS)) * tracks[0].size / SAMPLE_RATE / max(1, level // 2)
+            for name, track in zip(names, tracks):
+                talkers.append(
+                    Talker(f"meeting-{m}", name, _looped(track, shift_s, seconds), lang, 0.0)
+                )
+    else:
+        files = CONTINUOUS if load == "continuous" else MIXED
+        for i in range(level):
+            relative, lang = files[i % len(files)]
+            audio = _looped(load_audio(SPEECH / relative), i * 7.3 % 20.0, seconds)
+            talkers.append(Talker("bench", f"talker-{i}", audio, lang, 0.0))
+    count = len(talkers)
+    return [
+        Talker(t.conference, t.participant, t.audio, t.lang, i * CHUNK_S / count if spread else 0)
+        for i, t in enumerate(talkers)
+    ]
+
+
+@dataclass
+class ClientLog:
+    """What the client saw: POST round trips, and each fragment's wait for covering text."""
+
+    post_times: list[float] = field(default_factory=list)
+    covered: list[float] = field(default_factory=list)
+    sent: int = 0
+    errors: list[str] = field(default_factory=list)
 
 
 async def run_talker(
     session: aiohttp.ClientSession,
     url: str,
-    conference: str,
-    index: int,
-    seconds: float,
+    talker: Talker,
     started: float,
-    post_times: list[float],
-    errors: list[str],
+    log: ClientLog,
 ) -> None:
-    audio, lang = talker_audio(index, seconds)
+    audio = talker.audio
     chunk = int(CHUNK_S * SAMPLE_RATE)
     loop = asyncio.get_running_loop()
     wall_start = time.time()
     pending: list[asyncio.Task[None]] = []
+    waiting: dict[str, float] = {}  # post_id -> when its POST was sent
 
     async def post(offset: int) -> None:
         form = aiohttp.FormData(quote_fields=False)
@@ -235,30 +300,39 @@ async def run_talker(
             filename="fragment.wav",
             content_type="audio/wav",
         )
+        post_id = str(uuid.uuid4())
         params = {
-            "conference_id": conference,
-            "participant_id": f"talker-{index}",
-            "participant_name": f"Talker {index}",
-            "lang1": lang,
+            "conference_id": talker.conference,
+            "participant_id": talker.participant,
+            "participant_name": talker.participant,
+            "lang1": talker.lang,
             "online": "true",
             "offline": "true",
-            "post_id": str(uuid.uuid4()),
+            "post_id": post_id,
             "timestamp_float": repr(wall_start + offset / SAMPLE_RATE),
         }
         sent = time.monotonic()
+        waiting[post_id] = sent
+        log.sent += 1
         try:
             async with session.post(f"{url}/process", params=params, data=form) as response:
-                await response.read()
+                body = await response.read()
                 if response.status != 200:
-                    errors.append(f"HTTP {response.status}")
+                    log.errors.append(f"HTTP {response.status}")
                     return
         except (aiohttp.ClientError, TimeoutError) as e:
-            errors.append(type(e).__name__)
+            log.errors.append(type(e).__name__)
             return
-        post_times.append(time.monotonic() - sent)
+        now = time.monotonic()
+        log.post_times.append(now - sent)
+        for elem in json.loads(body):
+            for listed in elem["post_ids"]:
+                at = waiting.pop(listed, None)
+                if at is not None:
+                    log.covered.append(now - at)
 
     for offset in range(0, audio.size - chunk + 1, chunk):
-        due = started + offset / SAMPLE_RATE
+        due = started + talker.phase_s + offset / SAMPLE_RATE
         delay = due - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -266,7 +340,8 @@ async def run_talker(
     await asyncio.gather(*pending)
 
 
-async def run_level(mode: str, talkers: int, seconds: float, spread: bool) -> LevelResult:
+async def run_level(mode: str, load: str, level: int, seconds: float, spread: bool) -> LevelResult:
+    talkers = make_talkers(load, level, seconds, spread)
     with tempfile.TemporaryDirectory(prefix="terra-bench-") as spool:
         server = ServerProcess(mode, Path(spool))
         timeout = aiohttp.ClientTimeout(total=120)
@@ -277,8 +352,7 @@ async def run_level(mode: str, talkers: int, seconds: float, spread: bool) -> Le
                 cpu_before = server.cpu_seconds()
                 loop = asyncio.get_running_loop()
                 started = loop.time() + 0.5
-                post_times: list[float] = []
-                errors: list[str] = []
+                client = ClientLog()
                 queue: list[float] = []
                 pending_finals: list[float] = []
 
@@ -293,21 +367,7 @@ async def run_level(mode: str, talkers: int, seconds: float, spread: bool) -> Le
 
                 watcher = asyncio.create_task(watch())
                 await asyncio.gather(
-                    *(
-                        run_talker(
-                            session,
-                            server.url,
-                            "bench",
-                            i,
-                            seconds,
-                            # spread: each talker's 2 s clock has its own phase, as separate
-                            # clients have; lockstep: all fragments arrive at the same moment.
-                            started + (i * CHUNK_S / talkers if spread else 0.0),
-                            post_times,
-                            errors,
-                        )
-                        for i in range(talkers)
-                    )
+                    *(run_talker(session, server.url, t, started, client) for t in talkers)
                 )
                 elapsed = loop.time() - started
                 watcher.cancel()
@@ -322,25 +382,28 @@ async def run_level(mode: str, talkers: int, seconds: float, spread: bool) -> Le
         or np.mean(pending_finals[-third:]) > np.mean(pending_finals[:third]) + 1
     )
     batches = metric(samples, "terra_recognizer_batch_size_count")
+
+    def server_q(name: str, kind: str, q: float, label: str = "kind") -> float:
+        return round(histogram_quantile(samples, name, kind, q, label=label), 3)
+
     result = LevelResult(
         mode=mode,
-        talkers=talkers,
+        load=load,
+        phases="spread" if spread else "lockstep",
+        talkers=level,
+        participants=len(talkers),
         seconds=round(elapsed, 1),
-        fragments_sent=len(post_times) + len(errors),
-        post_p50_s=_q(post_times, 0.5),
-        post_p95_s=_q(post_times, 0.95),
-        progress_p50_s=round(
-            histogram_quantile(samples, "terra_text_latency_seconds", "progress", 0.5), 3
-        ),
-        progress_p95_s=round(
-            histogram_quantile(samples, "terra_text_latency_seconds", "progress", 0.95), 3
-        ),
-        final_p50_s=round(
-            histogram_quantile(samples, "terra_text_latency_seconds", "final", 0.5), 3
-        ),
-        final_p95_s=round(
-            histogram_quantile(samples, "terra_text_latency_seconds", "final", 0.95), 3
-        ),
+        fragments_sent=client.sent,
+        fragments_covered=len(client.covered),
+        client_p50_s=_q(client.covered, 0.5),
+        client_p95_s=_q(client.covered, 0.95),
+        client_max_s=round(max(client.covered, default=float("nan")), 3),
+        post_p50_s=_q(client.post_times, 0.5),
+        post_p95_s=_q(client.post_times, 0.95),
+        progress_p50_s=server_q("terra_text_latency_seconds", "progress", 0.5),
+        progress_p95_s=server_q("terra_text_latency_seconds", "progress", 0.95),
+        final_p50_s=server_q("terra_text_latency_seconds", "final", 0.5),
+        final_p95_s=server_q("terra_text_latency_seconds", "final", 0.95),
         finals=int(metric(samples, "terra_finals_total")),
         queue_depth_max=float(max(queue, default=0.0)),
         queue_depth_end=float(queue[-1]) if queue else 0.0,
@@ -351,11 +414,8 @@ async def run_level(mode: str, talkers: int, seconds: float, spread: bool) -> Le
         mean_batch_s=round(metric(samples, "terra_recognizer_batch_seconds_sum") / batches, 3)
         if batches
         else 0.0,
-        progress_request_p50_s=round(
-            histogram_quantile(
-                samples, "terra_recognizer_latency_seconds", "progress", 0.5, label="priority"
-            ),
-            3,
+        progress_request_p50_s=server_q(
+            "terra_recognizer_latency_seconds", "progress", 0.5, label="priority"
         ),
         mean_request_audio_s=round(
             metric(samples, "terra_recognizer_audio_seconds_total")
@@ -367,10 +427,15 @@ async def run_level(mode: str, talkers: int, seconds: float, spread: bool) -> Le
         ),
         server_cpu_percent=round(100 * cpu / max(elapsed, 1e-9), 1),
         server_peak_rss_mb=round(server.peak_rss / 1e6, 1),
-        errors=len(errors),
+        errors=len(client.errors),
         queue_samples=queue,
     )
-    result.ok = not growing and not errors and result.progress_p95_s <= CAPACITY_P95_S
+    result.ok = (
+        not growing
+        and not client.errors
+        and bool(client.covered)
+        and result.client_p95_s <= CAPACITY_P95_S
+    )
     return result
 
 
@@ -416,19 +481,21 @@ async def words_from(samples: Samples, label: str) -> int:
 
 # -- the run ---------------------------------------------------------------------------
 async def sweep(
-    mode: str, levels: list[int], seconds: float, spread: bool = True
+    mode: str, load: str, levels: list[int], seconds: float, spread: bool
 ) -> list[LevelResult]:
     results: list[LevelResult] = []
     failures = 0
-    for talkers in levels:
-        result = await run_level(mode, talkers, seconds, spread)
+    for level in levels:
+        result = await run_level(mode, load, level, seconds, spread)
         results.append(result)
         print(
-            f"{mode:6} N={talkers:<3} progress p50/p95 {result.progress_p50_s:.2f}/"
-            f"{result.progress_p95_s:.2f} s  final p95 {result.final_p95_s:.2f} s  "
+            f"{mode:6} {load}/{result.phases} N={level:<3} client p50/p95 "
+            f"{result.client_p50_s:.2f}/{result.client_p95_s:.2f} s "
+            f"({result.fragments_covered}/{result.fragments_sent} listed)  server progress "
+            f"p95 {result.progress_p95_s:.2f} s  final p95 {result.final_p95_s:.2f} s  "
             f"queue max {result.queue_depth_max:.0f}  batch {result.mean_batch_size:.1f} "
-            f"({result.mean_batch_s:.2f} s, busy {result.recognizer_busy:.2f}, request p50 "
-            f"{result.progress_request_p50_s:.2f} s, {result.mean_request_audio_s:.1f} s audio)  "
+            f"({result.mean_batch_s:.2f} s, busy {result.recognizer_busy:.2f}, "
+            f"{result.mean_request_audio_s:.1f} s audio)  "
             f"cpu {result.server_cpu_percent:.0f}%  {'ok' if result.ok else 'OVER'}",
             flush=True,
         )
@@ -443,6 +510,14 @@ def capacity(results: list[LevelResult]) -> int:
     return max(ok, default=0)
 
 
+def shapes(results: list[LevelResult]) -> list[tuple[str, str]]:
+    seen: list[tuple[str, str]] = []
+    for r in results:
+        if (r.load, r.phases) not in seen:
+            seen.append((r.load, r.phases))
+    return seen
+
+
 def plot(results: list[LevelResult], path: Path) -> None:
     import matplotlib
 
@@ -450,56 +525,70 @@ def plot(results: list[LevelResult], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for mode, colour in (("terra", "tab:blue"), ("naive", "tab:red")):
-        rows = [r for r in results if r.mode == mode]
-        if not rows:
-            continue
-        n = [r.talkers for r in rows]
-        axis.plot(n, [r.progress_p50_s for r in rows], "o--", color=colour, label=f"{mode} p50")
-        axis.plot(n, [r.progress_p95_s for r in rows], "o-", color=colour, label=f"{mode} p95")
+    colours = iter(["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown"])
+    for load, phases in shapes(results):
+        for mode in ("terra", "naive"):
+            rows = [r for r in results if (r.mode, r.load, r.phases) == (mode, load, phases)]
+            if not rows:
+                continue
+            colour = "tab:red" if mode == "naive" else next(colours)
+            n = [r.talkers for r in rows]
+            label = f"{mode} {load}/{phases}"
+            axis.plot(n, [r.client_p95_s for r in rows], "o-", color=colour, label=f"{label} p95")
+            axis.plot(n, [r.client_p50_s for r in rows], "o--", color=colour, alpha=0.5)
     axis.axhline(CAPACITY_P95_S, color="grey", linestyle=":", label="1.5 s target")
-    axis.set_xlabel("live talkers (participants)")
-    axis.set_ylabel("progress latency, s")
+    axis.set_xlabel("level (talkers; meetings of three for the meetings load)")
+    axis.set_ylabel("client-visible latency, s (p95 solid, p50 dashed)")
     axis.set_yscale("log")
-    axis.set_title("terra vs naive faster-whisper streaming (2 s fragments, real time)")
-    axis.legend()
+    axis.set_title("POST sent -> first answer listing its post_id (2 s fragments)")
+    axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
 def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
     lines = [
-        f"# Live capacity ({report['name']}, {report['machine']['date']})",
+        f"# Live capacity ({report['name']}, {m['date']})",
         "",
-        f"Machine: {report['machine']['cores']} cores, {report['machine']['cpu']}; model "
-        f"{report['model']} int8; {report['seconds_per_level']} s per level; talkers' fragment "
-        f"clocks {report.get('phases', 'lockstep')} (spread: each its own phase; lockstep: all "
-        "at once).",
+        f"Machine: {m['cores']} cores, {m.get('cpu_model') or m['cpu']}; model "
+        f"{report['model']} int8; {report['seconds_per_level']} s per level; 2 s fragments "
+        "at real-time pace.",
         "",
-        f"**Capacity** (p95 progress ≤ {CAPACITY_P95_S} s, no growing backlog): "
-        f"terra {report['capacity']['terra']}, naive {report['capacity']['naive']} "
-        f"→ ratio {report['capacity']['ratio']}",
+        "Latency is measured **at the client**: from sending a fragment's POST to the first "
+        "answer whose TextElem lists its post_id (`client`). `progress`/`final` are the "
+        "server's histograms (arrival to covering text; VAD close to final text). Capacity: "
+        f"the largest level with client p95 ≤ {CAPACITY_P95_S} s, no growing backlog, no "
+        "errors. Levels are talkers, or three-person meetings for the meetings load.",
         "",
-        "| mode | N | progress p50 | progress p95 | final p50 | final p95 | POST p95 "
-        "| queue max | batch | CPU % | RSS MB | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| load | clocks | terra capacity | naive capacity |",
+        "|---|---|---|---|",
+    ]
+    for row in report["capacity"]:
+        naive = "—" if row["naive"] is None else row["naive"]
+        lines.append(f"| {row['load']} | {row['phases']} | {row['terra']} | {naive} |")
+    lines += [
+        "",
+        "| mode | load | clocks | N | people | client p50 | client p95 | client max | listed "
+        "| progress p95 | final p95 | POST p95 | queue max | batch | audio/req | CPU % "
+        "| RSS MB | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["levels"]:
         lines.append(
-            f"| {r['mode']} | {r['talkers']} "
-            f"| {r['progress_p50_s']:.2f} | {r['progress_p95_s']:.2f} "
-            f"| {r['final_p50_s']:.2f} | {r['final_p95_s']:.2f} | {r['post_p95_s']:.2f} "
+            f"| {r['mode']} | {r['load']} | {r['phases']} | {r['talkers']} "
+            f"| {r['participants']} | {r['client_p50_s']:.2f} | {r['client_p95_s']:.2f} "
+            f"| {r['client_max_s']:.2f} | {r['fragments_covered']}/{r['fragments_sent']} "
+            f"| {r['progress_p95_s']:.2f} | {r['final_p95_s']:.2f} | {r['post_p95_s']:.2f} "
             f"| {r['queue_depth_max']:.0f} | {r['mean_batch_size']:.1f} "
-            f"| {r['server_cpu_percent']:.0f} | {r['server_peak_rss_mb']:.0f} "
-            f"| {'yes' if r['ok'] else 'no'} |"
+            f"| {r['mean_request_audio_s']:.1f} | {r['server_cpu_percent']:.0f} "
+            f"| {r['server_peak_rss_mb']:.0f} | {'yes' if r['ok'] else 'no'} |"
         )
     if report.get("ratios"):
-        lines += ["", "Ratios at equal N (naive / terra; >1 means terra is faster):", ""]
+        lines += ["", "Ratios at equal N (naive / terra client p95; >1: terra is faster):", ""]
         for row in report["ratios"]:
-            lines.append(
-                f"- N={row['talkers']}: progress p95 ×{row['progress_p95']}, "
-                f"final p95 ×{row['final_p95']}"
-            )
+            shape = f"{row['load']}/{row['phases']} N={row['talkers']}"
+            lines.append(f"- {shape}: ×{row['client_p95']}")
     if report["silence_words"] < 0:  # a tuning run (--terra-only) leaves them out
         words = "Words from silence and noise: not measured in this run."
     else:
@@ -507,30 +596,28 @@ def markdown(report: dict[str, Any]) -> str:
             f"Words from 60 s of silence: {report['silence_words']}; "
             f"from 60 s of white noise: {report['noise_words']}."
         )
-    lines += [
-        "",
-        words,
-        "",
-        f"Command: `{report['command']}`",
-        "",
-    ]
+    lines += ["", words, "", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
 
 
+def _levels(text: str) -> list[int]:
+    return [int(n) for n in text.split(",") if n]
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    if args.quick:
-        seconds = 20.0
-        terra_levels, naive_levels = [1, 4], [1, 2]
-    else:
-        seconds = args.seconds
-        terra_levels = [1, 2, 4, 8, 12, 14, 16, 18, 20, 24]
-        naive_levels = [1, 2, 3, 4]
-    if args.levels:
-        terra_levels = [int(n) for n in args.levels.split(",")]
-    spread = args.phases == "spread"
-    results = await sweep("terra", terra_levels, seconds, spread)
-    if not args.terra_only:
-        results += await sweep("naive", naive_levels, seconds, spread)
+    seconds = 20.0 if args.quick else args.seconds
+    terra_levels = _levels(args.levels) or ([1, 4] if args.quick else [8, 12, 16, 20])
+    meeting_levels = _levels(args.meeting_levels) or ([1, 2] if args.quick else [8, 12, 16])
+    naive_levels = _levels(args.naive_levels) or [1, 2]
+    loads = [x for x in args.load.split(",") if x]
+    phases = [x for x in args.phases.split(",") if x]
+    results: list[LevelResult] = []
+    for load in loads:
+        for phase in phases:
+            levels = meeting_levels if load == "meetings" else terra_levels
+            results += await sweep("terra", load, levels, seconds, phase == "spread")
+    if not args.terra_only:  # the baseline in the same run, on the first shape
+        results += await sweep("naive", loads[0], naive_levels, seconds, phases[0] == "spread")
     rng = np.random.default_rng(1)
     silence_words = noise_words = -1  # not measured in a tuning run
     if not args.terra_only:
@@ -538,33 +625,37 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         noise_words = await words_from(
             (rng.standard_normal(60 * SAMPLE_RATE) * 0.05).astype(np.float32), "noise"
         )
-    cap_terra = capacity([r for r in results if r.mode == "terra"])
-    cap_naive = capacity([r for r in results if r.mode == "naive"])
+    table = []
     ratios = []
-    for r in results:
-        if r.mode != "terra":
-            continue
-        naive = next((n for n in results if n.mode == "naive" and n.talkers == r.talkers), None)
-        if naive is not None:
-            ratios.append(
-                {
-                    "talkers": r.talkers,
-                    "progress_p95": round(naive.progress_p95_s / max(r.progress_p95_s, 1e-3), 2),
-                    "final_p95": round(naive.final_p95_s / max(r.final_p95_s, 1e-3), 2),
-                }
-            )
+    for load, phase in shapes(results):
+        rows = [r for r in results if (r.load, r.phases) == (load, phase)]
+        naive_rows = [r for r in rows if r.mode == "naive"]
+        table.append(
+            {
+                "load": load,
+                "phases": phase,
+                "terra": capacity([r for r in rows if r.mode == "terra"]),
+                "naive": capacity(naive_rows) if naive_rows else None,
+            }
+        )
+        for r in rows:
+            naive = next((n for n in naive_rows if n.talkers == r.talkers), None)
+            if r.mode == "terra" and naive is not None:
+                ratios.append(
+                    {
+                        "load": load,
+                        "phases": phase,
+                        "talkers": r.talkers,
+                        "client_p95": round(naive.client_p95_s / max(r.client_p95_s, 1e-3), 2),
+                    }
+                )
     return {
         "name": args.name,
         "model": "base",
         "machine": machine(),
         "seconds_per_level": seconds,
-        "phases": args.phases,
         "command": " ".join(["python -m benchmarks.live", *sys.argv[1:]]),
-        "capacity": {
-            "terra": cap_terra,
-            "naive": cap_naive,
-            "ratio": round(cap_terra / cap_naive, 1) if cap_naive else None,
-        },
+        "capacity": table,
         "ratios": ratios,
         "silence_words": silence_words,
         "noise_words": noise_words,
@@ -587,17 +678,23 @@ def tuned_config(settings: list[str]) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run in under 3 minutes")
-    parser.add_argument("--seconds", type=float, default=45.0, help="wall time per level")
+    parser.add_argument("--quick", action="store_true", help="a smoke run in a few minutes")
+    parser.add_argument("--seconds", type=float, default=40.0, help="wall time per level")
     parser.add_argument("--name", default=None)
-    parser.add_argument("--levels", default="", help="terra's talker counts, e.g. 2,4,8")
-    parser.add_argument("--terra-only", action="store_true", help="skip the baseline (tuning)")
+    parser.add_argument(
+        "--load",
+        default="continuous",
+        help=f"load shapes, comma-separated: {', '.join(LOADS)}",
+    )
     parser.add_argument(
         "--phases",
-        choices=("spread", "lockstep"),
         default="spread",
-        help="talkers' fragment clocks: spread over the 2 s (separate clients) or all at once",
+        help="talkers' clocks, comma-separated: spread (each its own phase) or lockstep",
     )
+    parser.add_argument("--levels", default="", help="terra's talker counts, e.g. 8,12,16")
+    parser.add_argument("--meeting-levels", default="", help="meetings load: meeting counts")
+    parser.add_argument("--naive-levels", default="", help="the baseline's talker counts")
+    parser.add_argument("--terra-only", action="store_true", help="skip the baseline (tuning)")
     parser.add_argument(
         "--set",
         action="append",
@@ -606,16 +703,19 @@ def main() -> None:
         help="run the servers with this config.yaml setting changed (repeatable)",
     )
     args = parser.parse_args()
+    for load in args.load.split(","):
+        if load not in LOADS:
+            parser.error(f"unknown load {load!r}")
+    for phase in args.phases.split(","):
+        if phase not in ("spread", "lockstep"):
+            parser.error(f"unknown phases {phase!r}")
     args.name = args.name or ("live_quick" if args.quick else "live")
     if args.set:
         global CONFIG_PATH
         CONFIG_PATH = tuned_config(args.set)
     report = asyncio.run(main_async(args))
     path = write_results(args.name, report, markdown(report))
-    plot(
-        [LevelResult(**{k: v for k, v in r.items()}) for r in report["levels"]],
-        path.with_suffix(".png"),
-    )
+    plot([LevelResult(**r) for r in report["levels"]], path.with_suffix(".png"))
     print(markdown(report))
     print(f"written: {path} (+ .md, .png)")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks.common import machine, write_results
-from benchmarks.live import TOKEN, ServerProcess, run_talker
+from benchmarks.live import TOKEN, ClientLog, ServerProcess, make_talkers, run_talker
 
 CONFERENCE = "bench-viewers"
 
@@ -120,8 +121,8 @@ async def run_phase(talkers: int, viewers: int, seconds: float) -> PhaseResult:
                 await server.wait_ready(session)
                 loop = asyncio.get_running_loop()
                 started = loop.time() + 0.5
-                post_times: list[float] = []
-                errors: list[str] = []
+                client = ClientLog()
+                post_times, errors = client.post_times, client.errors
                 cpu_start = server.cpu_seconds()
                 wall_start = time.monotonic()
                 talking = [
@@ -129,15 +130,12 @@ async def run_phase(talkers: int, viewers: int, seconds: float) -> PhaseResult:
                         run_talker(
                             session,
                             server.url,
-                            CONFERENCE,
-                            i,
-                            seconds,
-                            started + (i % talkers) * 2.0 / talkers,
-                            post_times,
-                            errors,
+                            dataclasses.replace(talker, conference=CONFERENCE),
+                            started,
+                            client,
                         )
                     )
-                    for i in range(talkers)
+                    for talker in make_talkers("mixed", talkers, seconds, spread=True)
                 ]
                 stop = asyncio.Event()
                 stats = [ViewerStats() for _ in range(viewers)]

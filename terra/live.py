@@ -88,6 +88,7 @@ class _Pass:
     version: int
     committed_samples: int
     audio_samples: int
+    post_ids: tuple[str, ...]  # the fragments whose audio it included
 
 
 def _join(committed: str, tail: str) -> str:
@@ -116,6 +117,12 @@ class Session:
     segments: dict[str, list[TimedSegment]] = field(default_factory=dict)
     # Each open combination's progress request, queued or running (at most one each).
     progress_requests: dict[str, asyncio.Future[Recognition | None]] = field(default_factory=dict)
+    # POSTs waiting for text: each is woken when this participant's text changes.
+    waiters: set[asyncio.Event] = field(default_factory=set)
+
+    def notify(self) -> None:
+        for event in self.waiters:
+            event.set()
 
     @property
     def ids(self) -> dict[str, str]:
@@ -178,7 +185,6 @@ class LiveService:
         if fragment.language and session.language != fragment.language:
             session.language = fragment.language
         session.captions = fragment.captions
-        held = False
         async with session.lock:
             key = post_key(fragment.post_id) if fragment.post_id is not None else None
             duplicate = key is not None and key in session.seen_posts
@@ -197,14 +203,14 @@ class LiveService:
                 self._metrics.fragments.inc()
                 self._metrics.fragment_audio_seconds.inc(fragment.samples.size / 16_000)
                 if fragment.online:  # online=false: store only, no recognizer time
-                    held = self._feed(session, fragment)
+                    self._feed(session, fragment)
         if not fragment.online:
             return []
-        await self._wait_for_text(session, fragment.post_id if held else None)
+        await self._wait_for_text(session, fragment.post_id)
         return session.stream.take_answer()
 
-    def _feed(self, session: Session, fragment: FragmentInput) -> bool:
-        """Add a fragment to the live stream; True if it is held for an earlier one."""
+    def _feed(self, session: Session, fragment: FragmentInput) -> None:
+        """Add a fragment to the live stream (held there if an earlier one is missing)."""
         update = session.stream.add(
             Fragment(fragment.post_id, fragment.start_time, fragment.samples),
             now=time.monotonic(),
@@ -220,7 +226,6 @@ class LiveService:
             session.uncovered.append((opened.id, opened.version, time.monotonic()))
         self._dispatch_finals(session, update.closed)
         self._request_progress(session)
-        return update.held
 
     def _spool_fragment(self, fragment: FragmentInput) -> bool:
         """Store the fragment; False when the spool has this post already."""
@@ -236,16 +241,36 @@ class LiveService:
         )
         return stored is not None
 
-    async def _wait_for_text(self, session: Session, held_post: str | None) -> None:
+    async def _wait_for_text(self, session: Session, post_id: str | None) -> None:
+        """Wait, at most ``answer_wait_ms``, until the answer has text made from this
+        fragment's audio (a TextElem lists its post_id); for a fragment no combination holds
+        (silence, noise), until the finals in flight are known."""
         deadline = time.monotonic() + self._stream_config.answer_wait_ms / 1000
-        while held_post is not None and session.stream.holds(held_post):
-            if time.monotonic() >= deadline:
+        while not self._answered(session, post_id):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return
-            await asyncio.sleep(TICK_S / 2)
-        pending = set(session.in_flight)
-        remaining = deadline - time.monotonic()
-        if pending and remaining > 0:
-            await asyncio.wait(pending, timeout=remaining)
+            event = asyncio.Event()
+            session.waiters.add(event)
+            try:
+                # Woken on every text change; the tick bounds a wait on what is not notified.
+                await asyncio.wait_for(event.wait(), min(remaining, TICK_S))
+            except TimeoutError:
+                pass
+            finally:
+                session.waiters.discard(event)
+
+    @staticmethod
+    def _answered(session: Session, post_id: str | None) -> bool:
+        stream = session.stream
+        if post_id is None:
+            return not any(not t.done() for t in session.in_flight)
+        if stream.holds(post_id):
+            return False
+        covered = stream.covered(post_id)
+        if covered is None:
+            return stream.pending_finals == 0
+        return covered
 
     # -- recognition ---------------------------------------------------------------------
     def _track(self, session: Session, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -330,6 +355,7 @@ class LiveService:
             english = text  # an English speaker's caption is the text itself
         session.stream.set_final(combination, text, english)
         self._listener.text(session.stream.elem(combination, "final"), session.name)
+        session.notify()
         self._observe_coverage(session, combination, None)
         if text.strip():
             self._metrics.finals.inc()
@@ -373,7 +399,12 @@ class LiveService:
         )
         future = self._scheduler.submit(request, coalesce_key=combination.id)
         session.progress_requests[combination.id] = future
-        pass_ = _Pass(combination.version, combination.committed_samples, request.audio.size)
+        pass_ = _Pass(
+            combination.version,
+            combination.committed_samples,
+            request.audio.size,
+            tuple(combination.post_ids),
+        )
         self._track(session, self._settle_progress(session, combination, pass_, future))
 
     async def _settle_progress(
@@ -409,7 +440,10 @@ class LiveService:
             self._vocabulary.starts_word,
         )
         text = _join(combination.committed_text, result.text)
-        session.stream.set_progress(combination, pass_.version, text, result.tokens, stable)
+        session.stream.set_progress(
+            combination, pass_.version, text, result.tokens, stable, pass_.post_ids
+        )
+        session.notify()
         if (
             combination.state is not CombinationState.FINAL
             and combination.text_version == pass_.version

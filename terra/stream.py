@@ -91,6 +91,9 @@ class Combination:
     version: int = 0  # bumps with every appended frame
     text: str = ""
     text_version: int = -1
+    # The post_ids of the fragments whose audio the pass that made ``text`` included: a
+    # progress TextElem lists these only, so a client knows which fragments its text covers.
+    text_post_ids: tuple[str, ...] = ()
     hypothesis_tokens: tuple[int, ...] = ()
     stable_tokens: tuple[int, ...] = ()
     requested_version: int = -1
@@ -213,6 +216,17 @@ class ParticipantStream:
     def holds(self, fragment_post_id: str | None) -> bool:
         return any(f.post_id == fragment_post_id for _, _, f in self._held)
 
+    def covered(self, post_id: str) -> bool | None:
+        """Whether text of a combination holding ``post_id`` covers it; None when no
+        combination waiting for delivery holds it (silence, noise, or already delivered)."""
+        holders = [c for c in self._live() if post_id in c.post_ids]
+        if not holders:
+            return None
+        return any(post_id in c.text_post_ids for c in holders)
+
+    def _live(self) -> list[Combination]:
+        return [*self.outbox, *([self.open] if self.open is not None else [])]
+
     def _feed(self, position: int, fragment: Fragment) -> list[Combination]:
         closed: list[Combination] = []
         if position > self._timeline_end + self._gap_samples:
@@ -231,7 +245,8 @@ class ParticipantStream:
 
     def _on_frame(self, chunk: Samples, voiced: bool, post_id: str | None) -> list[Combination]:
         if self.open is None:
-            self._pre_roll.append((chunk, post_id))
+            # A copy: a view would keep the whole fragment (and its decode) alive (#11 row 5).
+            self._pre_roll.append((chunk.copy(), post_id))
             self._trigger.append(voiced)
             needed = self.config.trigger_ratio * (self._trigger.maxlen or 1)
             if sum(self._trigger) >= needed:
@@ -339,11 +354,15 @@ class ParticipantStream:
         text: str,
         tokens: tuple[int, ...],
         stable_tokens: tuple[int, ...],
+        post_ids: tuple[str, ...] = (),
     ) -> None:
+        """The text of a progress pass made over the audio of ``version``, which included the
+        fragments ``post_ids``."""
         if combination.state is CombinationState.FINAL or version < combination.text_version:
             return
         combination.text = text
         combination.text_version = version
+        combination.text_post_ids = post_ids
         combination.hypothesis_tokens = tokens
         combination.stable_tokens = stable_tokens
 
@@ -366,10 +385,12 @@ class ParticipantStream:
         combination.translation = translation
         combination.text = text
         combination.text_version = combination.version
+        combination.text_post_ids = tuple(combination.post_ids)
         combination.state = CombinationState.FINAL
 
     def elem(self, combination: Combination, status: str) -> TextElem:
-        """The combination as a TextElem with ``status`` (``progress`` or ``final``)."""
+        """The combination as a TextElem with ``status`` (``progress`` or ``final``). A final
+        lists all of its combination's post_ids; a progress only those its text was made from."""
         return TextElem(
             timestamp=format_timestamp(combination.start_time, self._zone),
             timestamp_float=round(combination.start_time, 6),
@@ -378,7 +399,7 @@ class ParticipantStream:
             participant_id=self.participant_id,
             text=combination.text,
             id=combination.id,
-            post_ids=tuple(combination.post_ids),
+            post_ids=combination.text_post_ids,
             status=status,
             translation=combination.translation,
         )

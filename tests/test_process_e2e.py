@@ -94,7 +94,9 @@ async def test_spec_raw_multipart_example(make_server: ServerFactory) -> None:
         assert_text_elem(elem)
         assert elem["conference_id"] == conference
         assert elem["participant_id"] == participant
-        assert elem["post_ids"] == ["e474c68b-e96b-4465-af38-fec989a892d7"]
+        # A progress elem whose text is not made yet covers no fragment (the post_ids rule).
+        expected = ["e474c68b-e96b-4465-af38-fec989a892d7"] if elem["text"] else []
+        assert elem["post_ids"] == expected
     assert elems[0]["timestamp"] == "2024-06-28T14:20:15.123456"
     assert "country" in " ".join(e["text"] for e in elems).lower()
 
@@ -242,8 +244,14 @@ async def test_out_of_order_fragments_are_put_in_time_order(make_server: ServerF
     await asyncio.sleep(0.05)
     assert (await post_fragment(client, b, start_time=1004.0, post_id="b", lang="en"))[0] == 200
     assert (await early)[0] == 200
+    # Silence after it, as a conference server keeps sending: each POST waits up to
+    # answer_wait_ms for the final (two, for a busy machine).
     answers = await stream_samples(
-        client, np.zeros(0, np.float32), start_time=1000.0 + speech.size / SAMPLE_RATE, lang="en"
+        client,
+        np.zeros(0, np.float32),
+        start_time=1000.0 + speech.size / SAMPLE_RATE,
+        tail_silence_s=4.0,
+        lang="en",
     )
     settled = finals(answers)
     text = " ".join(e["text"] for e in settled)
@@ -261,3 +269,40 @@ async def test_live_english_captions_for_a_russian_speaker(make_server: ServerFa
     assert "weather" in english and "new york" in english, english
     # Progress elems and answers without lang2 keep the spec's exact shape.
     assert all("translation" not in e for a in answers for e in a if e["status"] == "progress")
+
+
+async def test_progress_lists_only_the_fragments_its_text_covers(
+    make_server: ServerFactory,
+) -> None:
+    """A progress elem lists the post_ids of the fragments whose audio made its text (its
+    combination's first ones, in order); the final lists all of them. A POST's own answer
+    lists its fragment once the text covers it."""
+    client = await make_server()
+    audio = load_clip(EN_2.path)
+    chunk = 2 * SAMPLE_RATE
+    padded = np.concatenate([audio, np.zeros(2 * chunk, np.float32)])
+    answers = []
+    own_listed = 0
+    for index, offset in enumerate(range(0, padded.size, chunk)):
+        post_id = f"frag-{index}"
+        status, body = await post_fragment(
+            client,
+            padded[offset : offset + chunk],
+            start_time=1_719_512_467.0 + offset / SAMPLE_RATE,
+            post_id=post_id,
+            lang="en",
+        )
+        assert status == 200, body
+        answers.append(body)
+        own_listed += any(post_id in e["post_ids"] for e in body)
+    settled = {e["id"]: e for e in finals(answers)}
+    assert settled
+    for answer in answers:
+        for elem in answer:
+            if elem["status"] == "progress" and elem["id"] in settled:
+                all_ids = settled[elem["id"]]["post_ids"]
+                assert elem["post_ids"] == all_ids[: len(elem["post_ids"])]
+                if not elem["text"]:
+                    assert elem["post_ids"] == []
+    speech_posts = len(audio) // chunk
+    assert own_listed >= speech_posts // 2, "an unloaded server answers with covering text"

@@ -170,3 +170,38 @@ def test_answer_lists_undelivered_finals_in_order_then_progress() -> None:
         ("progress", " the child"),
     ]
     assert [e.status for e in stream.take_answer()] == ["progress"]  # finals go out once
+
+
+def test_progress_lists_the_fragments_its_text_was_made_from_and_final_lists_all() -> None:
+    """The post_ids rule: a client knows a fragment is transcribed when a TextElem lists it."""
+    speech = load_clip(clip("clips/faster_whisper/jfk.flac").path)
+    stream = ParticipantStream(StreamConfig(), "c", "p")
+    feed(stream, speech[: 2 * SAMPLE_RATE])
+    combination = stream.open
+    assert combination is not None and combination.post_ids == ["f0"]
+    assert stream.take_answer()[0].post_ids == ()  # no text yet: it covers nothing
+    assert stream.covered("f0") is False
+    version, made_from = combination.version, tuple(combination.post_ids)
+    feed(stream, speech[2 * SAMPLE_RATE : 4 * SAMPLE_RATE], start=T0 + 2.0, prefix="g")
+    assert combination.post_ids == ["f0", "g0"]
+    stream.set_progress(combination, version, " and so", (), (), made_from)
+    (elem,) = stream.take_answer()
+    assert (elem.status, elem.post_ids) == ("progress", ("f0",))
+    assert stream.covered("f0") is True and stream.covered("g0") is False
+    assert stream.covered("never-sent") is None
+    rest = np.concatenate([speech[4 * SAMPLE_RATE :], SILENCE])
+    closed = feed(stream, rest, start=T0 + 4.0, prefix="h")
+    assert closed == [combination]
+    stream.set_final(combination, " and so my fellow americans")
+    final = stream.take_answer()[0]
+    assert final.status == "final" and final.post_ids == tuple(combination.post_ids)
+    assert {"f0", "g0", "h0"} <= set(final.post_ids)
+
+
+def test_pre_roll_keeps_copies_not_views_into_fragments() -> None:
+    """A view into a fragment would keep the whole fragment alive (#11 row 5)."""
+    stream = ParticipantStream(StreamConfig(), "c", "p")
+    fragment = np.zeros(2 * SAMPLE_RATE, np.float32)
+    stream.add(Fragment("f0", T0, fragment), now=0.0)
+    kept = [chunk for chunk, _ in stream._pre_roll]
+    assert kept and all(chunk.base is None for chunk in kept)
