@@ -37,7 +37,7 @@ from lxml import etree
 from benchmarks.common import ROOT, SPEECH, error_rates, machine, running_server, write_results
 from terra.config import Config, ModelConfig, load_config
 from terra.jobs import JobStore
-from terra.minutes.compiler import compile_minutes
+from terra.minutes.compiler import MinutesCompiler, in_thread
 from terra.minutes.formats import validate_xml
 from terra.models import resolve_model
 from terra.recognizer.engine import WhisperEngine, load_whisper
@@ -341,14 +341,12 @@ async def measure(model_name: str, priority: bool, in_flight: int | None) -> dic
         direct[meeting] = {}
         for in_flight in IN_FLIGHT:
             options = dataclasses.replace(config.minutes, max_in_flight=in_flight)
-            result = await asyncio.to_thread(
-                compile_minutes,
-                Path(config.spool.dir),
-                f"bench-{meeting}",
+            compiler = MinutesCompiler(
                 options,
-                engine.recognize,
+                in_thread(engine.recognize),
                 language_confidence=config.recognizer.language_confidence,
             )
+            result = await compiler.compile(Path(config.spool.dir), f"bench-{meeting}")
             direct[meeting][str(in_flight)] = {
                 "compile_s": round(result.seconds, 2),
                 "rtf_audio": round(result.minutes.audio_s / result.seconds, 1),

@@ -18,8 +18,11 @@ from terra.chunking import plan_chunks, speech_regions, split_long
 from terra.config import JobsConfig, MinutesConfig
 from terra.jobs import JobStatus, JobStore, new_job
 from terra.minutes.compiler import (
+    CompileResult,
+    MinutesCompiler,
     NothingSpooled,
-    compile_minutes,
+    Progress,
+    in_thread,
     looks_wrong,
     phrases_of,
 )
@@ -264,6 +267,15 @@ class StandIn:
         return out
 
 
+def compile_minutes(
+    spool_root: Path, conference_id: str, stand_in: StandIn, progress: Progress | None = None
+) -> CompileResult:
+    """A compile with the default settings and a blocking stand-in, as the command line runs
+    one with the engine."""
+    compiler = MinutesCompiler(MinutesConfig(), in_thread(stand_in), progress=progress)
+    return asyncio.run(compiler.compile(spool_root, conference_id))
+
+
 def test_compiler_keeps_overlapping_speech_as_two_phrases(tmp_path: Path) -> None:
     spool = Spool(tmp_path, fsync=False)
     maria = load_clip(MEETING / "maria.flac")[: 10 * SAMPLE_RATE]  # speech 0.5-4.8, 5.4-9.2
@@ -273,7 +285,7 @@ def test_compiler_keeps_overlapping_speech_as_two_phrases(tmp_path: Path) -> Non
     (tmp_path / "c1" / "maria" / ".tmp-x.wav").write_bytes(b"half-written")
     seen: list[float] = []
     stand_in = StandIn()
-    result = compile_minutes(tmp_path, "c1", MinutesConfig(), stand_in, progress=seen.append)
+    result = compile_minutes(tmp_path, "c1", stand_in, progress=seen.append)
 
     minutes = result.minutes
     assert [s.participant_id for s in minutes.participants] == ["maria", "peter"]
@@ -313,7 +325,7 @@ def test_compiler_rebuilds_the_timeline_with_holes_and_jitter(tmp_path: Path) ->
         jitter = (-0.02, 0.02)[i % 2]
         start = T0 + 23.0 + i + jitter
         spool.write("c1", "maria", "Maria", start, 1000, f"late-{i}", None, encode_wav(piece))
-    result = compile_minutes(tmp_path, "c1", MinutesConfig(), StandIn())
+    result = compile_minutes(tmp_path, "c1", StandIn())
     minutes = result.minutes
     # Jitter within the tolerance keeps the run's own clock: nothing lost, nothing doubled.
     assert minutes.audio_s == pytest.approx(10.0)
@@ -326,7 +338,7 @@ def test_compiler_rebuilds_the_timeline_with_holes_and_jitter(tmp_path: Path) ->
 
 def test_compiler_needs_audio(tmp_path: Path) -> None:
     with pytest.raises(NothingSpooled):
-        compile_minutes(tmp_path, "nothing", MinutesConfig(), StandIn())
+        compile_minutes(tmp_path, "nothing", StandIn())
 
 
 # -- the service: states, one job per conference, restarts ----------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def run_minutes_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from terra.config import ConfigError, load_config, zone_of
-    from terra.minutes.compiler import NothingSpooled, compile_minutes
+    from terra.minutes.compiler import MinutesCompiler, NothingSpooled, in_thread
     from terra.minutes.formats import render
     from terra.models import resolve_model
     from terra.params import ParamError, validate_id
@@ -75,15 +76,14 @@ def run_minutes_command(args: argparse.Namespace) -> int:
             bar.refresh()
 
         try:
-            result = compile_minutes(
-                spool,
-                conference_id,
+            compiler = MinutesCompiler(
                 config.minutes,
-                engine.recognize,
+                in_thread(engine.recognize),
                 language_confidence=config.recognizer.language_confidence,
                 model=config.model.name,
                 progress=progress,
             )
+            result = asyncio.run(compiler.compile(spool, conference_id))
         except NothingSpooled:
             bar.close()
             print(f"terra minutes: nothing spooled for {conference_id} in {spool}", file=sys.stderr)

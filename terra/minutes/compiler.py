@@ -11,7 +11,7 @@ to ``max_chunk_s``, pauses included) and recognized with beam search, timestamp 
 optionally, the participant's previous text as context and word timestamps; phrases are
 then cut at pauses and sentence ends. Recognition is injected (``recognize``, awaited): the
 server passes its scheduler (background priority); the command line and the benchmark call
-the blocking :func:`compile_minutes`, which runs the engine in a thread.
+the engine itself through :func:`in_thread`.
 
 Time inside is counted in samples at 16 kHz from the conference origin (the earliest
 fragment of anyone); seconds appear only in the phrases.
@@ -463,24 +463,11 @@ class MinutesCompiler:
         return candidates[: self._config.max_in_flight]
 
 
-def compile_minutes(
-    spool_root: Path,
-    conference_id: str,
-    config: MinutesConfig,
-    recognize: BlockingRecognize,
-    *,
-    language_confidence: float = 0.6,
-    model: str = "",
-    progress: Progress | None = None,
-) -> CompileResult:
-    """Compile one conference from the spool with a blocking ``recognize`` (the engine
-    itself, run in a thread); blocking. Raises NothingSpooled. For the command line and
-    benchmarks; the server awaits :meth:`MinutesCompiler.compile` with its scheduler."""
+def in_thread(recognize: BlockingRecognize) -> Recognize:
+    """A blocking ``recognize`` (the engine itself) as the compiler's awaited one, run in a
+    thread: for the command line and benchmarks (the server passes its scheduler)."""
 
     async def run(requests: Sequence[RecognitionRequest]) -> Sequence[Recognition]:
         return await asyncio.to_thread(recognize, requests)
 
-    compiler = MinutesCompiler(
-        config, run, language_confidence=language_confidence, model=model, progress=progress
-    )
-    return asyncio.run(compiler.compile(spool_root, conference_id))
+    return run
