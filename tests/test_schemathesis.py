@@ -1,0 +1,108 @@
+"""schemathesis against the served OpenAPI document: the real app on a loopback port, every
+documented operation fuzzed (examples, boundary coverage, random and malformed data) with the
+valid token (tests/schemathesis_hooks.py), and not one 5xx answer.
+
+The engine is tests/fakes.py's FakeEngine, a fake: this is about HTTP validation (bodies,
+parameters, headers, ids), which does not depend on what the model would hear. The run is
+bounded by ``--max-examples`` per operation and a fixed seed (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from terra.api.docs import load_document
+from tests.conftest import ROOT, TOKEN, ServerFactory
+from tests.libretranslate_standin import LibreTranslateStandIn
+from tests.test_openapi import documented
+
+MAX_EXAMPLES = 25
+SEED = 20261130
+# The event stream stays open while its conference lives: not a request/response to fuzz
+# (tests/test_feed.py covers it).
+EVENTS = "/conferences/{conference_id}/events"
+
+
+async def test_no_server_errors_on_generated_requests(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    # /translate_to_any past its "disabled" 404: the LibreTranslate stand-in (a stand-in, not
+    # LibreTranslate: see its module) behind the http backend.
+    translator = await LibreTranslateStandIn().start()
+    try:
+        await _fuzz(make_fast_server, tmp_path, translator.url)
+    finally:
+        await translator.close()
+
+
+async def _fuzz(make_fast_server: ServerFactory, tmp_path: Path, translator_url: str) -> None:
+    client = await make_fast_server(
+        translate={"enabled": True, "backend": "http", "url": translator_url, "retries": 0},
+        files={
+            "dir": str(tmp_path / "files"),
+            "jobs_dir": str(tmp_path / "file-jobs"),
+            # Fetching generated audio URLs fails fast (no network here, or not public).
+            "url_timeout_s": 2.0,
+            "sync_timeout_s": 1.0,
+            "webhook_tries": 1,
+        },
+    )
+    report = tmp_path / "schemathesis.json"
+    config = tmp_path / "schemathesis.toml"
+    # Reach the connecte handler past its model check (the path's company/model).
+    config.write_text('[parameters]\ncompany = "openai"\nmodel = "whisper"\n', encoding="utf-8")
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+        "TERRA_FUZZ_TOKEN": TOKEN,
+        "PYTHONPATH": str(ROOT),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "--config-file",
+        str(config),
+        "run",
+        str(client.make_url("/openapi.json")),
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--seed",
+        str(SEED),
+        "--workers",
+        "1",
+        "--phases",
+        "examples,coverage,fuzzing,stateful",
+        "--request-timeout",
+        "30",
+        "--report",
+        "json",
+        "--report-json-path",
+        str(report),
+        "--exclude-path",
+        EVENTS,
+        cwd=tmp_path,  # its .schemathesis cache stays out of the checkout
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=280)
+    text = output.decode("utf-8", errors="replace")
+    assert report.exists(), text[-4000:]
+    run = json.loads(report.read_text(encoding="utf-8"))
+    counts = (
+        f"{run['operations']['tested']} operations, "
+        f"{run['test_cases']['generated']} test cases, "
+        f"{run['test_cases']['with_failures']} with failures"
+    )
+    print(f"schemathesis: {counts}")
+    assert run["complete"], text[-4000:]
+    assert run["failures"] == [] and run["errors"] == [], f"{counts}\n{text[-8000:]}"
+    assert process.returncode == 0, text[-4000:]
+    assert run["operations"]["tested"] == len(documented(load_document())) - 1
