@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from terra.audio import encode_wav
 from terra.files.fetch import FetchError, check_address, decode_data_uri, parse_networks
 
 from .conftest import SPEECH, TOKEN, ServerFactory, cer, clip
@@ -228,7 +230,14 @@ async def test_cancel_while_processing(
     assert (await response.json())["status"] == "canceled"
     final = await wait_prediction(client, prediction["id"])
     assert prediction["status"] == "processing" and final["status"] == "canceled", final
-    await asyncio.sleep(0.5)  # a canceled prediction never turns into another state
+    # Once a prediction made after it has run on the one worker, the canceled one's work
+    # has been given up: it never turns into another state.
+    silence = (
+        "data:audio/wav;base64,"
+        + base64.b64encode(encode_wav(np.zeros(16_000, np.float32))).decode()
+    )
+    after = await predict(client, {"audio": silence}, headers={"Prefer": "SYNC"})
+    assert after["status"] == "succeeded", after
     assert (await wait_prediction(client, prediction["id"]))["status"] == final["status"]
 
 
