@@ -25,10 +25,12 @@ from terra.feed import FeedHub
 from terra.live import LiveService
 from terra.metrics import create_metrics
 from terra.models import resolve_model
+from terra.recognizer.backend import Recognizer
 from terra.recognizer.engine import WhisperEngine, load_whisper
 from terra.recognizer.naive import NaiveEngine
 from terra.recognizer.scheduler import RecognizerScheduler
-from terra.recognizer.types import RecognitionEngine
+from terra.recognizer.types import RecognitionEngine, Vocabulary
+from terra.recognizer.vocabulary import load_vocabulary
 from terra.spool import Spool
 from terra.translate.backends import open_translator
 from terra.translate.langid import LanguageDetector
@@ -37,11 +39,15 @@ from terra.translate.service import TranslationService
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: Config) -> RecognitionEngine:
-    """Resolve and load the configured model (blocking: call it off the event loop)."""
-    path = resolve_model(
+def model_path(config: Config) -> str:
+    return resolve_model(
         config.model.name, Path(config.model.models_dir), allow_download=config.model.allow_download
     )
+
+
+def build_engine(config: Config) -> RecognitionEngine:
+    """Resolve and load the configured model (blocking: call it off the event loop)."""
+    path = model_path(config)
     started = time.perf_counter()
     model = load_whisper(path, config.model, workers=config.recognizer.workers)
     log.info(
@@ -117,16 +123,30 @@ def _recognizer_ctx(
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         config = app[keys.CONFIG]
-        loaded = engine if engine is not None else await asyncio.to_thread(build_engine, config)
-        app[keys.ENGINE] = loaded
-        scheduler = RecognizerScheduler(loaded, config.recognizer, app[keys.METRICS])
+        vocabulary: Vocabulary
+        scheduler: Recognizer
+        if config.recognizer.backend == "ray":  # the model runs on the cluster
+            from terra.recognizer.ray_client import RayRecognizer, connect
+
+            vocabulary = (
+                engine
+                if engine is not None
+                else await asyncio.to_thread(lambda: load_vocabulary(Path(model_path(config))))
+            )
+            handle = connect(config.cluster)  # blocking, once at start-up
+            scheduler = RayRecognizer(handle, config.cluster, config.recognizer, app[keys.METRICS])
+        else:
+            loaded = engine if engine is not None else await asyncio.to_thread(build_engine, config)
+            vocabulary = loaded
+            scheduler = RecognizerScheduler(loaded, config.recognizer, app[keys.METRICS])
+        app[keys.ENGINE] = vocabulary
         live = LiveService(
             config.stream,
             config.recognizer,
             scheduler,
             app[keys.SPOOL],
             app[keys.METRICS],
-            loaded,
+            vocabulary,
             listener=app[keys.FEED],
         )
         app[keys.SCHEDULER] = scheduler

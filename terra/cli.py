@@ -1,4 +1,4 @@
-"""Command line: ``terra serve | models | stream | minutes | link``."""
+"""Command line: ``terra serve | recognizer | models | stream | minutes | link``."""
 
 from __future__ import annotations
 
@@ -6,28 +6,41 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from terra.config import Config
 
 log = logging.getLogger(__name__)
+
+
+def _configure(path: str | None, overrides: dict[str, dict[str, object]]) -> Config | None:
+    """Load the configuration and set up logging; None (reported) if it is invalid."""
+    from terra.config import ConfigError, load_config
+    from terra.logs import setup_logging
+
+    try:
+        config = load_config(path, overrides=overrides)
+    except ConfigError as e:
+        print(f"terra: {e}", file=sys.stderr)
+        return None
+    setup_logging(config.server.log_level, config.server.log_json)
+    return config
 
 
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from terra.app import create_app
-    from terra.config import ConfigError, load_config
-    from terra.logs import setup_logging
 
     overrides: dict[str, dict[str, object]] = {"server": {}}
     if args.host:
         overrides["server"]["host"] = args.host
     if args.port:
         overrides["server"]["port"] = args.port
-    try:
-        config = load_config(args.config, overrides=overrides)
-    except ConfigError as e:
-        print(f"terra: {e}", file=sys.stderr)
+    config = _configure(args.config, overrides)
+    if config is None:
         return 2
-    setup_logging(config.server.log_level, config.server.log_json)
     if "ivcs" in config.server.tokens:
         if not is_loopback_host(config.server.host) and not args.insecure_default_token:
             print(
@@ -59,6 +72,23 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _recognizer(args: argparse.Namespace) -> int:
+    """Deploy (or, with --delete, remove) the recognizer's Ray Serve app; Ray keeps it."""
+    from terra.recognizer.ray_app import deploy, undeploy
+
+    overrides: dict[str, dict[str, object]] = {"cluster": {}}
+    if args.address:
+        overrides["cluster"]["address"] = args.address
+    config = _configure(args.config, overrides)
+    if config is None:
+        return 2
+    if args.delete:
+        undeploy(config)
+    else:
+        deploy(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from terra.links import add_link_arguments
     from terra.minutes.cli import add_minutes_arguments
@@ -78,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve on a non-loopback address even with the example token 'ivcs'",
     )
     serve.set_defaults(func=_serve)
+
+    recognizer = commands.add_parser(
+        "recognizer", help="deploy the recognizer on a Ray cluster (recognizer.backend: ray)"
+    )
+    recognizer.add_argument("--config", default=None, help="config.yaml (its cluster section)")
+    recognizer.add_argument("--address", default=None, help="Ray address (TERRA_RAY_ADDRESS)")
+    recognizer.add_argument("--delete", action="store_true", help="remove the app instead")
+    recognizer.set_defaults(func=_recognizer)
 
     models = commands.add_parser("models", help="install and list Whisper models")
     add_models_arguments(models)
@@ -112,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from terra.streamclient import run_stream_command
 
         return run_stream_command(args)
+    if args.command == "recognizer":
+        return _recognizer(args)
     serve: int = _serve(args)
     return serve
 

@@ -89,6 +89,9 @@ class StreamConfig:
 @dataclass(frozen=True, slots=True)
 class RecognizerConfig:
     mode: str = "terra"
+    # Where recognition runs: local (this process's scheduler) | ray (a Ray Serve app, see
+    # ClusterConfig and `terra recognizer`).
+    backend: str = "local"
     max_batch_size: int = 8
     workers: int = 2
     batch_wait_ms: int = 15
@@ -226,6 +229,30 @@ class JobsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """recognizer.backend: ray: the Ray cluster and the recognizer's Serve app (config.yaml)."""
+
+    address: str = "auto"  # Ray's address: "auto" (a node on this machine), "host:6379"
+    namespace: str = "terra"
+    app_name: str = "terra-recognizer"
+    # Per replica: Ray resources, model calls at once, model threads (0: num_cpus / workers).
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    replica_workers: int = 1
+    replica_threads: int = 0
+    # Autoscaling on each replica's queue (requests waiting or running in it).
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_queue: float = 8.0
+    max_ongoing_requests: int = 32  # per replica; the router holds the rest
+    # Front end: requests sent and not answered at most; more wait here, where a newer
+    # progress request still replaces an older one.
+    max_in_flight: int = 16
+    # A request whose replica died is sent again for this long (finals are never dropped).
+    retry_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -237,6 +264,7 @@ class Config:
     files: FilesConfig = field(default_factory=FilesConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 T = TypeVar("T")
@@ -263,6 +291,8 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "TERRA_MINUTES_WORKERS": ("minutes", "workers"),
     "TERRA_RECOGNIZER_MODE": ("recognizer", "mode"),
     "TERRA_NODE_ID": ("jobs", "node_id"),
+    "TERRA_RECOGNIZER_BACKEND": ("recognizer", "backend"),
+    "TERRA_RAY_ADDRESS": ("cluster", "address"),
     # The translator's variables keep the names the IVA Terra spec gives them (no prefix).
     "USE_TRANSLATOR": ("translate", "enabled"),
     "TRANSLATOR_URL": ("translate", "url"),
@@ -398,6 +428,13 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"stream.timezone: unknown zone {config.stream.timezone!r}") from e
     if config.recognizer.mode not in ("terra", "naive"):
         raise ConfigError("recognizer.mode must be 'terra' or 'naive'")
+    if config.recognizer.backend not in ("local", "ray"):
+        raise ConfigError("recognizer.backend must be 'local' or 'ray'")
+    cluster = config.cluster
+    if not 1 <= cluster.min_replicas <= cluster.max_replicas:
+        raise ConfigError("cluster: 1 <= min_replicas <= max_replicas")
+    if min(cluster.replica_workers, cluster.max_in_flight, cluster.max_ongoing_requests) < 1:
+        raise ConfigError("cluster.replica_workers, max_in_flight, max_ongoing_requests: >= 1")
     if not config.recognizer.window_buckets_s or max(config.recognizer.window_buckets_s) > 30:
         raise ConfigError("recognizer.window_buckets_s: non-empty, each at most 30 s")
     if config.stream.max_combination_ms > 30_000:

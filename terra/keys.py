@@ -9,16 +9,16 @@ from terra.feed import FeedHub
 from terra.live import LiveService
 from terra.metrics import Metrics
 from terra.minutes.service import MinutesService
-from terra.recognizer.scheduler import RecognizerScheduler
-from terra.recognizer.types import RecognitionEngine
+from terra.recognizer.backend import Recognizer
+from terra.recognizer.types import Vocabulary
 from terra.spool import Spool
 from terra.translate.service import TranslationService
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", Spool)
-ENGINE = web.AppKey("engine", RecognitionEngine)
-SCHEDULER = web.AppKey("scheduler", RecognizerScheduler)
+ENGINE = web.AppKey("engine", Vocabulary)  # the model's tokens (recognition: SCHEDULER)
+SCHEDULER = web.AppKey("scheduler", Recognizer)  # local scheduler or the Ray backend
 LIVE = web.AppKey("live", LiveService)
 FEED = web.AppKey("feed", FeedHub)  # what viewers of each conference see
 MINUTES = web.AppKey("minutes", MinutesService)

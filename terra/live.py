@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from terra.audio import SAMPLE_RATE, Samples, encode_wav, samples_to_ms
 from terra.config import RecognizerConfig, StreamConfig
 from terra.metrics import Metrics
+from terra.recognizer.backend import Recognizer
 from terra.recognizer.commit import (
     TimedSegment,
     agreed_count,
@@ -25,8 +26,7 @@ from terra.recognizer.commit import (
     split_segments,
 )
 from terra.recognizer.prefix import agreed_prefix
-from terra.recognizer.scheduler import RecognizerScheduler
-from terra.recognizer.types import Priority, Recognition, RecognitionEngine, RecognitionRequest
+from terra.recognizer.types import Priority, Recognition, RecognitionRequest, Vocabulary
 from terra.spool import Spool, post_key
 from terra.stream import (
     Combination,
@@ -137,10 +137,10 @@ class LiveService:
         self,
         stream_config: StreamConfig,
         recognizer_config: RecognizerConfig,
-        scheduler: RecognizerScheduler,
+        scheduler: Recognizer,
         spool: Spool,
         metrics: Metrics,
-        vocabulary: RecognitionEngine,
+        vocabulary: Vocabulary,
         listener: LiveListener | None = None,
     ) -> None:
         """``vocabulary`` is used for its token helpers only; recognition goes through the

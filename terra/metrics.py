@@ -25,6 +25,7 @@ class Metrics:
     request_latency: Histogram
     audio_seconds: Counter
     dropped_requests: Counter
+    resent_requests: Counter
     finals: Counter
     text_latency: Histogram
     active_participants: Gauge
@@ -90,6 +91,11 @@ def create_metrics() -> Metrics:
             "terra_recognizer_dropped",
             "Requests not run (superseded or queue full)",
             ["reason"],
+            registry=registry,
+        ),
+        resent_requests=Counter(
+            "terra_recognizer_resent",
+            "Requests sent again because their recognizer replica died (backend ray)",
             registry=registry,
         ),
         finals=Counter("terra_finals", "Final TextElems produced", registry=registry),

@@ -17,8 +17,8 @@ from terra.chunking import ChunkOptions, plan_track
 from terra.recognizer.types import (
     Priority,
     Recognition,
-    RecognitionEngine,
     RecognitionRequest,
+    Vocabulary,
     Word,
 )
 from terra.retry import Submit, until_taken
@@ -129,7 +129,7 @@ def utterances_of(result: Recognition, channel: int, start: int, end: int) -> li
     return out
 
 
-def hint_tokens(engine: RecognitionEngine, words: Sequence[str]) -> tuple[int, ...]:
+def hint_tokens(engine: Vocabulary, words: Sequence[str]) -> tuple[int, ...]:
     """Hint words as Whisper previous-text tokens, made with the engine's own tokenizer."""
     text = ", ".join(w.strip() for w in words if w.strip())
     if not text:

@@ -93,7 +93,7 @@ class WhisperEngine(WhisperVocabulary):
     shared state is the CTranslate2 model and read-mostly caches."""
 
     def __init__(self, model: WhisperModel, config: RecognizerConfig) -> None:
-        super().__init__(model)
+        super().__init__(model.hf_tokenizer)
         self._model = model
         self._ct2: ctranslate2.models.Whisper = model.model
         self._config = config

@@ -19,7 +19,7 @@ from terra.recognizer.vocabulary import WhisperVocabulary
 
 class NaiveEngine(WhisperVocabulary):
     def __init__(self, model: WhisperModel) -> None:
-        super().__init__(model)
+        super().__init__(model.hf_tokenizer)
         self._model = model
 
     def batch_key(self, request: RecognitionRequest) -> tuple[float, int]:

@@ -83,14 +83,8 @@ class Recognition:
     alternatives: tuple[str, ...] = ()
 
 
-class RecognitionEngine(Protocol):
-    """A blocking recognizer; only the scheduler calls it, from its worker thread."""
-
-    def batch_key(self, request: RecognitionRequest) -> tuple[float, int]:
-        """Requests with equal keys can share one model call."""
-        ...
-
-    def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]: ...
+class Vocabulary(Protocol):
+    """Whisper's tokens and text, without inference (front ends need only this)."""
 
     def timestamp_begin(self) -> int:
         """The first timestamp token id (tokens at or above it are not text)."""
@@ -107,3 +101,13 @@ class RecognitionEngine(Protocol):
     def decode_text(self, tokens: Sequence[int]) -> str:
         """The text of a token sequence (non-text tokens skipped)."""
         ...
+
+
+class RecognitionEngine(Vocabulary, Protocol):
+    """A blocking recognizer; only the scheduler calls it, from its worker thread."""
+
+    def batch_key(self, request: RecognitionRequest) -> tuple[float, int]:
+        """Requests with equal keys can share one model call."""
+        ...
+
+    def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]: ...

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
-from faster_whisper import WhisperModel
+import tokenizers
 
 
 class WhisperVocabulary:
-    """Text <-> tokens for a loaded Whisper model (no inference)."""
+    """Text <-> tokens with a Whisper model's tokenizer (no inference)."""
 
-    def __init__(self, model: WhisperModel) -> None:
-        self._hf = model.hf_tokenizer
-        self._eot = int(self._hf.token_to_id("<|endoftext|>"))
-        self._timestamp_begin = int(self._hf.token_to_id("<|0.00|>"))
+    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+        self._hf = tokenizer
+        self._eot = self._special("<|endoftext|>")
+        self._timestamp_begin = self._special("<|0.00|>")
         self._word_starts: dict[int, bool] = {}
+
+    def _special(self, token: str) -> int:
+        found = self._hf.token_to_id(token)
+        if found is None:
+            raise ValueError(f"not a Whisper tokenizer: no {token}")
+        return int(found)
 
     def timestamp_begin(self) -> int:
         """The first timestamp token id (tokens at or above it are not text)."""
@@ -36,3 +43,9 @@ class WhisperVocabulary:
         """The text of text tokens (timestamps and special tokens are skipped)."""
         decoded: str = self._hf.decode([t for t in tokens if t < self._eot])
         return decoded
+
+
+def load_vocabulary(model_dir: Path) -> WhisperVocabulary:
+    """The vocabulary of an installed model folder, without loading the model (front ends
+    whose recognizer runs elsewhere)."""
+    return WhisperVocabulary(tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json")))
