@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
+from benchmarks.common import free_port
+from benchmarks.raycluster import BIN, START_S, LocalRayCluster, cpu_seconds_of
 from terra.audio import SAMPLE_RATE
 
 from .conftest import ROOT, SPEECH, TOKEN, cer, clip, finals, load_clip, post_fragment
@@ -35,96 +36,27 @@ pytest.importorskip("ray.serve", reason="the cluster extra: pip install -e '.[cl
 pytestmark = [pytest.mark.model, pytest.mark.cluster, pytest.mark.timeout(600)]
 
 APP = "terra-recognizer-test"
-BIN = Path(sys.executable).parent
 RU = clip("clips/speech_to_phrase_ru/ru_01.wav")
 EN = clip("clips/faster_whisper/jfk.flac")
 CER_BOUND = 0.10  # as tests/test_process_e2e.py (measured 0.000 on both, local backend)
-START_S = 300.0  # a cold start on a busy 2-core machine: two Ray nodes, two model loads
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
 class Cluster:
     url: str
-    sessions: list[int]  # process sessions (setsid) of the Ray nodes: their workers too
+    ray: LocalRayCluster
     front_end: subprocess.Popen[bytes]
     log: Path
 
     def replica_pids(self) -> list[int]:
-        """The recognizer replicas' processes (Ray titles them ray::ServeReplica:APP:...)."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                title = (entry / "cmdline").read_bytes().decode(errors="replace")
-                if f"ServeReplica:{APP}:" in title and os.getsid(int(entry.name)) in self.sessions:
-                    pids.append(int(entry.name))
-            except (OSError, ProcessLookupError):
-                continue
-        return sorted(pids)
-
-
-def _ray_start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", "--num-cpus=1", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-
-
-def _wait_for_line(log: Path, line: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_S
-    while line not in log.read_text(errors="replace"):
-        assert process.poll() is None, log.read_text(errors="replace")[-3000:]
-        assert time.monotonic() < deadline, f"{log.name}: no {line!r} in {START_S} s"
-        time.sleep(0.2)
-
-
-def _stop_session(session: int) -> None:
-    """End every process of a Ray node's session (the node and the workers it started)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = [
-            int(p.name)
-            for p in Path("/proc").iterdir()
-            if p.name.isdigit() and _sid(int(p.name)) == session
-        ]
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while any(_sid(pid) == session for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
-def _sid(pid: int) -> int:
-    try:
-        return os.getsid(pid)
-    except (ProcessLookupError, PermissionError):
-        return -1
+        return self.ray.replica_pids(APP)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
-    # Ray's socket paths must stay short: a temp dir of its own under /tmp.
-    ray_tmp = Path(f"/tmp/terra-ray-{os.getpid()}")
-    port, http_port = free_port(), free_port()
-    address = f"127.0.0.1:{port}"
+    ray = LocalRayCluster(tmp, node_cpus=(1, 1))  # a head and a second node, one CPU each
+    http_port = free_port()
     config = {
         "server": {"tokens": [TOKEN], "log_json": False, "port": http_port, "host": "127.0.0.1"},
         "model": {"models_dir": str(ROOT / "models")},
@@ -133,7 +65,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "files": {"dir": str(tmp / "files"), "jobs_dir": str(tmp / "file-jobs")},
         "recognizer": {"backend": "ray"},
         "cluster": {
-            "address": address,
+            "address": ray.address,
             "app_name": APP,
             "num_cpus": 1,
             "min_replicas": 2,
@@ -142,38 +74,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     }
     config_path = tmp / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    nodes: list[subprocess.Popen[bytes]] = []
     front_end: subprocess.Popen[bytes] | None = None
     try:
-        head_log = tmp / "head.log"
-        nodes.append(
-            _ray_start(
-                [
-                    "--head",
-                    f"--port={port}",
-                    "--node-ip-address=127.0.0.1",
-                    "--include-dashboard=false",
-                    f"--ray-client-server-port={free_port()}",
-                    f"--dashboard-agent-listen-port={free_port()}",
-                    f"--temp-dir={ray_tmp}",
-                    "--disable-usage-stats",
-                ],
-                head_log,
-            )
-        )
-        _wait_for_line(head_log, "Ray runtime started", nodes[0])
-        node_log = tmp / "node.log"
-        nodes.append(
-            _ray_start(
-                [
-                    f"--address={address}",
-                    "--node-ip-address=127.0.0.1",
-                    f"--dashboard-agent-listen-port={free_port()}",
-                ],
-                node_log,
-            )
-        )
-        _wait_for_line(node_log, "Ray runtime started", nodes[1])
+        ray.start()
         # Two replicas of one CPU each: one per node. Returns once both are running.
         deployed = subprocess.run(
             [str(BIN / "terra"), "recognizer", "--config", str(config_path)],
@@ -190,14 +93,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             )
         url = f"http://127.0.0.1:{http_port}"
         _wait_healthy(url, front_end, log)
-        yield Cluster(url, [n.pid for n in nodes], front_end, log)
+        yield Cluster(url, ray, front_end, log)
     finally:
         if front_end is not None:
             front_end.terminate()
             front_end.wait(timeout=30)
-        for node in reversed(nodes):
-            _stop_session(node.pid)
-            node.wait(timeout=30)
+        ray.stop()
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -253,6 +154,7 @@ async def test_kill_9_a_replica_under_load_loses_no_final(cluster: Cluster) -> N
     replicas = cluster.replica_pids()
     assert len(replicas) == 2, replicas
     killed_at: list[float] = []
+    victims: list[int] = []
     all_have_text = asyncio.Event()
     with_text: set[int] = set()
     answered_after_kill: dict[int, float] = {}
@@ -290,8 +192,18 @@ async def test_kill_9_a_replica_under_load_loses_no_final(cluster: Cluster) -> N
 
     async def kill_when_loaded() -> None:
         await all_have_text.wait()  # every talker's text flows: both replicas have work
-        os.kill(replicas[0], signal.SIGKILL)
+        # The victim is a replica inside a model call (its CPU time grows): it holds
+        # requests that only a resend can save.
+        while True:
+            before = [cpu_seconds_of(pid) for pid in replicas]
+            await asyncio.sleep(0.1)  # a sampling interval, not a synchronisation
+            busy = [cpu_seconds_of(pid) - b for pid, b in zip(replicas, before)]
+            if max(busy) >= 0.05:  # half the interval: inside a model call
+                victim = replicas[busy.index(max(busy))]
+                break
+        os.kill(victim, signal.SIGKILL)
         killed_at.append(time.monotonic())
+        victims.append(victim)
 
     async with aiohttp.ClientSession(base_url=cluster.url) as session:
         killer = asyncio.create_task(kill_when_loaded())
@@ -310,6 +222,6 @@ async def test_kill_9_a_replica_under_load_loses_no_final(cluster: Cluster) -> N
         assert index in answered_after_kill, (index, talker_answers[-4:])
     # Ray replaces the dead replica (a fresh process, the model loaded again).
     deadline = time.monotonic() + START_S
-    while replicas[0] in (now := cluster.replica_pids()) or len(now) < 2:
+    while victims[0] in (now := cluster.replica_pids()) or len(now) < 2:
         assert time.monotonic() < deadline, cluster.replica_pids()
         await asyncio.sleep(0.5)

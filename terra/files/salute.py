@@ -22,7 +22,7 @@ from terra.files.service import FileJobService
 from terra.files.transcribe import FileOptions, Utterance, hint_tokens, transcribe
 from terra.jobs.runner import JobFailed
 from terra.jobs.store import Job
-from terra.recognizer.types import RecognitionEngine
+from terra.recognizer.types import Vocabulary
 from terra.retry import Submit
 
 KIND = "salute"
@@ -139,7 +139,7 @@ def result_json(
 def salute_service(
     config: FilesConfig,
     jobs: JobsConfig,
-    engine: RecognitionEngine,
+    engine: Vocabulary,
     submit: Submit,
     fsync: bool = True,
 ) -> FileJobService:
