@@ -71,15 +71,19 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Up, and how loaded: 503 with ``saturated: true`` when the box should take no new
+    conferences (a load balancer's check)."""
     app = request.app
     scheduler = app[keys.SCHEDULER]
+    snapshot = app[keys.LIVE].snapshot()
     return web.json_response(
         {
             "status": "ok",
             "model": app[keys.CONFIG].model.name,
             "recognizer_queue_depth": scheduler.depth,
-            **app[keys.LIVE].snapshot(),
-        }
+            **snapshot,
+        },
+        status=503 if snapshot["saturated"] else 200,
     )
 
 
@@ -151,6 +155,7 @@ def _recognizer_ctx(
         )
         app[keys.SCHEDULER] = scheduler
         app[keys.LIVE] = live
+        app[keys.METRICS].saturated.set_function(lambda: float(live.saturated))
         await scheduler.start()
         await live.start()
         yield

@@ -76,6 +76,7 @@ class StreamConfig:
     session_ttl_s: int = 3_600
     answer_wait_ms: int = 2_500
     progress_min_interval_ms: int = 1_000
+    max_participants: int = 1_000  # live participants at once; a new one beyond: 503
     min_speech_ms: int = 250
     timezone: str = ""
     captions: str = ""
@@ -118,6 +119,10 @@ class RecognizerConfig:
     language_confidence: float = 0.6
     detect_languages: tuple[str, ...] = ("ru", "en", "es", "ar", "tr", "uz")
     max_queue: int = 256
+    # Overload: at this many finals waiting, no progress pass is queued (finals take the whole
+    # recognizer; they are never dropped) and /healthz says saturated.
+    max_queued_finals: int = 64
+    saturated_wait_s: float = 2.0  # a final waiting this long: saturated
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,6 +175,21 @@ class LiveService:
             self._listener.participant_joined(conference_id, participant_id, name)
         return session
 
+    def admits(self, conference_id: str, participant_id: str) -> bool:
+        """Whether a fragment of this participant is taken: a known one always, a new one
+        while there are fewer than ``stream.max_participants``."""
+        return (conference_id, participant_id) in self._sessions or len(
+            self._sessions
+        ) < self._stream_config.max_participants
+
+    @property
+    def saturated(self) -> bool:
+        """The box should take no new conferences: the recognizer does not keep up with the
+        finals, or the participants are at their bound."""
+        return (
+            self._scheduler.saturated or len(self._sessions) >= self._stream_config.max_participants
+        )
+
     # -- the POST path -------------------------------------------------------------------
     async def process(self, fragment: FragmentInput) -> list[TextElem]:
         """Spool (if asked), feed the stream, and answer with the participant's TextElems."""
@@ -386,6 +401,8 @@ class LiveService:
         now = time.monotonic()
         if now - session.last_progress_at < self._progress_interval():
             return
+        if self._scheduler.queued_finals >= self._recognizer_config.max_queued_finals:
+            return  # overload: the finals take the whole recognizer (the text is not lost)
         session.last_progress_at = now
         combination.requested_version = combination.version
         prefix = combination.stable_tokens if self._recognizer_config.stable_prefix else ()
@@ -522,8 +539,9 @@ class LiveService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[str, int | bool]:
         return {
             "participants": len(self._sessions),
             "pending_finals": sum(s.stream.pending_finals for s in self._sessions.values()),
+            "saturated": self.saturated,
         }

@@ -29,6 +29,7 @@ class Metrics:
     finals: Counter
     text_latency: Histogram
     active_participants: Gauge
+    saturated: Gauge
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -59,6 +60,11 @@ def create_metrics() -> Metrics:
         ),
         spooled_fragments=Counter(
             "terra_spooled_fragments", "Fragments written to the spool", registry=registry
+        ),
+        saturated=Gauge(
+            "terra_saturated",
+            "1 when the box should take no new conferences (finals wait, or participants full)",
+            registry=registry,
         ),
         queue_depth=Gauge(
             "terra_recognizer_queue_depth",

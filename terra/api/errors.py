@@ -62,6 +62,13 @@ class Unavailable(ApiError):
     status = 503
 
 
+class ParticipantsFull(Unavailable):
+    """The live service has ``stream.max_participants``: a new participant must come back
+    later (or go to another box)."""
+
+    retry_after_s = 30
+
+
 def _status_and_detail(error: BaseException) -> tuple[int, str] | None:
     if isinstance(error, ApiError):
         return error.status, error.detail
@@ -100,6 +107,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # The client went away mid-request (its body cut short): nobody is left to answer.
         log.debug("client disconnected during %s %s: %s", request.method, request.path, e)
         return web.Response(status=400)
+    except ParticipantsFull as e:
+        response = _error_json(request, e.status, e.detail)
+        response.headers["Retry-After"] = str(e.retry_after_s)
+        return response
     except Exception as e:
         mapped = _status_and_detail(e)
         if mapped is None:

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from terra import keys
 from terra.api.auth import check_token, query_token
-from terra.api.errors import BadRequest
+from terra.api.errors import BadRequest, ParticipantsFull
 from terra.api.form import BodyLimits, quiet_spec_dispositions, read_form
 from terra.api.respond import json_response
 from terra.audio import AudioLimits, decode_audio
@@ -78,6 +78,12 @@ async def process(request: web.Request) -> web.Response:
     if captions not in (None, "en"):
         raise BadRequest("lang2 (live captions) supports only en: Whisper translates to English")
 
+    live = request.app[keys.LIVE]
+    if not live.admits(conference_id, participant_id):  # before any work on the audio
+        raise ParticipantsFull(
+            f"this server has its {config.stream.max_participants} live participants: "
+            "try again later or another server"
+        )
     limits = AudioLimits(max_seconds=config.stream.max_fragment_ms / 1000)
     samples = await asyncio.to_thread(decode_audio, audio.data, limits)
 
@@ -93,7 +99,7 @@ async def process(request: web.Request) -> web.Response:
         offline=offline,
         samples=samples,
     )
-    elems = await request.app[keys.LIVE].process(fragment)
+    elems = await live.process(fragment)
     return json_response([e.to_json() for e in elems])
 
 

@@ -61,14 +61,42 @@ class RecognizerScheduler:
     def depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def queued_finals(self) -> int:
+        return sum(1 for e in self._pending if e.request.priority is Priority.FINAL)
+
+    @property
+    def oldest_wait_s(self) -> float:
+        """How long the request that has waited longest has been waiting (0 when none)."""
+        if not self._pending:
+            return 0.0
+        return time.perf_counter() - min(e.enqueued_at for e in self._pending)
+
+    @property
+    def saturated(self) -> bool:
+        """Work arrives faster than it is done: finals wait past ``saturated_wait_s`` or
+        reach ``max_queued_finals``. A load balancer should send no new conferences here."""
+        finals = [e for e in self._pending if e.request.priority is Priority.FINAL]
+        if len(finals) >= self._config.max_queued_finals:
+            return True
+        oldest = min((e.enqueued_at for e in finals), default=time.perf_counter())
+        return time.perf_counter() - oldest >= self._config.saturated_wait_s
+
     def submit(
         self, request: RecognitionRequest, coalesce_key: str | None = None
     ) -> asyncio.Future[Recognition | None]:
         """Queue a request; the future resolves to its Recognition, or None if superseded."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Recognition | None] = loop.create_future()
+        seq = next(self._seq)
         if coalesce_key is not None and coalesce_key in self._by_key:
-            self._drop(self._by_key.pop(coalesce_key))
+            replaced = self._by_key.pop(coalesce_key)
+            # The newer request takes the older one's place in line: a talker whose
+            # requests keep being replaced is never pushed behind everybody (no starvation).
+            seq, enqueued_at = replaced.seq, replaced.enqueued_at
+            self._drop(replaced)
+        else:
+            enqueued_at = time.perf_counter()
         if len(self._pending) >= self._config.max_queue:
             if request.priority is not Priority.FINAL:
                 future.set_result(None)
@@ -77,8 +105,8 @@ class RecognizerScheduler:
         entry = _Entry(
             request=request,
             future=future,
-            seq=next(self._seq),
-            enqueued_at=time.perf_counter(),
+            seq=seq,
+            enqueued_at=enqueued_at,
             coalesce_key=coalesce_key,
             batch_key=self._engine.batch_key(request),
         )
@@ -163,13 +191,7 @@ class RecognizerScheduler:
         started = time.perf_counter()
         self._busy += 1
         try:
-            results = await loop.run_in_executor(self._executor, self._engine.recognize, requests)
-        except Exception as e:  # a task boundary: fail these requests, keep serving
-            log.exception("recognizer batch of %d failed", len(batch))
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(RuntimeError(f"recognizer failed: {e}"))
-            return
+            results = await self._recognize_isolated(loop, batch)
         finally:
             self._busy -= 1
         elapsed = time.perf_counter() - started
@@ -190,11 +212,36 @@ class RecognizerScheduler:
         audio_s = sum(r.audio.size for r in requests) / SAMPLE_RATE
         self._metrics.audio_seconds.inc(audio_s)
         for entry, result in zip(batch, results):
+            if entry.future.done():  # failed alone (its exception is set) or cancelled
+                continue
             self._metrics.request_latency.labels(entry.request.priority.name.lower()).observe(
                 time.perf_counter() - entry.enqueued_at
             )
             if not entry.future.done():
                 entry.future.set_result(result)
+
+    async def _recognize_isolated(
+        self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Entry]
+    ) -> list[Recognition | None]:
+        """The batch's results; when the call fails, each request is tried again alone, so
+        a request that fails fails alone (its future gets the error, the others their text).
+        Entries that failed get None here."""
+        requests = [e.request for e in batch]
+        try:
+            return list(
+                await loop.run_in_executor(self._executor, self._engine.recognize, requests)
+            )
+        except Exception as e:  # a task boundary: isolate the failure, keep serving
+            if len(batch) == 1:
+                log.exception("recognizer request failed")
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(RuntimeError(f"recognizer failed: {e}"))
+                return [None]
+            log.warning("recognizer batch of %d failed (%s): retrying each alone", len(batch), e)
+        out: list[Recognition | None] = []
+        for entry in batch:
+            out.extend(await self._recognize_isolated(loop, [entry]))
+        return out
 
     async def start(self) -> None:
         self._workers = [

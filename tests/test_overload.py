@@ -1,0 +1,172 @@
+"""Overload degrades, never breaks: fair coalescing, a failing request fails alone, the
+participant bound (503 + Retry-After), saturation on /healthz and /metrics, and the bound on
+waiting finals (progress stops; finals are never dropped).
+
+The recognizer here is FakeEngine (tests/fakes.py), a fake: these tests are about the
+scheduler's and the live service's rules, not about what the model says."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+
+import aiohttp
+import numpy as np
+import pytest
+
+from terra.audio import SAMPLE_RATE, encode_wav
+from terra.config import RecognizerConfig
+from terra.metrics import create_metrics
+from terra.recognizer.scheduler import RecognizerScheduler
+from terra.recognizer.types import Priority, Recognition, RecognitionRequest
+from tests.conftest import TOKEN, ServerFactory, post_fragment
+from tests.fakes import FakeEngine
+
+VOICED = (0.1 * np.sin(np.arange(SAMPLE_RATE) * 0.05)).astype(np.float32)
+
+
+class Recording(FakeEngine):
+    """FakeEngine that records each model call's requests, and fails every call holding a
+    request in language ``zz`` (a poison request, as a bad tokenizer language was)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[list[str | None]] = []
+
+    def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
+        self.log.append([r.language for r in requests])
+        if any(r.language == "zz" for r in requests):
+            raise ValueError("unknown language zz")
+        return super().recognize(requests)
+
+
+@contextlib.asynccontextmanager
+async def scheduler_of(
+    engine: FakeEngine, **settings: object
+) -> AsyncIterator[RecognizerScheduler]:
+    config = dataclasses.replace(RecognizerConfig(), **settings)  # type: ignore[arg-type]
+    scheduler = RecognizerScheduler(engine, config, create_metrics())
+    try:
+        yield scheduler
+    finally:
+        await scheduler.stop()
+
+
+def request(language: str, priority: Priority = Priority.PROGRESS) -> RecognitionRequest:
+    return RecognitionRequest(VOICED, language, priority, 1)
+
+
+async def test_a_request_that_fails_in_a_batch_fails_alone() -> None:
+    engine = Recording()
+    async with scheduler_of(engine, workers=1) as scheduler:
+        futures = [scheduler.submit(request(lang)) for lang in ("ru", "zz", "en")]
+        await scheduler.start()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    assert isinstance(results[1], RuntimeError)
+    assert isinstance(results[0], Recognition) and isinstance(results[2], Recognition)
+    assert engine.log[0] == ["ru", "zz", "en"]  # one batch, then each alone
+    assert sorted(map(tuple, engine.log[1:])) == [("en",), ("ru",), ("zz",)]
+
+
+async def test_a_replaced_progress_request_keeps_its_place_in_line() -> None:
+    """Coalescing must not push a talker behind everybody who asked after it: the newer
+    request of talker a takes the older one's place, before talker b's."""
+    engine = Recording()
+    async with scheduler_of(engine, workers=1, max_batch_size=1) as scheduler:
+        first_a = scheduler.submit(request("a"), coalesce_key="a")
+        b = scheduler.submit(request("b"), coalesce_key="b")
+        newer_a = scheduler.submit(request("a2"), coalesce_key="a")
+        await scheduler.start()
+        assert await first_a is None  # superseded
+        await asyncio.gather(b, newer_a)
+    assert engine.log == [["a2"], ["b"]]
+
+
+async def test_progress_beyond_the_queue_bound_is_shed_finals_never() -> None:
+    engine = Recording()
+    async with scheduler_of(engine, workers=1, max_queue=2, max_queued_finals=2) as scheduler:
+        progress = [scheduler.submit(request("en"), coalesce_key=f"p{i}") for i in range(3)]
+        finals = [scheduler.submit(request("en", Priority.FINAL)) for _ in range(3)]
+        assert scheduler.depth == 5  # 2 progress + 3 finals: finals past the bound queue too
+        assert scheduler.saturated  # finals at max_queued_finals
+        assert await progress[2] is None  # shed
+        await scheduler.start()
+        assert all(isinstance(r, Recognition) for r in await asyncio.gather(*finals))
+        await asyncio.gather(*progress[:2])
+        assert not scheduler.saturated and scheduler.depth == 0  # drained
+
+
+async def test_new_participants_beyond_the_bound_get_503_with_retry_after(
+    make_fast_server: ServerFactory,
+) -> None:
+    client = await make_fast_server(stream={"max_participants": 2})
+    for participant in ("p-1", "p-2"):
+        status, _ = await post_fragment(client, VOICED, participant_id=participant, lang="en")
+        assert status == 200
+    response = await client.get("/healthz")
+    assert response.status == 503 and (await response.json())["saturated"] is True
+    metrics = await (await client.get("/metrics")).text()
+    assert "terra_saturated 1.0" in metrics
+    status, body = await post_fragment(client, VOICED, participant_id="p-3", lang="en")
+    assert status == 503 and "participants" in body["detail"]
+    form = aiohttp.FormData(quote_fields=False)
+    form.add_field("token", TOKEN)
+    form.add_field("audiofile", encode_wav(VOICED), filename="f.wav")
+    params = {"conference_id": "conf-1", "participant_id": "p-4", "timestamp_float": "1e9"}
+    response = await client.post("/process", params=params, data=form)
+    assert response.status == 503 and int(response.headers["Retry-After"]) > 0
+    # A known participant is still served.
+    status, _ = await post_fragment(client, VOICED, participant_id="p-1", lang="en")
+    assert status == 200
+
+
+@pytest.mark.parametrize("talkers", [6])
+async def test_overloaded_live_service_loses_no_final_and_starves_nobody(
+    make_fast_server: ServerFactory, fake_engine: FakeEngine, talkers: int
+) -> None:
+    """More talkers than one slow worker keeps up with: every talker still gets text, every
+    final comes (delayed, never dropped), and the queue drains once they stop."""
+    client = await make_fast_server(
+        recognizer={"workers": 1, "max_batch_size": 1, "max_queued_finals": 2},
+        stream={"answer_wait_ms": 200},
+    )
+    speech = np.concatenate([VOICED, VOICED, np.zeros(SAMPLE_RATE, np.float32)])
+    t0 = 1_719_512_467.0
+
+    async def talk(index: int) -> list[list[dict[str, object]]]:
+        answers = []
+        for turn in range(3):
+            for k, offset in enumerate(range(0, speech.size, SAMPLE_RATE)):
+                status, body = await post_fragment(
+                    client,
+                    speech[offset : offset + SAMPLE_RATE],
+                    participant_id=f"t{index}",
+                    start_time=t0 + turn * 3 + k,
+                    lang="en",
+                )
+                assert status == 200
+                answers.append(body)
+        return answers
+
+    everyone = await asyncio.gather(*(talk(i) for i in range(talkers)))
+    # Silence until each talker's three finals are delivered (a conference server keeps
+    # sending): finals are delayed under overload, never lost.
+    for index, answers in enumerate(everyone):
+        got = {e["id"] for a in answers for e in a if e["status"] == "final"}
+        second = 9.0
+        while len(got) < 3:
+            status, body = await post_fragment(
+                client,
+                np.zeros(SAMPLE_RATE, np.float32),
+                participant_id=f"t{index}",
+                start_time=t0 + second,
+                lang="en",
+            )
+            second += 1.0
+            assert status == 200 and second < 200, "a final never came"
+            got |= {e["id"] for e in body if e["status"] == "final"}
+        assert len(got) == 3
+    health = await (await client.get("/healthz")).json()
+    assert health["pending_finals"] == 0 and health["recognizer_queue_depth"] == 0
