@@ -154,8 +154,8 @@ def wav_header(rate: int, channels: int, data_bytes: int) -> bytes:
 def flac_silence(hours: float) -> bytes:
     path = Path(tempfile.gettempdir()) / f"terra-probe-silence-{hours}h.flac"
     if not path.exists():
-        block = np.zeros(SAMPLE_RATE * 60, np.int16)
-        with sf.SoundFile(path, "w", SAMPLE_RATE, 1, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros(8000 * 60, np.int16)
+        with sf.SoundFile(path, "w", 8000, 1, format="FLAC", subtype="PCM_16") as f:
             for _ in range(int(hours * 60)):
                 f.write(block)
     return path.read_bytes()
@@ -305,13 +305,11 @@ async def run_rows(server: Server) -> list[Row]:
                 f"POST /process?token={TOKEN} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
                 "Content-Type: multipart/form-data; boundary=b\r\n\r\n"
             ).encode()
-            lines = await asyncio.gather(
-                *(raw(u, head, [b"-"] * 100, pause_s=0.5) for _ in range(150))
-            )
+            lines = await asyncio.gather(*(raw(u, head, [b"--b\r\n"]) for _ in range(150)))
             answered = sum(line.startswith("HTTP/1.1 408") for line in lines)
             return f"{answered} of 150 trickling bodies answered 408 ({lines[0]})"
 
-        await rss_row("9", "150 bodies trickling 2 bytes/s (body_timeout_s 10)", trickle)
+        await rss_row("9", "150 bodies that stop after 5 bytes (body_timeout_s 10)", trickle)
 
         async def url_forms() -> str:
             refused = 0
