@@ -88,8 +88,11 @@ async def servers_up(stats_url: str, names: set[str], timeout_s: float = 30) -> 
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while True:
-            async with session.get(f"{stats_url}/metrics") as response:
-                text = await response.text()
+            try:
+                async with session.get(f"{stats_url}/metrics") as response:
+                    text = await response.text()
+            except aiohttp.ClientConnectionError:  # HAProxy not listening yet
+                text = ""
             up = set(
                 re.findall(
                     r'haproxy_server_status\{proxy="terra_frontends",server="(\w+)",state="UP"\} 1',

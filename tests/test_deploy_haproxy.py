@@ -1,0 +1,191 @@
+"""The rules of deploy/haproxy.cfg, run by Debian's haproxy, without the model.
+
+The two front ends here are fakes, on purpose: the test is about HAProxy's routing and
+retries, and a fake can do what a real front end does only by luck, close a connection
+without answering at a chosen moment. Each fake answers with its name and the query string
+HAProxy sent it. tests/test_deploy.py runs the same config in front of real front ends."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import aiohttp
+import pytest
+
+from .test_deploy import servers_up
+from .test_minutes_e2e import free_port
+
+pytestmark = [
+    pytest.mark.deploy,
+    pytest.mark.skipif(shutil.which("haproxy") is None, reason="Debian's haproxy (scripts/test)"),
+]
+
+HAPROXY_CFG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy.cfg"
+AUDIO = bytes(range(256)) * 256  # 64 KB with NUL bytes, like a 2 s WAV
+
+
+@dataclass(slots=True)
+class FakeFrontEnd:
+    """Answers GET /healthz, and anything else with ``{name} {query}``; while ``dying``, it
+    reads a request and closes the connection without a word (a process killed mid-request)."""
+
+    name: str
+    dying: bool = False
+    port: int = 0
+    server: asyncio.Server | None = field(default=None, repr=False)
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                length = next(
+                    (
+                        int(h.split(":", 1)[1])
+                        for h in lines
+                        if h.lower().startswith("content-length:")
+                    ),
+                    0,
+                )
+                await reader.readexactly(length)
+                path, _, query = target.partition("?")
+                if path != "/healthz" and self.dying:
+                    break
+                body = f"{self.name} {query}".encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Balancer:
+    url: str
+    front_ends: dict[str, FakeFrontEnd]
+
+
+@pytest.fixture
+async def balancer(tmp_path: Path) -> AsyncIterator[Balancer]:
+    fakes = {name: FakeFrontEnd(name) for name in ("fe1", "fe2")}
+    for fake in fakes.values():
+        await fake.start()
+    lb, stats = free_port(), free_port()
+    environment = {
+        **os.environ,
+        "TERRA_LB_BIND": f"127.0.0.1:{lb}",
+        "TERRA_STATS_BIND": f"127.0.0.1:{stats}",
+        "TERRA_HAPROXY_SOCKET": str(tmp_path / "haproxy.sock"),
+        "TERRA_FRONTEND_1": f"127.0.0.1:{fakes['fe1'].port}",
+        "TERRA_FRONTEND_2": f"127.0.0.1:{fakes['fe2'].port}",
+        "TERRA_FRONTEND_3": "absent.invalid:9001",
+    }
+    haproxy = start_haproxy(environment, tmp_path / "haproxy.log")
+    try:
+        await servers_up(f"http://127.0.0.1:{stats}", {"fe1", "fe2"})
+        yield Balancer(f"http://127.0.0.1:{lb}", fakes)
+    finally:
+        haproxy.terminate()
+        haproxy.wait(10)
+        for fake in fakes.values():
+            assert fake.server is not None
+            fake.server.close()
+
+
+def start_haproxy(environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as output:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            ["haproxy", "-db", "-f", str(HAPROXY_CFG)],
+            stdout=output,
+            stderr=output,
+            env=environment,
+        )
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    url: str,
+    conference: str,
+    style: str,
+    post_id: str | None = "post-1",
+) -> tuple[int, str, dict[str, list[str]]]:
+    """POST /process with the conference id where ``style`` says; (status, server, query)."""
+    params = {"participant_id": "p1"}
+    if post_id is not None:
+        params["post_id"] = post_id
+    if style == "query":
+        params["conference_id"] = conference
+    form = aiohttp.FormData(quote_fields=False)
+    form.add_field("token", "t")
+    if style == "field":
+        form.add_field("conference_id", conference)
+    filename = f"{conference}:a-p1_20240628_14_20_15_123456.wav" if style == "filename" else "x.wav"
+    form.add_field("audiofile", AUDIO, filename=filename, content_type="application/octet-stream")
+    if style == "field-after":
+        form.add_field("conference_id", conference)
+    async with session.post(f"{url}/process", params=params, data=form) as response:
+        text = await response.text()
+    if response.status != 200:
+        return response.status, "", {}
+    name, _, query = text.partition(" ")
+    return response.status, name, parse_qs(query)
+
+
+async def test_the_conference_id_is_found_wherever_the_client_put_it(balancer: Balancer) -> None:
+    async with aiohttp.ClientSession() as session:
+        owners = {}
+        for conference in (f"conf-{i}" for i in range(8)):
+            seen = set()
+            for style in ("query", "field", "filename"):
+                status, name, query = await send(session, balancer.url, conference, style)
+                assert status == 200
+                assert query["conference_id"] == [conference], (style, query)
+                seen.add(name)
+            async with session.get(f"{balancer.url}/minutes/{conference}") as response:
+                seen.add((await response.text()).split(" ")[0])
+            async with session.get(f"{balancer.url}/conferences/{conference}/events") as response:
+                seen.add((await response.text()).split(" ")[0])
+            assert len(seen) == 1, (conference, seen)  # one front end per conference
+            owners[conference] = seen.pop()
+        assert set(owners.values()) == {"fe1", "fe2"}, "both front ends get conferences"
+
+        # After the audio, with an anonymous file name: not found, passed on as it came.
+        status, _, query = await send(session, balancer.url, "conf-0", "field-after")
+        assert status == 200 and "conference_id" not in query
+
+
+async def test_a_request_a_dying_front_end_never_answered_is_sent_to_another(
+    balancer: Balancer,
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        _, owner, _ = await send(session, balancer.url, "conf-x", "query")
+        balancer.front_ends[owner].dying = True
+        started = time.monotonic()
+        status, name, _ = await send(session, balancer.url, "conf-x", "query", post_id="p-2")
+        assert (status, name != owner) == (200, True)  # retried on the other front end
+        assert time.monotonic() - started < 5
+        # Without a post_id a resend could store the fragment twice: no retry, the client
+        # gets the failure (502, or its connection closed as the front end's was).
+        try:
+            status, _, _ = await send(session, balancer.url, "conf-x", "query", post_id=None)
+        except aiohttp.ServerDisconnectedError:
+            status = 0
+        assert status in (0, 502)
