@@ -73,6 +73,7 @@ def front_end_config(folder: Path, shared: Path, port: int) -> Path:
         "server": {"host": "127.0.0.1", "port": port, "tokens": [TOKEN], "log_json": False},
         "model": {"name": "base", "models_dir": str(ROOT / "models"), "cpu_threads": 1},
         "recognizer": {"workers": 1},
+        "stream": {"max_clock_skew_s": 0},  # the meeting is streamed at its recorded time
         "spool": {"dir": str(shared / "spool"), "fsync": False},
         "minutes": {"dir": str(shared / "minutes"), "jobs_dir": str(shared / "jobs")},
         "files": {"dir": str(shared / "files"), "jobs_dir": str(shared / "file-jobs")},
