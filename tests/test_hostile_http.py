@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -26,20 +25,9 @@ from terra.files.fetch import FetchError, check_url
 
 from .conftest import TOKEN, ServerFactory, make_config, post_fragment
 from .fakes import FakeEngine
+from .test_audio_limits import wav_header
 
 SPEECHLESS = np.zeros(SAMPLE_RATE, np.float32)
-
-
-def wav_header(rate: int, channels: int, data_bytes: int) -> bytes:
-    block = channels * 2
-    return (
-        b"RIFF"
-        + struct.pack("<I", 36 + data_bytes)
-        + b"WAVEfmt "
-        + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * block, block, 16)
-        + b"data"
-        + struct.pack("<I", data_bytes)
-    )
 
 
 def flac_silence(seconds: int) -> bytes:
