@@ -347,7 +347,17 @@ async def kill_and_restart(
         while (job := store.get("minutes", conference)) is None or job.status != "running":
             assert time.monotonic() < deadline, "the compile did not start"
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.5)  # well inside the compile (several seconds on 2 cores)
+        # Kill it inside the compile: once the server reports some of it done.
+        async with aiohttp.ClientSession() as session:
+            while True:
+                params = {"token": TOKEN}
+                async with session.get(f"{url}/minutes/{conference}", params=params) as response:
+                    body = await response.json()
+                assert body.get("status") == "running", body
+                if body["progress"] > 0:
+                    break
+                assert time.monotonic() < deadline, "the compile made no progress"
+                await asyncio.sleep(0.01)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:
