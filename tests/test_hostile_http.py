@@ -350,3 +350,17 @@ async def test_metrics_token(make_fast_server: ServerFactory) -> None:
     ok = await client.get("/metrics", headers={"Authorization": "Bearer scrape"})
     assert ok.status == 200
     assert (await client.get("/healthz")).status == 200  # open for load balancers
+
+
+async def test_a_stalled_salute_upload_is_timed_out(make_fast_server: ServerFactory) -> None:
+    # The streamed upload waits at most body_timeout_s for each next byte.
+    client = await make_fast_server(server={"body_timeout_s": 0.5})
+    line = await raw_request(
+        client,
+        head(
+            "/rest/v1/data:upload",
+            f"Authorization: Bearer {TOKEN}\r\nContent-Length: 1000000\r\n",
+        ),
+        b"RIFF" + bytes(1000),
+    )
+    assert line.startswith(b"HTTP/1.1 408")

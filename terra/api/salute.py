@@ -39,6 +39,7 @@ from terra.api.errors import (
     BadRequest,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     TooManyRequests,
     Unauthorized,
 )
@@ -47,7 +48,7 @@ from terra.api.respond import json_response
 from terra.files.codecs import ENCODINGS
 from terra.files.salute import SaluteOptions, salute_service
 from terra.files.service import FileJobService
-from terra.files.upload import UploadTooLarge, request_body
+from terra.files.upload import UploadStalled, UploadTooLarge, request_body
 from terra.jobs.runner import QueueFull
 from terra.jobs.store import Job, JobStatus
 from terra.params import LANGUAGES
@@ -200,17 +201,26 @@ def task_json(job: Job) -> dict[str, Any]:
 async def upload(request: web.Request) -> web.Response:
     """POST /rest/v1/data:upload: the body is the audio."""
     _authorize(request)
-    limit = request.app[keys.CONFIG].files.max_upload_bytes
+    config = request.app[keys.CONFIG]
+    limit = config.files.max_upload_bytes
+    idle_s = config.server.body_timeout_s  # the longest wait for the next byte
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge("Payload too large")
-    first = await request.content.readany()
+    try:
+        async with asyncio.timeout(idle_s):
+            first = await request.content.readany()
+    except TimeoutError as e:
+        raise RequestTimeout(f"no byte of the body arrived for {idle_s:g} s") from e
     if not first:
         raise BadRequest("the request body (the audio file) is empty")
     try:
         # Streamed to disk: a 100 MiB upload is never held in memory.
-        file_id = await request.app[SALUTE].save_upload(request_body(first, request.content), limit)
+        body = request_body(first, request.content, idle_s)
+        file_id = await request.app[SALUTE].save_upload(body, limit)
     except UploadTooLarge as e:
         raise PayloadTooLarge("Payload too large") from e
+    except UploadStalled as e:
+        raise RequestTimeout(str(e)) from e
     return _ok({"request_file_id": file_id})
 
 

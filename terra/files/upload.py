@@ -4,6 +4,7 @@ the body is too large or the client goes away."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
@@ -28,10 +29,25 @@ async def in_memory(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def request_body(first: bytes, rest: StreamReader) -> AsyncIterator[bytes]:
-    """A request body whose first chunk was read already (to refuse an empty one)."""
+class UploadStalled(TimeoutError):
+    """No byte of the body arrived for ``idle_s`` seconds."""
+
+
+async def request_body(
+    first: bytes, rest: StreamReader, idle_s: float | None = None
+) -> AsyncIterator[bytes]:
+    """A request body whose first chunk was read already (to refuse an empty one).
+    With ``idle_s``, :class:`UploadStalled` when no byte arrives for that long (a large
+    upload may take its time; a stalled one holds its connection no longer)."""
     yield first
-    async for chunk in rest.iter_chunked(CHUNK_BYTES):
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await rest.read(CHUNK_BYTES)
+        except TimeoutError as e:
+            raise UploadStalled(f"no byte of the body arrived for {idle_s:g} s") from e
+        if not chunk:
+            return
         yield chunk
 
 
