@@ -69,6 +69,7 @@ class StreamConfig:
     pause_ms: int = 600
     max_combination_ms: int = 30_000
     gap_ms: int = 1_000
+    max_jump_ms: int = 60_000  # a fragment further ahead waits for the next to confirm it
     pre_roll_ms: int = 300
     trigger_window_ms: int = 300
     trigger_ratio: float = 0.6

@@ -230,6 +230,13 @@ class LiveService:
             Fragment(fragment.post_id, fragment.start_time, fragment.samples),
             now=time.monotonic(),
         )
+        if update.ahead:
+            log.warning(
+                "fragment %s is far ahead of the live timeline: set aside until the next "
+                "fragment continues it",
+                fragment.post_id,
+                extra=session.ids,
+            )
         if update.late:
             log.warning(
                 "fragment %s is older than the live timeline: spooled only",

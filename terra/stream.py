@@ -125,6 +125,7 @@ class StreamUpdate:
     closed: tuple[Combination, ...] = ()
     held: bool = False
     late: bool = False
+    ahead: bool = False  # far ahead of the timeline: set aside until the next one confirms it
 
 
 def format_timestamp(unix_seconds: float, zone: ZoneInfo | None) -> str:
@@ -162,6 +163,9 @@ class ParticipantStream:
         self._origin: float | None = None
         self._timeline_end = 0  # samples since origin that have been fed to the VAD
         self._held: list[tuple[int, float, Fragment]] = []  # (position, arrived_at, fragment)
+        self._max_jump = ms_to_samples(config.max_jump_ms)
+        # A fragment far ahead of the timeline, set aside: (position, fragment).
+        self._jump: tuple[int, Fragment] | None = None
         self.open: Combination | None = None
         self._trailing_silence = 0
         self._last_pause_end = 0  # offset in the open combination just after a non-speech frame
@@ -186,6 +190,17 @@ class ParticipantStream:
         position = self._position(fragment.start_time)
         if position < self._timeline_end - self._gap_samples:
             return StreamUpdate(late=True)
+        jumped: list[Combination] = []
+        if position > self._timeline_end + self._max_jump:
+            # One fragment stamped far ahead (a bad clock, a hostile client) must not move the
+            # timeline and leave every later fragment "late": it is set aside, and fed only
+            # when the next fragment continues it (a real jump, e.g. after a long mute).
+            jump, self._jump = self._jump, None
+            if jump is None or not self._continues(jump, position):
+                self._jump = (position, fragment)
+                return StreamUpdate(ahead=True)
+            self._held.clear()
+            jumped = self._feed(*jump)
         if position > self._timeline_end + self._gap_samples and not self._held:
             # Ahead of the timeline: maybe an earlier fragment is still in flight.
             self._hold(position, now, fragment)
@@ -193,9 +208,14 @@ class ParticipantStream:
         if self._held and position > self._held[0][0]:
             self._hold(position, now, fragment)
             return StreamUpdate(held=True)
-        closed = list(self._feed(position, fragment))
+        closed = jumped + self._feed(position, fragment)
         closed.extend(self._drain_held(now, force_before=None))
         return StreamUpdate(closed=tuple(closed))
+
+    def _continues(self, jump: tuple[int, Fragment], position: int) -> bool:
+        start, fragment = jump
+        end = start + fragment.samples.size
+        return end - self._gap_samples <= position <= end + self._gap_samples
 
     def _hold(self, position: int, now: float, fragment: Fragment) -> None:
         keys = [p for p, _, _ in self._held]

@@ -205,3 +205,25 @@ def test_pre_roll_keeps_copies_not_views_into_fragments() -> None:
     stream.add(Fragment("f0", T0, fragment), now=0.0)
     kept = [chunk for chunk, _ in stream._pre_roll]
     assert kept and all(chunk.base is None for chunk in kept)
+
+
+def test_a_fragment_far_ahead_does_not_silence_the_live_text() -> None:
+    """One fragment stamped 10 minutes ahead (#11 row 8) is set aside; the fragments that
+    follow on the real timeline still reach the live text. Two that continue each other far
+    ahead are a real jump (a long mute): the timeline moves."""
+    speech = load_clip(clip("clips/faster_whisper/jfk.flac").path)
+    two = 2 * SAMPLE_RATE
+    stream = ParticipantStream(StreamConfig(), "c", "p")
+    feed(stream, speech[:two])
+    combination = stream.open
+    assert combination is not None
+    assert stream.add(Fragment("future", T0 + 600.0, speech[two : 2 * two]), now=2.0).ahead
+    update = stream.add(Fragment("next", T0 + 2.0, speech[two : 2 * two]), now=2.1)
+    assert not (update.late or update.ahead or update.held)
+    assert stream.open is combination and combination.post_ids == ["f0", "next"]
+    assert stream.add(Fragment("j0", T0 + 900.0, speech[:two]), now=3.0).ahead
+    jumped = stream.add(Fragment("j1", T0 + 902.0, speech[two : 2 * two]), now=3.1)
+    assert not (jumped.late or jumped.ahead or jumped.held)
+    later = [*stream.outbox, *([stream.open] if stream.open else [])]
+    assert any("j0" in c.post_ids for c in later)  # the set-aside fragment was fed first
+    assert stream.add(Fragment("old", T0 + 4.0, speech[:two]), now=3.2).late  # it moved

@@ -19,6 +19,17 @@ class Recognizer(Protocol):
         """Requests waiting (a load signal: live progress slows down as it grows)."""
         ...
 
+    @property
+    def queued_finals(self) -> int:
+        """Final requests waiting (at ``recognizer.max_queued_finals`` live progress stops)."""
+        ...
+
+    @property
+    def saturated(self) -> bool:
+        """Finals wait past ``recognizer.saturated_wait_s`` or reach ``max_queued_finals``:
+        the box should take no new conferences (/healthz 503)."""
+        ...
+
     def submit(
         self, request: RecognitionRequest, coalesce_key: str | None = None
     ) -> asyncio.Future[Recognition | None]:

@@ -87,6 +87,19 @@ class RayRecognizer:
     def depth(self) -> int:
         return len(self._pending) + self._in_flight
 
+    @property
+    def queued_finals(self) -> int:
+        return sum(1 for e in self._pending if e.request.priority is Priority.FINAL)
+
+    @property
+    def saturated(self) -> bool:
+        """As the local scheduler's: finals at the bound, or one waiting too long."""
+        finals = [e for e in self._pending if e.request.priority is Priority.FINAL]
+        if len(finals) >= self._recognizer_config.max_queued_finals:
+            return True
+        oldest = min((e.enqueued_at for e in finals), default=time.perf_counter())
+        return time.perf_counter() - oldest >= self._recognizer_config.saturated_wait_s
+
     def submit(
         self, request: RecognitionRequest, coalesce_key: str | None = None
     ) -> asyncio.Future[Recognition | None]:
