@@ -142,6 +142,7 @@ class FeedConfig:
     retention_s: int = 3_600  # an ended conference's feed is kept this long
     max_conferences: int = 1_000  # ended conferences kept at most (oldest go first)
     ping_s: float = 15.0  # keep-alive comment on an idle feed
+    batch_ms: int = 100  # events within this long go to a viewer in one write
 
 
 @dataclass(frozen=True, slots=True)

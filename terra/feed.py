@@ -38,12 +38,21 @@ class EventKind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class FeedEvent:
-    """One event as it goes out: ``id`` is ``{epoch}-{n}``, ``data`` its JSON text."""
+    """One event as it goes out: ``id`` is ``{epoch}-{n}``, ``data`` its JSON text (one
+    line), ``frame`` the Server-Sent Events bytes, encoded once for every viewer."""
 
     id: str
     seq: int
     kind: EventKind
     data: str
+    frame: bytes = b""
+
+    @classmethod
+    def make(cls, epoch: str, seq: int, kind: EventKind, payload: dict[str, object]) -> FeedEvent:
+        event_id = f"{epoch}-{seq}"
+        data = json.dumps(payload, ensure_ascii=False)  # no raw newline: one data line
+        frame = f"id: {event_id}\nevent: {kind.value}\ndata: {data}\n\n".encode()
+        return cls(event_id, seq, kind, data, frame)
 
 
 @dataclass(slots=True)
@@ -63,7 +72,9 @@ class Participant:
 
 
 class Viewer:
-    """One connected viewer: a bounded queue of events not sent yet."""
+    """One connected viewer: a bounded queue of events not sent yet. ``wake`` is called when
+    the queue gets its first event, when it is half full, and when it overflows: the sender
+    may wait a little after the first to write several events at once."""
 
     def __init__(self, limit: int, wake: Callable[[], None]) -> None:
         self._queue: deque[FeedEvent] = deque()
@@ -78,9 +89,15 @@ class Viewer:
             # Fell behind: drop what it holds; it reconnects and resumes with Last-Event-ID.
             self.overflowed = True
             self._queue.clear()
-        else:
-            self._queue.append(event)
-        self._wake()
+            self._wake()
+            return
+        self._queue.append(event)
+        if len(self._queue) == 1 or len(self._queue) == self.half:
+            self._wake()
+
+    @property
+    def half(self) -> int:
+        return max(1, self._limit // 2)
 
     def take(self) -> list[FeedEvent]:
         events = list(self._queue)
@@ -111,9 +128,7 @@ class ConferenceFeed:
 
     def publish(self, kind: EventKind, payload: dict[str, object], now: float) -> FeedEvent:
         self.seq += 1
-        event = FeedEvent(
-            f"{self.epoch}-{self.seq}", self.seq, kind, json.dumps(payload, ensure_ascii=False)
-        )
+        event = FeedEvent.make(self.epoch, self.seq, kind, payload)
         self.history.append(event)
         while len(self.history) > self.history_limit:
             self.history.popleft()
@@ -133,12 +148,7 @@ class ConferenceFeed:
 
     def snapshot_event(self) -> FeedEvent:
         """The state now, with the id of the last event it includes."""
-        return FeedEvent(
-            f"{self.epoch}-{self.seq}",
-            self.seq,
-            EventKind.SNAPSHOT,
-            json.dumps(self.snapshot(), ensure_ascii=False),
-        )
+        return FeedEvent.make(self.epoch, self.seq, EventKind.SNAPSHOT, self.snapshot())
 
     def since(self, last_event_id: str | None) -> list[FeedEvent] | None:
         """The events after ``last_event_id``, or None when they are not all in the history

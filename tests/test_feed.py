@@ -68,7 +68,7 @@ def test_events_come_in_order_with_increasing_ids() -> None:
         EventKind.FINAL,
     ]
     assert [e.seq for e in events] == [1, 2, 3, 4]
-    assert len(woken) == 4
+    assert len(woken) == 1  # at its first event: the sender then takes all there is
     final = data(events[-1])
     assert final["participant_name"] == "Anna"
     assert final["text"] == "Hello, world."
@@ -180,3 +180,13 @@ def test_ended_conferences_are_forgotten_after_retention() -> None:
     feed.participant_left("c2", "p1")  # prunes what ended long ago
     assert feed.get("c1") is None
     assert feed.get("c2") is not None
+
+
+def test_a_viewer_is_woken_at_its_first_event_at_half_full_and_at_overflow() -> None:
+    feed = hub(viewer_queue=10)
+    woken: list[int] = []
+    viewer, _ = feed.attach("c1", None, lambda: woken.append(len(viewer)))
+    for n in range(11):
+        feed.text(elem(f"k{n}", f"text {n}", "final"), "Anna")
+    assert woken == [1, 5, 0]  # first event, half full, overflowed (queue dropped)
+    assert viewer.overflowed
