@@ -364,3 +364,28 @@ async def test_a_stalled_salute_upload_is_timed_out(make_fast_server: ServerFact
         b"RIFF" + bytes(1000),
     )
     assert line.startswith(b"HTTP/1.1 408")
+
+
+async def test_salute_refuses_audio_out_of_limits_when_asked(
+    make_fast_server: ServerFactory,
+) -> None:
+    # Row 3: the declared format is checked when the task is asked for, not in the job.
+    client = await make_fast_server(files={"max_audio_s": 60})
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    upload = await client.post("/rest/v1/data:upload", data=bytes(2**20), headers=auth)
+    file_id = (await upload.json())["result"]["request_file_id"]
+
+    async def ask(options: dict[str, Any]) -> tuple[int, str]:
+        response = await client.post(
+            "/rest/v1/speech:async_recognize",
+            json={"request_file_id": file_id, "options": options},
+            headers=auth,
+        )
+        return response.status, str(await response.json())
+
+    status, body = await ask({"audio_encoding": "MULAW", "sample_rate": 1000})
+    assert status == 400 and "1000 Hz is out of range" in body
+    status, body = await ask({"audio_encoding": "MULAW", "sample_rate": 8000})
+    assert status == 413 and "more than the 60 s allowed" in body  # 131 s of mu-law
+    status, _ = await ask({"audio_encoding": "PCM_S16LE", "sample_rate": 16000})
+    assert status == 200  # 32.8 s

@@ -45,7 +45,8 @@ from terra.api.errors import (
 )
 from terra.api.form import BodyLimits, read_json
 from terra.api.respond import json_response
-from terra.files.codecs import ENCODINGS
+from terra.audio import AudioLimits
+from terra.files.codecs import ENCODINGS, check_file
 from terra.files.salute import SaluteOptions, salute_service
 from terra.files.service import FileJobService
 from terra.files.upload import UploadStalled, UploadTooLarge, request_body
@@ -235,8 +236,19 @@ async def async_recognize(request: web.Request) -> web.Response:
     if not file_id or not isinstance(file_id, str):
         raise BadRequest("request_file_id must not be empty")
     service = request.app[SALUTE]
-    if service.upload_path(file_id) is None:
+    path = service.upload_path(file_id)
+    if path is None:
         raise NotFound(f"file {file_id} not found")
+    limits = AudioLimits(max_seconds=request.app[keys.CONFIG].files.max_audio_s)
+    await asyncio.to_thread(  # the declared format, before a task is made (400/413)
+        check_file,
+        path,
+        options.audio_encoding,
+        options.sample_rate,
+        options.channels_count,
+        options.channels_count > 1,
+        limits,
+    )
     try:
         job = await service.create(request_file_id=file_id, options=options.to_json())
     except QueueFull as e:

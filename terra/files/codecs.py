@@ -7,8 +7,10 @@ raw PCM16 and G.711 A-law/mu-law are decoded here with numpy (``audioop`` is dep
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 from numpy.typing import NDArray
 
 from terra.audio import (
@@ -100,3 +102,35 @@ def decode_channels(
     if tracks[0].size == 0:
         raise AudioDecodeError("the audio file holds no samples")
     return tracks
+
+
+def check_file(
+    path: Path,
+    encoding: str,
+    sample_rate: int | None,
+    channels: int,
+    split: bool,
+    limits: AudioLimits,
+) -> None:
+    """The limits :func:`decode_channels` would refuse, from the file's size and header
+    alone (AudioDecodeError, AudioTooLong), so a client hears them when it asks, not from
+    the job. A file that is no audio at all is left to the job to report."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        size = f.seek(0, 2)
+    if encoding not in ENCODINGS:
+        raise AudioDecodeError(f"unsupported audio_encoding {encoding!r}")
+    if encoding in RAW_ENCODINGS and head != b"RIFF":
+        if not sample_rate:
+            raise AudioDecodeError(f"sample_rate is required for {encoding}")
+        limits.check_format(sample_rate, channels)
+        width = 2 if encoding == "PCM_S16LE" else 1
+        limits.check_frames(size // (width * channels), sample_rate, channels if split else 1)
+        return
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return  # not audio at all: the task reports it (an ERROR task, as SaluteSpeech does)
+    limits.check_format(int(info.samplerate), int(info.channels))
+    if 0 <= info.frames < 2**62:
+        limits.check_frames(int(info.frames), int(info.samplerate), info.channels if split else 1)
