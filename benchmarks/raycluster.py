@@ -3,7 +3,8 @@
 Each node is a ``ray start --block`` process in a session of its own (``setsid``), with its
 own CPU count; everything Ray starts for that node (raylet, workers, the Serve replicas)
 stays in the node's session, so the cluster is found and ended by session id, never by
-process name (other Ray clusters may run on the same machine). The dashboard is off.
+process name (other Ray clusters may run on the same machine). The dashboard is off, and
+the workers run at the same priority as everything else (Ray's default is nice 15).
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ class LocalRayCluster:
                     [str(BIN / "ray"), "start", "--block", *args],
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+                    # Ray runs its workers at nice 15 by default: on a shared machine the
+                    # replicas would yield to every other process (the front end, the client).
+                    env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0"},
                     start_new_session=True,
                 )
             self.nodes.append(node)

@@ -1,0 +1,267 @@
+"""Scale-out on Ray: live talkers served by 1 and by 2 recognizer replicas, in one run, and
+what ``recognizer.backend: ray`` costs against ``local`` at equal cores.
+
+A real Ray cluster runs on this machine (one node with 2 CPUs, benchmarks/raycluster.py);
+``terra recognizer`` deploys the recognizer on it with 1, then 2 replicas of one CPU and one
+model thread each; a real ``terra serve`` front end with backend ray takes the talkers. The
+load and the measurement are benchmarks/live.py's: continuous talkers (``long/ru_60s.wav``
+and ``long/en_60s.wav``, looped, each starting elsewhere), 2 s fragments at real-time pace,
+clocks spread; the headline is client-visible: from a fragment's POST to the first answer
+listing its post_id. A level passes at p95 <= 1.5 s with no growing backlog and no errors;
+each sweep stops at its first failing level. The result is the ratio of the two capacities.
+
+Overhead: the same talkers (``--compare`` of them) on ``backend: local`` with the same
+cores (recognizer.workers 2, one model thread each) against backend ray with 2 replicas.
+Also measured: the cost of shipping a request's audio to a replica (Ray's serializer).
+
+Everything (the client, the front end, Ray and its replicas) shares this machine's 2 cores:
+the front end's and the client's CPU is taken from what the replicas could use, so the
+ratio here is a floor for machines where recognizers have cores of their own.
+
+    python -m benchmarks.scale [--seconds 30] [--one 3,4,5,6] [--two 4,6,8,10] [--compare 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from benchmarks import live
+from benchmarks.common import ROOT, machine, write_results
+from benchmarks.raycluster import BIN, LocalRayCluster
+from terra.audio import SAMPLE_RATE
+from terra.recognizer.types import Priority, RecognitionRequest
+from terra.streamclient import load_audio
+
+LOAD = "continuous"
+
+
+def _deploy(cluster: LocalRayCluster, replicas: int, workdir: Path) -> float:
+    """Deploy (or resize) the recognizer app; seconds until its replicas run."""
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
+    raw["cluster"].update(
+        {"address": cluster.address, "min_replicas": replicas, "max_replicas": replicas}
+    )
+    raw["model"]["models_dir"] = str(ROOT / "models")
+    path = workdir / f"recognizer-{replicas}.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    started = time.monotonic()
+    subprocess.run(
+        [str(BIN / "terra"), "recognizer", "--config", str(path)],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return round(time.monotonic() - started, 1)
+
+
+def _backend_env(backend: str, address: str = "") -> None:
+    """The front end (live.ServerProcess) takes TERRA_* from this process's environment."""
+    os.environ["TERRA_RECOGNIZER_BACKEND"] = backend
+    os.environ["TERRA_RAY_ADDRESS"] = address
+    # local at equal cores: recognizer.workers 2 (config.yaml), one model thread each
+    os.environ["TERRA_CPU_THREADS"] = "1"
+
+
+async def _sweep(
+    label: str, levels: list[int], seconds: float, cluster: LocalRayCluster | None
+) -> list[dict[str, Any]]:
+    rows = []
+    for level in levels:
+        cpu_before = cluster.cpu_seconds() if cluster else 0.0
+        result = await live.run_level("terra", LOAD, level, seconds, spread=True)
+        row = {"setup": label, **asdict(result)}
+        row.pop("queue_samples", None)
+        if cluster is not None:  # the replicas' CPU is outside the front end's process
+            row["cluster_cpu_percent"] = round(
+                100 * (cluster.cpu_seconds() - cpu_before) / max(result.seconds, 1e-9), 1
+            )
+        rows.append(row)
+        print(
+            f"{label:>16} {level:3d} talkers: client p50 {result.client_p50_s:.2f} "
+            f"p95 {result.client_p95_s:.2f} s, {result.errors} errors, "
+            f"{'ok' if result.ok else 'over'}",
+            flush=True,
+        )
+        if not result.ok:
+            break
+    return rows
+
+
+def _capacity(rows: list[dict[str, Any]]) -> int:
+    return max((int(r["talkers"]) for r in rows if r["ok"]), default=0)
+
+
+def serialization_cost() -> list[dict[str, float]]:
+    """What Ray's serializer does with a request sent to a replica: cloudpickle, protocol 5,
+    numpy buffers out of band (not copied into the pickle), by audio length."""
+    import pickle
+
+    from ray import cloudpickle
+
+    audio = load_audio(ROOT.parent / "shared" / "data" / "speech" / "long" / "en_60s.wav")
+    out = []
+    for seconds in (2, 10, 30):
+        request = RecognitionRequest(
+            audio=np.ascontiguousarray(audio[: seconds * SAMPLE_RATE]),
+            language="en",
+            priority=Priority.PROGRESS,
+            beam_size=1,
+        )
+        reps = 500
+        started = time.perf_counter()
+        for _ in range(reps):
+            buffers: list[pickle.PickleBuffer] = []
+            data = cloudpickle.dumps(  # type: ignore[no-untyped-call]
+                request, protocol=5, buffer_callback=buffers.append
+            )
+        mid = time.perf_counter()
+        for _ in range(reps):
+            pickle.loads(data, buffers=buffers)
+        ended = time.perf_counter()
+        out.append(
+            {
+                "audio_s": seconds,
+                "pickle_bytes": len(data),
+                "buffer_bytes": sum(b.raw().nbytes for b in buffers),
+                "serialize_ms": round((mid - started) / reps * 1000, 4),
+                "deserialize_ms": round((ended - mid) / reps * 1000, 4),
+            }
+        )
+    return out
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    one = live._levels(args.one)
+    two = live._levels(args.two)
+    rows: list[dict[str, Any]] = []
+    deploy_s: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="terra-scale-") as tmp:
+        _backend_env("local")
+        rows += await _sweep("local (2x1 thread)", [args.compare], args.seconds, None)
+        cluster = LocalRayCluster(Path(tmp), node_cpus=(2,))
+        try:
+            cluster.start()
+            _backend_env("ray", cluster.address)
+            deploy_s["1"] = _deploy(cluster, 1, Path(tmp))
+            rows += await _sweep("ray, 1 replica", one, args.seconds, cluster)
+            deploy_s["2"] = _deploy(cluster, 2, Path(tmp))
+            levels = sorted({args.compare, *two})
+            rows += await _sweep("ray, 2 replicas", levels, args.seconds, cluster)
+        finally:
+            cluster.stop()
+    cap1 = _capacity([r for r in rows if r["setup"] == "ray, 1 replica"])
+    cap2 = _capacity([r for r in rows if r["setup"] == "ray, 2 replicas"])
+
+    def at(setup: str, talkers: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["setup"] == setup and r["talkers"] == talkers), None)
+
+    local_row = at("local (2x1 thread)", args.compare)
+    ray_row = at("ray, 2 replicas", args.compare)
+    overhead = None
+    if local_row and ray_row:
+        overhead = {
+            "talkers": args.compare,
+            "local_p50_s": local_row["client_p50_s"],
+            "local_p95_s": local_row["client_p95_s"],
+            "ray_p50_s": ray_row["client_p50_s"],
+            "ray_p95_s": ray_row["client_p95_s"],
+            "p50_delta_s": round(ray_row["client_p50_s"] - local_row["client_p50_s"], 3),
+            "p95_delta_s": round(ray_row["client_p95_s"] - local_row["client_p95_s"], 3),
+        }
+    return {
+        "model": "base",
+        "machine": machine(),
+        "seconds_per_level": args.seconds,
+        "command": " ".join(["python -m benchmarks.scale", *sys.argv[1:]]),
+        "capacity": {"one_replica": cap1, "two_replicas": cap2},
+        "ratio": round(cap2 / cap1, 2) if cap1 else None,
+        "overhead": overhead,
+        "deploy_s": deploy_s,
+        "serialization": serialization_cost(),
+        "levels": rows,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cap = report["capacity"]
+    lines = [
+        "# Scale-out on Ray: 1 and 2 recognizer replicas (base, int8, 1 thread each)",
+        "",
+        f"`{report['command']}` on {report['machine']['cores']} cores "
+        f"({report['machine']['date']}), {report['seconds_per_level']:.0f} s per level. "
+        "Continuous talkers (ru_60s/en_60s looped), 2 s fragments at real-time pace, clocks "
+        "spread; latency at the client: a fragment's POST to the first answer listing its "
+        "post_id. Capacity: the most talkers at p95 <= 1.5 s, no growing backlog, no errors. "
+        "The client, the front end, Ray and the replicas share the machine's cores.",
+        "",
+        f"- 1 replica: **{cap['one_replica']}** talkers; 2 replicas: "
+        f"**{cap['two_replicas']}** talkers; ratio **{report['ratio']}**",
+    ]
+    overhead = report["overhead"]
+    if overhead:
+        lines.append(
+            f"- backend ray (2 replicas x 1 thread) against local (2 workers x 1 thread) at "
+            f"{overhead['talkers']} talkers: p50 {overhead['ray_p50_s']:.2f} vs "
+            f"{overhead['local_p50_s']:.2f} s, p95 {overhead['ray_p95_s']:.2f} vs "
+            f"{overhead['local_p95_s']:.2f} s (ray - local: p50 {overhead['p50_delta_s']:+.3f}, "
+            f"p95 {overhead['p95_delta_s']:+.3f} s)"
+        )
+    lines += [
+        "- deploying took "
+        + ", ".join(f"{v} s ({k} replica(s))" for k, v in report["deploy_s"].items()),
+        "",
+        "| setup | talkers | client p50 s | client p95 s | covered/sent | errors | front-end CPU % "
+        "| cluster CPU % | ok |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["levels"]:
+        lines.append(
+            f"| {r['setup']} | {r['talkers']} | {r['client_p50_s']:.2f} | {r['client_p95_s']:.2f} "
+            f"| {r['fragments_covered']}/{r['fragments_sent']} | {r['errors']} "
+            f"| {r['server_cpu_percent']} | {r.get('cluster_cpu_percent', '-')} "
+            f"| {'yes' if r['ok'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "Serializing a request for a replica (Ray's serializer, numpy audio out of band):",
+        "",
+        "| audio s | pickle bytes | out-of-band bytes | serialize ms | deserialize ms |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for s in report["serialization"]:
+        lines.append(
+            f"| {s['audio_s']} | {s['pickle_bytes']} | {s['buffer_bytes']} "
+            f"| {s['serialize_ms']} | {s['deserialize_ms']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="wall time per level")
+    parser.add_argument("--one", default="3,4,5,6", help="talker levels with 1 replica")
+    parser.add_argument("--two", default="6,8,10,12", help="talker levels with 2 replicas")
+    parser.add_argument("--compare", type=int, default=4, help="talkers for ray vs local")
+    parser.add_argument("--name", default="scale")
+    args = parser.parse_args()
+    report = asyncio.run(main_async(args))
+    path = write_results(args.name, report, markdown(report))
+    print(markdown(report))
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
