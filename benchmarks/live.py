@@ -481,7 +481,7 @@ async def words_from(samples: Samples, label: str) -> int:
 
 # -- the run ---------------------------------------------------------------------------
 async def sweep(
-    mode: str, load: str, levels: list[int], seconds: float, spread: bool
+    mode: str, load: str, levels: list[int], seconds: float, spread: bool, stop_after: int = 2
 ) -> list[LevelResult]:
     results: list[LevelResult] = []
     failures = 0
@@ -500,7 +500,7 @@ async def sweep(
             flush=True,
         )
         failures += 0 if result.ok else 1
-        if failures >= 2:  # past capacity twice: higher levels only take longer
+        if failures >= stop_after:  # past capacity that often: higher levels take longer
             break
     return results
 
@@ -615,7 +615,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     for load in loads:
         for phase in phases:
             levels = meeting_levels if load == "meetings" else terra_levels
-            results += await sweep("terra", load, levels, seconds, phase == "spread")
+            results += await sweep(
+                "terra", load, levels, seconds, phase == "spread", args.stop_after
+            )
     if not args.terra_only:  # the baseline in the same run, on the first shape
         results += await sweep("naive", loads[0], naive_levels, seconds, phases[0] == "spread")
     rng = np.random.default_rng(1)
@@ -695,6 +697,9 @@ def main() -> None:
     parser.add_argument("--meeting-levels", default="", help="meetings load: meeting counts")
     parser.add_argument("--naive-levels", default="", help="the baseline's talker counts")
     parser.add_argument("--terra-only", action="store_true", help="skip the baseline (tuning)")
+    parser.add_argument(
+        "--stop-after", type=int, default=2, help="stop a sweep after this many failed levels"
+    )
     parser.add_argument(
         "--set",
         action="append",
