@@ -124,7 +124,7 @@ def serialization_cost() -> list[dict[str, float]]:
         started = time.perf_counter()
         for _ in range(reps):
             buffers: list[pickle.PickleBuffer] = []
-            data = cloudpickle.dumps(  # type: ignore[no-untyped-call]
+            data = cloudpickle.dumps(  # type: ignore[no-untyped-call,unused-ignore]
                 request, protocol=5, buffer_callback=buffers.append
             )
         mid = time.perf_counter()

@@ -20,7 +20,8 @@ def test_fake_text_follows_the_audio() -> None:
 async def test_live_finals_on_the_fake(
     make_fast_server: ServerFactory, fake_engine: FakeEngine
 ) -> None:
-    client = await make_fast_server()
+    # A pass as soon as audio comes (each POST waits for text that covers its fragment).
+    client = await make_fast_server(stream={"progress_min_interval_ms": 0})
     samples = load_clip(SPEECH / "long" / "en_60s.wav")[: 16_000 * 20]
     answers = await stream_samples(client, samples, lang="en")
     texts = [e["text"] for e in finals(answers)]

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from terra.api.docs import load_document
 from tests.conftest import ROOT, TOKEN, ServerFactory
 from tests.libretranslate_standin import LibreTranslateStandIn
@@ -27,6 +29,7 @@ SEED = 20261130
 EVENTS = "/conferences/{conference_id}/events"
 
 
+@pytest.mark.slow  # about a minute: outside the fast tier
 async def test_no_server_errors_on_generated_requests(
     make_fast_server: ServerFactory, tmp_path: Path
 ) -> None:

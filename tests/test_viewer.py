@@ -97,6 +97,8 @@ def elem(combination: str, text: str, status: str = "final", conference: str = "
 async def viewer_server(make_fast_server: ServerFactory, **feed: Any) -> TestClient[Any, Any]:
     return await make_fast_server(
         server={"tokens": [TOKEN], "viewer_tokens": [VIEWER_TOKEN], "link_secret": SECRET},
+        # A pass as soon as audio comes: each POST waits for text covering its fragment.
+        stream={"progress_min_interval_ms": 0},
         feed=feed,
     )
 
