@@ -107,7 +107,6 @@ class RecognizerConfig:
     progress_beam_size: int = 1
     final_beam_size: int = 3
     use_timestamp_tokens: bool = True
-    stable_prefix: bool = False
     commit: bool = True
     commit_edge_guard_s: float = 1.0
     commit_force_after_s: float = 6.0
@@ -341,11 +340,20 @@ def _coerce(value: Any, like: Any, where: str) -> Any:
     return value
 
 
+# Settings that no longer exist: read from an old config.yaml with a warning, not an error.
+REMOVED: dict[str, set[str]] = {
+    "recognizer": {"stable_prefix"},  # the forced-prefix path (commit and trim replaced it)
+}
+
+
 def _build(cls: type[T], values: Mapping[str, Any], section: str) -> T:
     defaults = cls()
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     known = {f.name for f in fields}
     values = _move_flat_keys(defaults, values, section)
+    for key in sorted(set(values) & REMOVED.get(section, set())):
+        log.warning("config: %s.%s was removed and is ignored", section, key)
+        del values[key]
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown setting(s) in [{section}]: {', '.join(sorted(unknown))}")

@@ -25,7 +25,6 @@ from terra.recognizer.commit import (
     shift,
     split_segments,
 )
-from terra.recognizer.prefix import agreed_prefix
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest, Vocabulary
 from terra.spool import Spool, post_key
 from terra.stream import (
@@ -412,13 +411,11 @@ class LiveService:
             return  # overload: the finals take the whole recognizer (the text is not lost)
         session.last_progress_at = now
         combination.requested_version = combination.version
-        prefix = combination.stable_tokens if self._recognizer_config.stable_prefix else ()
         request = RecognitionRequest(
             audio=combination.uncommitted_audio,
             language=session.language,
             priority=Priority.PROGRESS,
             beam_size=self._recognizer_config.progress_beam_size,
-            prefix_tokens=prefix,
             prompt_tokens=combination.committed_tokens,
         )
         future = self._scheduler.submit(request, coalesce_key=combination.id)
@@ -457,16 +454,8 @@ class LiveService:
         self._learn_language(session, result)
         if combination.committed_samples != pass_.committed_samples:
             return  # a newer pass committed meanwhile: this one's text is stale
-        stable = agreed_prefix(
-            combination.hypothesis_tokens,
-            result.tokens,
-            self._vocabulary.timestamp_begin(),
-            self._vocabulary.starts_word,
-        )
         text = _join(combination.committed_text, result.text)
-        session.stream.set_progress(
-            combination, pass_.version, text, result.tokens, stable, pass_.post_ids
-        )
+        session.stream.set_progress(combination, pass_.version, text, pass_.post_ids)
         session.notify()
         if (
             combination.state is not CombinationState.FINAL

@@ -94,8 +94,6 @@ class Combination:
     # The post_ids of the fragments whose audio the pass that made ``text`` included: a
     # progress TextElem lists these only, so a client knows which fragments its text covers.
     text_post_ids: tuple[str, ...] = ()
-    hypothesis_tokens: tuple[int, ...] = ()
-    stable_tokens: tuple[int, ...] = ()
     requested_version: int = -1
     # The settled start (see recognizer/commit.py): its text, tokens and audio length.
     committed_samples: int = 0
@@ -372,8 +370,6 @@ class ParticipantStream:
         combination: Combination,
         version: int,
         text: str,
-        tokens: tuple[int, ...],
-        stable_tokens: tuple[int, ...],
         post_ids: tuple[str, ...] = (),
     ) -> None:
         """The text of a progress pass made over the audio of ``version``, which included the
@@ -383,8 +379,6 @@ class ParticipantStream:
         combination.text = text
         combination.text_version = version
         combination.text_post_ids = post_ids
-        combination.hypothesis_tokens = tokens
-        combination.stable_tokens = stable_tokens
 
     def commit(
         self, combination: Combination, samples: int, tokens: tuple[int, ...], text: str

@@ -9,7 +9,6 @@ from terra.recognizer.guards import (
     drop_reason,
     is_known_hallucination,
 )
-from terra.recognizer.prefix import agreed_prefix
 from terra.recognizer.types import DropReason
 
 
@@ -34,26 +33,6 @@ def test_known_hallucinations() -> None:
     assert is_known_hallucination(" Продолжение следует...")
     assert is_known_hallucination("Thank you for watching!")
     assert not is_known_hallucination(" Продолжение следует завтра в десять.")
-
-
-TS = 1000  # timestamp tokens are >= TS in these tests
-
-
-def starts_word(token: int) -> bool:
-    return token % 10 == 0  # tokens 10, 20, ... begin words; 11, 12 continue them
-
-
-def test_agreed_prefix_ends_a_word_short_of_the_agreement() -> None:
-    previous = (TS, 10, 11, 20, 30, 31, TS + 5)
-    current = (TS, 10, 11, 20, 30, 32, 40, TS + 9)
-    # Agreement: 10 11 20 30 (then 31 vs 32). Whole words: [10 11] [20] [30 3x]; the word
-    # cut by the disagreement and one more are held back.
-    assert agreed_prefix(previous, current, TS, starts_word) == (10, 11)
-
-
-def test_no_agreement_no_prefix() -> None:
-    assert agreed_prefix((), (10, 20), TS, starts_word) == ()
-    assert agreed_prefix((10, 20), (40, 50), TS, starts_word) == ()
 
 
 def test_drop_reasons() -> None:

@@ -170,3 +170,17 @@ async def test_overloaded_live_service_loses_no_final_and_starves_nobody(
         assert len(got) == 3
     health = await (await client.get("/healthz")).json()
     assert health["pending_finals"] == 0 and health["recognizer_queue_depth"] == 0
+
+
+def test_an_old_config_with_the_removed_stable_prefix_still_loads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The forced-prefix path is gone; a config.yaml that still sets it loads, warned."""
+    import logging
+
+    from terra.config import load_config
+
+    with caplog.at_level(logging.WARNING, logger="terra.config"):
+        config = load_config(None, environ={}, overrides={"recognizer": {"stable_prefix": False}})
+    assert config.recognizer.commit
+    assert "stable_prefix was removed" in " ".join(r.getMessage() for r in caplog.records)

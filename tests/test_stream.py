@@ -184,7 +184,7 @@ def test_progress_lists_the_fragments_its_text_was_made_from_and_final_lists_all
     version, made_from = combination.version, tuple(combination.post_ids)
     feed(stream, speech[2 * SAMPLE_RATE : 4 * SAMPLE_RATE], start=T0 + 2.0, prefix="g")
     assert combination.post_ids == ["f0", "g0"]
-    stream.set_progress(combination, version, " and so", (), (), made_from)
+    stream.set_progress(combination, version, " and so", made_from)
     (elem,) = stream.take_answer()
     assert (elem.status, elem.post_ids) == ("progress", ("f0",))
     assert stream.covered("f0") is True and stream.covered("g0") is False

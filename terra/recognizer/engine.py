@@ -226,12 +226,8 @@ class WhisperEngine(WhisperVocabulary):
             tokenizer = self._tokenizer(language, request.task)
             prompt = [tokenizer.sot_prev, *context] if context else []
             prompt.extend(tokenizer.sot_sequence)
-            # CTranslate2 applies the timestamp rules from the first generated token, so
-            # after a text prefix it would force a timestamp and start over: a request with
-            # a prefix is decoded without timestamps.
-            if request.prefix_tokens or not timestamps:
+            if not timestamps:
                 prompt.append(tokenizer.no_timestamps)
-            prompt.extend(request.prefix_tokens)
             prompts.append(prompt)
             tokenizers.append(tokenizer)
             languages.append((language, probability))
@@ -311,9 +307,7 @@ class WhisperEngine(WhisperVocabulary):
         window_s: float,
     ) -> Recognition:
         new_tokens = [int(t) for t in result.sequences_ids[0]]
-        tokens = tuple(request.prefix_tokens) + tuple(new_tokens)
-        own_budget = len(request.prefix_tokens) + self.token_budget(request.audio.size)
-        tokens = tokens[:own_budget]
+        tokens = tuple(new_tokens)[: self.token_budget(request.audio.size)]
         text_tokens = [t for t in tokens if t < tokenizer.eot]
         text = tokenizer.decode(text_tokens)
         seq_len = max(len(new_tokens), 1)
@@ -394,7 +388,7 @@ class WhisperEngine(WhisperVocabulary):
         parts: list[_TokenSegment] = []
         start = 0.0
         current: list[int] = []
-        for token in tokens[len(request.prefix_tokens) :]:
+        for token in tokens:
             if token >= begin:
                 moment = min((token - begin) * SECONDS_PER_TIMESTAMP, duration_s)
                 if current:
@@ -403,13 +397,6 @@ class WhisperEngine(WhisperVocabulary):
                 start = moment
             elif token < tokenizer.eot:
                 current.append(token)
-        if request.prefix_tokens:  # forced text has no timestamps: it opens the first segment
-            head = [t for t in request.prefix_tokens if t < tokenizer.eot]
-            if parts:
-                parts[0] = _TokenSegment(0.0, parts[0].end_s, head + parts[0].tokens)
-            else:
-                current = head + current
-                start = 0.0
         if current:
             parts.append(_TokenSegment(start, duration_s, current))
         return parts

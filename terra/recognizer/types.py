@@ -27,7 +27,6 @@ class RecognitionRequest:
     language: str | None  # None: detect, then lock
     priority: Priority
     beam_size: int
-    prefix_tokens: tuple[int, ...] = ()
     task: str = "transcribe"
     # Text said before this audio (Whisper's <|startofprev|> context), e.g. the tokens of the
     # previous Recognition: the engine keeps the text tokens, at most the last 223. Empty: none.
