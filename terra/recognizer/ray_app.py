@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from terra.config import Config
+from terra.config import ClusterConfig, Config
 from terra.metrics import create_metrics
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import Recognition, RecognitionRequest
@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 def replica_config(config: Config) -> Config:
     """The configuration a replica runs with: its own workers and model threads (all of
     its CPUs by default), and the model folder as an absolute path (replicas do not start
-    in the operator's directory)."""
+    in the operator's directory). The cluster section is left out: Serve restarts every
+    replica when their constructor's arguments change, and a new replica count or address
+    is no reason to."""
     cluster = config.cluster
     threads = cluster.replica_threads or max(
         1, math.floor(cluster.num_cpus) // cluster.replica_workers
@@ -46,6 +48,7 @@ def replica_config(config: Config) -> Config:
         recognizer=dataclasses.replace(
             config.recognizer, workers=cluster.replica_workers, backend="local"
         ),
+        cluster=ClusterConfig(),
     )
 
 
