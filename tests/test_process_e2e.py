@@ -241,7 +241,10 @@ async def test_out_of_order_fragments_are_put_in_time_order(make_server: ServerF
     a, b, c = speech[:part], speech[part : 2 * part], speech[2 * part :]
     assert (await post_fragment(client, a, start_time=1000.0, post_id="a", lang="en"))[0] == 200
     early = asyncio.create_task(post_fragment(client, c, start_time=1008.0, post_id="c", lang="en"))
-    await asyncio.sleep(0.05)
+    # Send b only once the server has taken c in (it is counted before it is held for b).
+    while "terra_fragments_total 2.0" not in await (await client.get("/metrics")).text():
+        assert not early.done(), "c was answered before b came"
+        await asyncio.sleep(0.01)
     assert (await post_fragment(client, b, start_time=1004.0, post_id="b", lang="en"))[0] == 200
     assert (await early)[0] == 200
     # Silence after it, as a conference server keeps sending: each POST waits up to
