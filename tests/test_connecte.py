@@ -45,7 +45,9 @@ class Receiver:
         path = SPEECH / request.match_info["name"]
         if not path.is_file():
             raise web.HTTPNotFound()
-        return web.FileResponse(path)
+        # Whole bytes, not a FileResponse: a fetch cut off by a cancel left FileResponse's
+        # file open (an unraisable ResourceWarning failed test_cancel_while_processing).
+        return web.Response(body=path.read_bytes(), content_type="application/octet-stream")
 
     async def hook(self, request: web.Request) -> web.Response:
         self.hooks.append(await request.json())
