@@ -18,7 +18,7 @@ Everything (the client, the front end, Ray and its replicas) shares this machine
 the front end's and the client's CPU is taken from what the replicas could use, so the
 ratio here is a floor for machines where recognizers have cores of their own.
 
-    python -m benchmarks.scale [--seconds 30] [--one 3,4,5,6] [--two 4,6,8,10] [--compare 4]
+    python -m benchmarks.scale [--seconds 30] [--one 1,2,3] [--two 2,3,4,5] [--compare 4]
 """
 
 from __future__ import annotations
@@ -158,8 +158,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             deploy_s["1"] = _deploy(cluster, 1, Path(tmp))
             rows += await _sweep("ray, 1 replica", one, args.seconds, cluster)
             deploy_s["2"] = _deploy(cluster, 2, Path(tmp))
-            levels = sorted({args.compare, *two})
-            rows += await _sweep("ray, 2 replicas", levels, args.seconds, cluster)
+            rows += await _sweep("ray, 2 replicas", two, args.seconds, cluster)
+            if not any(
+                r["setup"] == "ray, 2 replicas" and r["talkers"] == args.compare for r in rows
+            ):
+                rows += await _sweep("ray, 2 replicas", [args.compare], args.seconds, cluster)
         finally:
             cluster.stop()
     cap1 = _capacity([r for r in rows if r["setup"] == "ray, 1 replica"])
@@ -252,8 +255,8 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="wall time per level")
-    parser.add_argument("--one", default="3,4,5,6", help="talker levels with 1 replica")
-    parser.add_argument("--two", default="6,8,10,12", help="talker levels with 2 replicas")
+    parser.add_argument("--one", default="1,2,3", help="talker levels with 1 replica")
+    parser.add_argument("--two", default="2,3,4,5", help="talker levels with 2 replicas")
     parser.add_argument("--compare", type=int, default=4, help="talkers for ray vs local")
     parser.add_argument("--name", default="scale")
     args = parser.parse_args()
