@@ -64,6 +64,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "minutes": {"dir": str(tmp / "minutes"), "jobs_dir": str(tmp / "jobs")},
         "files": {"dir": str(tmp / "files"), "jobs_dir": str(tmp / "file-jobs")},
         "recognizer": {"backend": "ray"},
+        "stream": {"max_clock_skew_s": 0},  # the fragments carry 2024 stamps (conftest)
         "cluster": {
             "address": ray.address,
             "app_name": APP,
