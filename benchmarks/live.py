@@ -452,6 +452,7 @@ async def words_from(samples: Samples, label: str) -> int:
             async with aiohttp.ClientSession() as session:
                 await server.wait_ready(session)
                 words = 0
+                base = time.time()  # stamps near the server's clock (farther ones are a 400)
                 chunk = int(CHUNK_S * SAMPLE_RATE)
                 padded = np.concatenate([samples, np.zeros(4 * chunk, np.float32)])
                 for offset in range(0, padded.size, chunk):
@@ -466,11 +467,13 @@ async def words_from(samples: Samples, label: str) -> int:
                         "lang1": "ru",
                         "online": "true",
                         "offline": "false",
-                        "timestamp_float": repr(1e9 + offset / SAMPLE_RATE),
+                        "timestamp_float": repr(base + offset / SAMPLE_RATE),
                     }
                     async with session.post(
                         f"{server.url}/process", params=params, data=form
                     ) as response:
+                        if response.status != 200:
+                            raise RuntimeError(f"{label}: HTTP {response.status}")
                         for elem in await response.json():
                             if elem["status"] == "final":
                                 words += len(elem["text"].split())
