@@ -149,8 +149,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     deploy_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="terra-scale-") as tmp:
-        _backend_env("local")
-        rows += await _sweep("local (2x1 thread)", [args.compare], args.seconds, None)
+        if args.compare:  # 0: no comparison with local
+            _backend_env("local")
+            rows += await _sweep("local (2x1 thread)", [args.compare], args.seconds, None)
         cluster = LocalRayCluster(Path(tmp), node_cpus=(2,))
         try:
             cluster.start()
@@ -159,7 +160,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             rows += await _sweep("ray, 1 replica", one, args.seconds, cluster)
             deploy_s["2"] = _deploy(cluster, 2, Path(tmp))
             rows += await _sweep("ray, 2 replicas", two, args.seconds, cluster)
-            if not any(
+            if args.compare and not any(
                 r["setup"] == "ray, 2 replicas" and r["talkers"] == args.compare for r in rows
             ):
                 rows += await _sweep("ray, 2 replicas", [args.compare], args.seconds, cluster)
