@@ -307,6 +307,16 @@ def start_server(config: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
     )
 
 
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if the server has not stopped within 30 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 async def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
@@ -385,12 +395,7 @@ async def kill_and_restart(
                 body = await response.read()
         check_xml(body, STANDUP, {"john": "John", "maria": "Maria", "peter": "Peter"})
     finally:
-        second.send_signal(signal.SIGTERM)
-        try:
-            second.wait(30)
-        except subprocess.TimeoutExpired:
-            second.kill()
-            second.wait()
+        stop_server(second)
 
 
 # -- the command line ------------------------------------------------------------------------

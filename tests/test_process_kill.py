@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +18,14 @@ from terra.audio import SAMPLE_RATE, encode_wav
 from terra.spool import post_key
 
 from .conftest import SPEECH, TOKEN, load_clip
-from .test_minutes_e2e import free_port, server_log, start_server, wait_healthy, write_config
+from .test_minutes_e2e import (
+    free_port,
+    server_log,
+    start_server,
+    stop_server,
+    wait_healthy,
+    write_config,
+)
 
 pytestmark = pytest.mark.model
 
@@ -123,9 +129,4 @@ async def test_acknowledged_fragments_survive_kill_9(tmp_path: Path) -> None:
             for talker in {p.rsplit("-", 1)[0] for p in acknowledged}:
                 assert f'id="{talker}"'.encode() in body
         finally:
-            second.send_signal(signal.SIGTERM)
-            try:
-                second.wait(30)
-            except subprocess.TimeoutExpired:
-                second.kill()
-                second.wait()
+            stop_server(second)
