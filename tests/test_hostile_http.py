@@ -7,6 +7,7 @@ before any recognition."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import logging
 import time
@@ -389,3 +390,31 @@ async def test_salute_refuses_audio_out_of_limits_when_asked(
     assert status == 413 and "more than the 60 s allowed" in body  # 131 s of mu-law
     status, _ = await ask({"audio_encoding": "PCM_S16LE", "sample_rate": 16000})
     assert status == 200  # 32.8 s
+
+
+async def test_connecte_refuses_a_data_uri_out_of_limits_when_created(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    # Row 4: a data: URI's declared length is checked when the prediction is asked for (the
+    # bytes are at hand), not by a job that fails later; the refused upload is not kept.
+    files = {"dir": str(tmp_path / "files"), "jobs_dir": str(tmp_path / "jobs"), "max_audio_s": 60}
+    client = await make_fast_server(files=files)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def uri(audio: bytes) -> str:
+        return "data:audio/flac;base64," + base64.b64encode(audio).decode()
+
+    response = await client.post(
+        "/api/v1/openai/whisper", json={"audio": uri(flac_silence(120))}, headers=auth
+    )
+    assert response.status == 413, await response.text()
+    assert "more than the 60 s allowed" in (await response.json())["detail"]
+    wav = wav_header(1, 1, 2000) + bytes(2000)
+    response = await client.post("/api/v1/openai/whisper", json={"audio": uri(wav)}, headers=auth)
+    assert response.status == 400 and "1 Hz is out of range" in (await response.json())["detail"]
+    uploads = tmp_path / "files"
+    assert not [p for p in uploads.rglob("*") if p.is_file()]
+    response = await client.post(
+        "/api/v1/openai/whisper", json={"audio": uri(flac_silence(2))}, headers=auth
+    )
+    assert response.status == 201

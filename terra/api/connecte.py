@@ -33,6 +33,8 @@ from terra.api.auth import require_bearer
 from terra.api.errors import BadRequest, NotFound, TooManyRequests
 from terra.api.form import BodyLimits, read_json
 from terra.api.respond import json_response
+from terra.audio import AudioDecodeError, AudioLimits
+from terra.files.codecs import check_file
 from terra.files.connecte import ConnecteService
 from terra.files.fetch import FetchError, decode_data_uri
 from terra.files.upload import in_memory
@@ -178,6 +180,19 @@ def model_map(entries: Sequence[str], served: str) -> dict[str, str]:
     return mapping
 
 
+async def _check_declared(service: ConnecteService, upload: str, split: bool, max_s: float) -> None:
+    """A data: URI's declared format and length, as the job would check them, answered now
+    (400/413) rather than by a failed prediction; the refused upload is removed."""
+    path = service.jobs.upload_path(upload)
+    if path is None:
+        return
+    try:
+        await asyncio.to_thread(check_file, path, "WAV", None, 1, split, AudioLimits(max_s))
+    except AudioDecodeError:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        raise
+
+
 async def create(request: web.Request) -> web.Response:
     """POST /api/v1/{company}/{model}: a prediction; ``Prefer: SYNC`` waits for its end."""
     _authorize(request)
@@ -217,6 +232,7 @@ async def create(request: web.Request) -> web.Response:
         except FetchError as e:
             raise BadRequest(str(e)) from e
         upload = await service.jobs.save_upload(in_memory(data), len(data))
+        await _check_declared(service, upload, prediction_input["diarize"], config.max_audio_s)
         header = prediction_input["audio"].partition(",")[0]
         prediction_input["audio"] = f"{header},<{len(data)} bytes>"
     try:
