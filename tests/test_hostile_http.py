@@ -20,6 +20,7 @@ import soundfile as sf
 from aiohttp import web
 from yarl import URL
 
+from terra.api.form import leading_string
 from terra.app import create_app
 from terra.audio import SAMPLE_RATE
 from terra.files.fetch import FetchError, check_url
@@ -418,3 +419,43 @@ async def test_connecte_refuses_a_data_uri_out_of_limits_when_created(
         "/api/v1/openai/whisper", json={"audio": uri(flac_silence(2))}, headers=auth
     )
     assert response.status == 201
+
+
+@pytest.mark.parametrize(
+    ("head", "token"),
+    [
+        (b'{"token": "abc", "payload": [', "abc"),
+        (b' \n{ "token" :"a\\"b\\u00e9"', 'a"b\u00e9'),
+        (b'{"token": "abc', None),  # not complete yet
+        (b'{"payload": [], "token": "abc"}', None),  # not the first key
+        (b'{"token": 5}', None),
+        (b'["token", "abc"]', None),
+    ],
+)
+def test_leading_string(head: bytes, token: str | None) -> None:
+    assert leading_string(head, "token") == token
+
+
+async def test_translate_checks_a_leading_body_token_before_the_rest(
+    make_fast_server: ServerFactory,
+) -> None:
+    # /translate_to_any's token is in its JSON body: a wrong one at the start of a long body
+    # is a 401 once the first 64 KiB are in; the rest of the declared 10 MB never comes.
+    client = await make_fast_server()
+    start = b'{"token": "wrong", "payload": [{"content": "' + b"a" * 100_000
+    json_head = "Content-Type: application/json\r\nContent-Length: 10000000\r\n"
+    line = await raw_request(client, head("/translate_to_any", json_head), start)
+    assert line.startswith(b"HTTP/1.1 401")
+    form = (
+        b'--b\r\nContent-Disposition: form-data; name="token"\r\n\r\nwrong\r\n--b\r\n'
+        b'Content-Disposition: form-data; name="payload"\r\n\r\n[' + b" " * 100_000
+    )
+    form_head = "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n"
+    line = await raw_request(client, head("/translate_to_any", form_head), form)
+    assert line.startswith(b"HTTP/1.1 401")
+    # A right leading token lets the whole body be read (the translator is off here: 404).
+    body = b'{"token": "%s", "payload": [{"content": "%s"}]}' % (TOKEN.encode(), b"a" * 100_000)
+    response = await client.post(
+        "/translate_to_any", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 404

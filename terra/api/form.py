@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +30,8 @@ from terra.api.errors import BadRequest, PayloadTooLarge, RequestTimeout
 from terra.config import ServerConfig
 
 TOO_LARGE = "the request body is larger than the configured limit"
+HEAD_BYTES = 64 * 1024  # what read_body shows on_head of a longer body
+_FIRST_KEY = re.compile(rb'\s*\{\s*"(?P<key>[A-Za-z_]{1,64})"\s*:\s*"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +174,13 @@ async def _read_multipart(
                 on_field(name, value)
 
 
-async def read_body(request: web.Request, limits: BodyLimits) -> bytes:
-    """The whole body, or 413 as soon as more than ``limits.max_bytes`` has arrived."""
+async def read_body(
+    request: web.Request, limits: BodyLimits, on_head: Callable[[bytes], None] | None = None
+) -> bytes:
+    """The whole body, or 413 as soon as more than ``limits.max_bytes`` has arrived.
+
+    ``on_head(first bytes)`` is called once, when the first HEAD_BYTES of a longer body have
+    arrived (e.g. to check a token at its start before the rest is read); it may raise."""
     _check_declared(request, limits)
     parts: list[bytes] = []
     size = 0
@@ -181,8 +189,26 @@ async def read_body(request: web.Request, limits: BodyLimits) -> bytes:
             size += len(chunk)
             if size > limits.max_bytes:
                 raise PayloadTooLarge(TOO_LARGE)
+            if on_head is not None and size - len(chunk) < HEAD_BYTES <= size:
+                on_head((b"".join(parts) + chunk)[:HEAD_BYTES])
             parts.append(chunk)
     return b"".join(parts)
+
+
+def leading_string(head: bytes, key: str) -> str | None:
+    """The value of ``key`` when it is the first key of the JSON object ``head`` starts and
+    its string value is complete in ``head`` (``{"token": "..."``, as Terra clients write
+    it); None otherwise."""
+    match = _FIRST_KEY.match(head)
+    if match is None or match["key"] != key.encode():
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(
+            head[match.end() - 1 :].decode("utf-8", errors="replace")
+        )
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def json_depth(value: Any) -> int:

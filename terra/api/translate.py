@@ -9,7 +9,7 @@ from aiohttp import web
 from terra import keys
 from terra.api.auth import check_token, query_token
 from terra.api.errors import BadRequest
-from terra.api.form import BodyLimits, parse_json, read_body, read_form
+from terra.api.form import BodyLimits, leading_string, parse_json, read_body, read_form
 from terra.api.respond import json_response
 from terra.translate.service import PayloadError, parse_payload
 
@@ -19,12 +19,24 @@ _BODY_SHAPE = 'the body must be a JSON object {"token": ..., "payload": [...]}'
 
 
 async def _read_fields(
-    request: web.Request, limits: BodyLimits
+    request: web.Request, limits: BodyLimits, tokens: tuple[str, ...]
 ) -> tuple[dict[str, Any], str | None]:
-    """The request's fields and, if the body is malformed, why (reported after the token)."""
+    """The request's fields and, if the body is malformed, why (reported after the token).
+    A token field, or a JSON body's leading ``"token"``, is checked as soon as it is read,
+    before the rest of a long body."""
+
+    def early_field(name: str, value: str) -> None:
+        if name == "token" and value:
+            check_token(tokens, value)
+
+    def early_head(head: bytes) -> None:
+        token = leading_string(head, "token")
+        if token:
+            check_token(tokens, token)
+
     content_type = request.content_type
     if content_type.startswith("multipart/") or content_type == "application/x-www-form-urlencoded":
-        form = await read_form(request, limits)
+        form = await read_form(request, limits, on_field=early_field)
         fields: dict[str, Any] = dict(form.fields)
         if "payload" in fields:
             try:
@@ -35,7 +47,7 @@ async def _read_fields(
                 return fields, e.detail
         return fields, None
     try:
-        body = parse_json(await read_body(request, limits), limits.max_json_depth)
+        body = parse_json(await read_body(request, limits, early_head), limits.max_json_depth)
     except BadRequest as e:
         return {}, f"{_BODY_SHAPE} ({e.detail})"
     return (body, None) if isinstance(body, dict) else ({}, _BODY_SHAPE)
@@ -46,7 +58,9 @@ async def translate_to_any(request: web.Request) -> web.Response:
     config = request.app[keys.CONFIG]
     if query_token(request) is not None:  # checked before a byte of the body is read
         check_token(config.server.tokens, query_token(request))
-    fields, malformed = await _read_fields(request, BodyLimits.of(config.server))
+    fields, malformed = await _read_fields(
+        request, BodyLimits.of(config.server), config.server.tokens
+    )
     token = fields.get("token")
     check_token(config.server.tokens, token if token else query_token(request))
     service = request.app.get(keys.TRANSLATION)
