@@ -28,7 +28,13 @@ trip, queue depth, batch sizes, CPU and peak RSS (psutil).
 Capacity is the largest N whose client-visible p95 is <= 1.5 s with no growing backlog
 (queue depth and pending finals at the end no larger than early in the run) and no errors.
 
+``--accuracy N`` (issue 10, target 3): on one more server, the two shared meetings
+(``meetings/planerka_ru``, ``meetings/standup_en``, once, real-time, as ``benchmarks.minutes``
+streams them) are streamed alone, then inside N continuous talkers; the CER of their finals
+against the reference turns is compared (target: at most +1.0 point under load).
+
     python -m benchmarks.live [--quick] [--load continuous,meetings] [--phases spread,lockstep]
+    python -m benchmarks.live --load '' --terra-only --accuracy 16 --name live_accuracy
 """
 
 from __future__ import annotations
@@ -54,8 +60,10 @@ import psutil
 import yaml
 
 from benchmarks.common import ROOT, SPEECH, free_port, machine, write_results
+from benchmarks.minutes import MEETINGS as SHARED_MEETINGS
+from benchmarks.minutes import compare, participants_of, reference_turns, texts_by_speaker
 from terra.audio import SAMPLE_RATE, Samples, encode_wav
-from terra.streamclient import load_audio
+from terra.streamclient import StreamError, load_audio, stream_participants
 
 TOKEN = "bench-token"
 CONFIG_PATH = ROOT / "config.yaml"  # replaced by a tuned copy with --set
@@ -482,6 +490,79 @@ async def words_from(samples: Samples, label: str) -> int:
             server.stop()
 
 
+# -- accuracy under load (issue 10, target 3) -------------------------------------------
+async def meeting_cer(url: str, tag: str) -> list[dict[str, Any]]:
+    """Stream both shared meetings at real-time pace; CER of their finals against the turns."""
+
+    async def one(meeting: str, lang: str) -> dict[str, Any]:
+        try:
+            finals = await stream_participants(
+                url,
+                f"{tag}-{meeting}",
+                participants_of(meeting),
+                chunk_ms=int(CHUNK_S * 1000),
+                speed=1.0,
+                token=TOKEN,
+                lang=lang,
+                offline=False,
+                tail_silence_ms=4000,
+                settle_fragments=30,  # under load a final may come long after the speech
+                on_elems=lambda *_: None,
+            )
+            errors = 0
+        except StreamError as e:
+            finals, errors = e.finals, len(e.failures)
+        said = {p: " ".join(str(e["text"]).strip() for e in f) for p, f in finals.items()}
+        scores = compare(texts_by_speaker(reference_turns(meeting)), said)
+        return {"meeting": meeting, "cer": scores["meeting"]["cer"], "errors": errors}
+
+    return list(await asyncio.gather(*(one(m, lang) for m, lang in SHARED_MEETINGS)))
+
+
+async def accuracy(level: int) -> dict[str, Any]:
+    """The shared meetings alone, then inside ``level`` continuous talkers, on one server."""
+    longest = max(load_audio(p.path).size for m, _ in SHARED_MEETINGS for p in participants_of(m))
+    talkers = make_talkers("continuous", level, longest / SAMPLE_RATE + 20, spread=True)
+    with tempfile.TemporaryDirectory(prefix="terra-bench-") as spool:
+        server = ServerProcess("terra", Path(spool))
+        timeout = aiohttp.ClientTimeout(total=120)
+        try:
+            async with aiohttp.ClientSession(
+                timeout=timeout, connector=aiohttp.TCPConnector(limit=0)
+            ) as session:
+                await server.wait_ready(session)
+                alone = await meeting_cer(server.url, "alone")
+                started = asyncio.get_running_loop().time() + 0.5
+                log = ClientLog()
+                load = asyncio.gather(
+                    *(run_talker(session, server.url, t, started, log) for t in talkers)
+                )
+                await asyncio.sleep(4.5)  # the meetings join a load already running
+                loaded = await meeting_cer(server.url, "loaded")
+                await load
+        finally:
+            server.stop()
+    rows = []
+    for a, b in zip(alone, loaded, strict=True):
+        delta = round(100 * (b["cer"] - a["cer"]), 2)
+        rows.append(
+            {
+                "meeting": a["meeting"],
+                "cer_alone": a["cer"],
+                "cer_loaded": b["cer"],
+                "delta_points": delta,
+                "errors": a["errors"] + b["errors"],
+                "ok": delta <= 1.0 and not a["errors"] + b["errors"],
+            }
+        )
+    return {
+        "talkers": level,
+        "load_client_p95_s": _q(log.covered, 0.95),
+        "load_errors": len(log.errors),
+        "meetings": rows,
+    }
+
+
 # -- the run ---------------------------------------------------------------------------
 async def sweep(
     mode: str, load: str, levels: list[int], seconds: float, spread: bool, stop_after: int = 2
@@ -599,6 +680,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"Words from 60 s of silence: {report['silence_words']}; "
             f"from 60 s of white noise: {report['noise_words']}."
         )
+    if report.get("accuracy"):
+        acc = report["accuracy"]
+        lines += [
+            "",
+            f"Accuracy under load: the shared meetings streamed alone, then inside "
+            f"{acc['talkers']} continuous talkers (their client p95 {acc['load_client_p95_s']} s,"
+            f" {acc['load_errors']} errors); CER of the finals against the turns (target: "
+            "+1.0 point at most):",
+            "",
+            "| meeting | CER alone | CER under load | change (points) | ok |",
+            "|---|---|---|---|---|",
+        ]
+        for m in acc["meetings"]:
+            lines.append(
+                f"| {m['meeting']} | {m['cer_alone']:.3f} | {m['cer_loaded']:.3f} "
+                f"| {m['delta_points']:+.1f} | {'yes' if m['ok'] else 'no'} |"
+            )
     lines += ["", words, "", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
 
@@ -621,7 +719,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             results += await sweep(
                 "terra", load, levels, seconds, phase == "spread", args.stop_after
             )
-    if not args.terra_only:  # the baseline in the same run, on the first shape
+    if not args.terra_only and loads:  # the baseline in the same run, on the first shape
         results += await sweep("naive", loads[0], naive_levels, seconds, phases[0] == "spread")
     rng = np.random.default_rng(1)
     silence_words = noise_words = -1  # not measured in a tuning run
@@ -665,6 +763,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "silence_words": silence_words,
         "noise_words": noise_words,
         "levels": [asdict(r) for r in results],
+        "accuracy": await accuracy(args.accuracy) if args.accuracy else None,
     }
 
 
@@ -704,6 +803,14 @@ def main() -> None:
         "--stop-after", type=int, default=2, help="stop a sweep after this many failed levels"
     )
     parser.add_argument(
+        "--accuracy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also stream the shared meetings alone and inside N continuous talkers: CER of "
+        "their finals (--load '' runs only this)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -711,7 +818,7 @@ def main() -> None:
         help="run the servers with this config.yaml setting changed (repeatable)",
     )
     args = parser.parse_args()
-    for load in args.load.split(","):
+    for load in filter(None, args.load.split(",")):
         if load not in LOADS:
             parser.error(f"unknown load {load!r}")
     for phase in args.phases.split(","):
