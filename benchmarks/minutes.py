@@ -35,12 +35,13 @@ import aiohttp
 from lxml import etree
 
 from benchmarks.common import ROOT, SPEECH, error_rates, machine, running_server, write_results
-from terra.config import Config, ModelConfig, load_config
+from terra.config import Config, load_config
 from terra.jobs import JobStore
 from terra.minutes.compiler import MinutesCompiler, in_thread
 from terra.minutes.formats import validate_xml
 from terra.models import resolve_model
 from terra.recognizer.engine import WhisperEngine, load_whisper
+from terra.recognizer.options import decode_passes, engine_settings
 from terra.spool import Spool, read_conference
 from terra.streamclient import ParticipantSource, stream_participants
 
@@ -266,8 +267,8 @@ async def measure(model_name: str, priority: bool, in_flight: int | None) -> dic
         },
     )
     path = resolve_model(model_name, ROOT / config.model.models_dir, allow_download=False)
-    model = load_whisper(path, ModelConfig(cpu_threads=config.model.cpu_threads))
-    engine = WhisperEngine(model, config.recognizer)
+    settings = engine_settings(config, path, workers=1)
+    engine = WhisperEngine(load_whisper(settings), settings)
     store = JobStore(Path(config.minutes.jobs_dir))
     meetings: dict[str, Any] = {}
     started = time.perf_counter()
@@ -344,7 +345,7 @@ async def measure(model_name: str, priority: bool, in_flight: int | None) -> dic
             compiler = MinutesCompiler(
                 options,
                 in_thread(engine.recognize),
-                language_confidence=config.recognizer.language_confidence,
+                decode=decode_passes(config),
             )
             result = await compiler.compile(Path(config.spool.dir), f"bench-{meeting}")
             direct[meeting][str(in_flight)] = {

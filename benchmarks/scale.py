@@ -41,6 +41,7 @@ from benchmarks import live
 from benchmarks.common import ROOT, machine, write_results
 from benchmarks.raycluster import BIN, LocalRayCluster
 from terra.audio import SAMPLE_RATE
+from terra.recognizer.options import DecodeOptions
 from terra.recognizer.types import Priority, RecognitionRequest
 from terra.streamclient import load_audio
 
@@ -118,7 +119,7 @@ def serialization_cost() -> list[dict[str, float]]:
             audio=np.ascontiguousarray(audio[: seconds * SAMPLE_RATE]),
             language="en",
             priority=Priority.PROGRESS,
-            beam_size=1,
+            options=DecodeOptions(),
         )
         reps = 500
         started = time.perf_counter()

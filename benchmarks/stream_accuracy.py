@@ -30,9 +30,10 @@ from benchmarks.common import (
     running_server,
     write_results,
 )
-from terra.config import ModelConfig, load_config
+from terra.config import load_config
 from terra.models import resolve_model
 from terra.recognizer.engine import WhisperEngine, load_whisper
+from terra.recognizer.options import engine_settings
 from terra.streamclient import ParticipantSource, stream_participants
 
 # Twice real time: with progress passes at most once a second per participant, each 2 s
@@ -77,8 +78,9 @@ async def measure(model_name: str, settings: list[str]) -> dict[str, Any]:
         overrides=overrides,
     )
     path = resolve_model(model_name, ROOT / config.model.models_dir, allow_download=False)
-    model = load_whisper(path, ModelConfig(cpu_threads=config.model.cpu_threads))
-    engine = WhisperEngine(model, config.recognizer)
+    engine_config = engine_settings(config, path, workers=1)
+    model = load_whisper(engine_config)
+    engine = WhisperEngine(model, engine_config)
     clips = corpus()
     long_clips = [
         Clip(SPEECH / "long" / f"{lang}_60s.wav", lang, 60.0, "") for lang in ("ru", "en")

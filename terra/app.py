@@ -28,6 +28,7 @@ from terra.models import resolve_model
 from terra.recognizer.backend import Recognizer
 from terra.recognizer.engine import WhisperEngine, load_whisper
 from terra.recognizer.naive import NaiveEngine
+from terra.recognizer.options import decode_passes, engine_settings
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import RecognitionEngine, Vocabulary
 from terra.recognizer.vocabulary import load_vocabulary
@@ -47,15 +48,18 @@ def model_path(config: Config) -> str:
 
 def build_engine(config: Config) -> RecognitionEngine:
     """Resolve and load the configured model (blocking: call it off the event loop)."""
-    path = model_path(config)
+    settings = engine_settings(config, model_path(config))
     started = time.perf_counter()
-    model = load_whisper(path, config.model, workers=config.recognizer.workers)
+    model = load_whisper(settings)
     log.info(
-        "model %s loaded from %s in %.1f s", config.model.name, path, time.perf_counter() - started
+        "model %s loaded from %s in %.1f s",
+        config.model.name,
+        settings.model_path,
+        time.perf_counter() - started,
     )
     if config.recognizer.mode == "naive":
         return NaiveEngine(model)
-    return WhisperEngine(model, config.recognizer)
+    return WhisperEngine(model, settings)
 
 
 @web.middleware
@@ -102,6 +106,7 @@ def create_app(config: Config, engine: RecognitionEngine | None = None) -> web.A
         client_max_size=config.server.max_upload_bytes + 64 * 1024,
     )
     app[keys.CONFIG] = config
+    app[keys.DECODE] = decode_passes(config)
     app[keys.METRICS] = create_metrics()
     app[keys.SPOOL] = Spool(Path(config.spool.dir), fsync=config.spool.fsync)
     app[keys.FEED] = FeedHub(config.feed)
@@ -147,6 +152,7 @@ def _recognizer_ctx(
         live = LiveService(
             config.stream,
             config.recognizer,
+            app[keys.DECODE],
             scheduler,
             app[keys.SPOOL],
             app[keys.METRICS],

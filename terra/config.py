@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from terra.chunking import ChunkOptions
+from terra.recognizer.options import DecodeRules, WindowOptions
 
 log = logging.getLogger(__name__)
 
@@ -94,35 +95,27 @@ class RecognizerConfig:
     # Where recognition runs: local (this process's scheduler) | ray (a Ray Serve app, see
     # ClusterConfig and `terra recognizer`).
     backend: str = "local"
+    # The scheduler
     max_batch_size: int = 8
     workers: int = 2
     batch_wait_ms: int = 15
     batch_burst_ms: int = 100
-    window_buckets_s: tuple[float, ...] = (5.0, 8.0, 10.0, 20.0, 30.0)
-    batch_window_s: float = 10.0
-    min_context_tokens: int = 16
-    trailing_margin_s: float = 2.0
-    tokens_per_second: float = 12.0
-    tokens_extra: int = 10
-    progress_beam_size: int = 1
-    final_beam_size: int = 3
-    use_timestamp_tokens: bool = True
-    commit: bool = True
-    commit_edge_guard_s: float = 1.0
-    commit_force_after_s: float = 6.0
-    commit_force_guard_s: float = 3.0
-    no_speech_threshold: float = 0.6
-    no_speech_drop_threshold: float = 0.7
-    logprob_threshold: float = -1.0
-    compression_ratio_threshold: float = 2.4
-    language_fallback: str = "ru"
-    language_confidence: float = 0.6
-    detect_languages: tuple[str, ...] = ("ru", "en", "es", "ar", "tr", "uz")
     max_queue: int = 256
     # Overload: at this many finals waiting, no progress pass is queued (finals take the whole
     # recognizer; they are never dropped) and /healthz says saturated.
     max_queued_finals: int = 64
     saturated_wait_s: float = 2.0  # a final waiting this long: saturated
+    # The engine: load-time window fitting, and the rules every pass decodes by
+    # (terra.recognizer.options; the passes' own options: decode_passes).
+    window: WindowOptions = field(default_factory=WindowOptions)
+    decoding: DecodeRules = field(default_factory=DecodeRules)
+    # Live passes
+    progress_beam_size: int = 1
+    final_beam_size: int = 3
+    commit: bool = True
+    commit_edge_guard_s: float = 1.0
+    commit_force_after_s: float = 6.0
+    commit_force_guard_s: float = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,8 +443,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("cluster: 1 <= min_replicas <= max_replicas")
     if min(cluster.replica_workers, cluster.max_in_flight, cluster.max_ongoing_requests) < 1:
         raise ConfigError("cluster.replica_workers, max_in_flight, max_ongoing_requests: >= 1")
-    if not config.recognizer.window_buckets_s or max(config.recognizer.window_buckets_s) > 30:
-        raise ConfigError("recognizer.window_buckets_s: non-empty, each at most 30 s")
+    buckets = config.recognizer.window.window_buckets_s
+    if not buckets or max(buckets) > 30:
+        raise ConfigError("recognizer.window.window_buckets_s: non-empty, each at most 30 s")
+    if min(config.recognizer.progress_beam_size, config.recognizer.final_beam_size) < 1:
+        raise ConfigError("recognizer.progress_beam_size, final_beam_size: at least 1")
     if config.stream.max_combination_ms > 30_000:
         raise ConfigError("stream.max_combination_ms: at most 30000 (Whisper's window)")
     feed = config.feed

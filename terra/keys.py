@@ -10,11 +10,13 @@ from terra.live import LiveService
 from terra.metrics import Metrics
 from terra.minutes.service import MinutesService
 from terra.recognizer.backend import Recognizer
+from terra.recognizer.options import DecodePasses
 from terra.recognizer.types import Vocabulary
 from terra.spool import Spool
 from terra.translate.service import TranslationService
 
 CONFIG = web.AppKey("config", Config)
+DECODE = web.AppKey("decode", DecodePasses)  # each kind of pass's DecodeOptions
 METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", Spool)
 ENGINE = web.AppKey("engine", Vocabulary)  # the model's tokens (recognition: SCHEDULER)

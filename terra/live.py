@@ -25,6 +25,7 @@ from terra.recognizer.commit import (
     shift,
     split_segments,
 )
+from terra.recognizer.options import DecodePasses
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest, Vocabulary
 from terra.spool import Spool, post_key
 from terra.stream import (
@@ -136,16 +137,19 @@ class LiveService:
         self,
         stream_config: StreamConfig,
         recognizer_config: RecognizerConfig,
+        decode: DecodePasses,
         scheduler: Recognizer,
         spool: Spool,
         metrics: Metrics,
         vocabulary: Vocabulary,
         listener: LiveListener | None = None,
     ) -> None:
-        """``vocabulary`` is used for its token helpers only; recognition goes through the
+        """``decode``: the progress, final and caption passes' options (``decode_passes``).
+        ``vocabulary`` is used for its token helpers only; recognition goes through the
         scheduler. ``listener`` is told of joins, leaves and text (the viewers' feed)."""
         self._stream_config = stream_config
         self._recognizer_config = recognizer_config
+        self._decode = decode
         self._scheduler = scheduler
         self._spool = spool
         self._metrics = metrics
@@ -329,7 +333,7 @@ class LiveService:
                 audio=combination.uncommitted_audio,
                 language=session.language,
                 priority=Priority.FINAL,
-                beam_size=self._recognizer_config.final_beam_size,
+                options=self._decode.final,
                 prompt_tokens=combination.committed_tokens,
             )
             future = self._scheduler.submit(request)
@@ -341,8 +345,7 @@ class LiveService:
                         audio=combination.audio,
                         language=session.language,
                         priority=Priority.FINAL,
-                        beam_size=self._recognizer_config.final_beam_size,
-                        task="translate",
+                        options=self._decode.translate,
                     )
                 )
             self._track(session, self._settle_final(session, combination, future, translation))
@@ -415,7 +418,7 @@ class LiveService:
             audio=combination.uncommitted_audio,
             language=session.language,
             priority=Priority.PROGRESS,
-            beam_size=self._recognizer_config.progress_beam_size,
+            options=self._decode.progress,
             prompt_tokens=combination.committed_tokens,
         )
         future = self._scheduler.submit(request, coalesce_key=combination.id)
@@ -489,7 +492,7 @@ class LiveService:
 
     def _learn_language(self, session: Session, result: Recognition) -> None:
         if session.language is None and (
-            result.language_probability >= self._recognizer_config.language_confidence
+            result.language_probability >= self._decode.progress.rules.language_confidence
         ):
             session.language = result.language
             log.info(

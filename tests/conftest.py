@@ -21,9 +21,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from terra.app import create_app
 from terra.audio import SAMPLE_RATE, Samples, encode_wav
-from terra.config import Config, ModelConfig, RecognizerConfig, load_config
+from terra.config import Config, load_config
 from terra.models import resolve_model
 from terra.recognizer.engine import WhisperEngine, load_whisper
+from terra.recognizer.options import EngineSettings
 from terra.recognizer.types import RecognitionEngine
 from terra.streamclient import load_audio
 from tests.fakes import FakeEngine
@@ -67,8 +68,8 @@ def cer(reference: str, hypothesis: str) -> float:
 def engine() -> WhisperEngine:
     """The packaged `base` model, assembled into models/ if needed, loaded once."""
     path = resolve_model("base", ROOT / "models", allow_download=False)
-    model = load_whisper(path, ModelConfig(cpu_threads=2))
-    return WhisperEngine(model, RecognizerConfig())
+    settings = EngineSettings(model_path=path, cpu_threads=2)
+    return WhisperEngine(load_whisper(settings), settings)
 
 
 def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:

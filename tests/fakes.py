@@ -84,7 +84,7 @@ class FakeEngine:
 
     # -- the protocol ----------------------------------------------------------------------
     def batch_key(self, request: RecognitionRequest) -> tuple[float, int]:
-        return (30.0, max(request.beam_size, request.num_hypotheses))
+        return (30.0, max(request.options.beam_size, request.options.num_hypotheses))
 
     def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
         with self._lock:
@@ -118,7 +118,7 @@ class FakeEngine:
         tokens: list[int] = []
         segments = []
         for index, word in said:
-            if request.task == "translate":
+            if request.options.task == "translate":
                 word = word.upper()
             start = index * WINDOW_SAMPLES / SAMPLE_RATE
             end = (index + 1) * WINDOW_SAMPLES / SAMPLE_RATE
@@ -128,10 +128,12 @@ class FakeEngine:
                 self._token(word),
                 TIMESTAMP_BEGIN + step + STEPS_PER_WINDOW,
             ]
-            words = (Word(start, end, " " + word, 0.9),) if request.word_timestamps else ()
+            words = (Word(start, end, " " + word, 0.9),) if request.options.word_timestamps else ()
             segments.append(Segment(start, end, " " + word, words))
         text = "".join(s.text for s in segments)
-        alternatives = tuple(text + " " + WORDS[n] for n in range(1, request.num_hypotheses))
+        alternatives = tuple(
+            text + " " + WORDS[n] for n in range(1, request.options.num_hypotheses)
+        )
         return Recognition(
             text=text,
             tokens=tuple(tokens),

@@ -8,7 +8,8 @@ import pytest
 
 from terra.audio import SAMPLE_RATE
 from terra.recognizer.engine import WhisperEngine, generation_limit
-from terra.recognizer.types import Priority, RecognitionRequest
+from terra.recognizer.options import DecodeOptions, DecodeRules
+from terra.recognizer.types import DropReason, Priority, RecognitionRequest
 
 from .conftest import SPEECH, cer, clip, load_clip
 
@@ -46,13 +47,23 @@ def test_a_short_tail_after_a_long_context_keeps_its_words(engine: WhisperEngine
     anna = load_clip(PLANERKA / "anna.flac")
     opening = anna[int(0.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)]
     tail = anna[int(7.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)]  # "Первый вопрос ..."
-    context = engine.recognize([RecognitionRequest(opening, "ru", Priority.FINAL, 5)])[0].tokens
+    context = engine.recognize(
+        [RecognitionRequest(opening, "ru", Priority.FINAL, DecodeOptions(beam_size=5))]
+    )[0].tokens
     long_context = tuple(t for t in context if t < EOT) * 4  # ~4 sentences said before
     assert len(long_context) > 100
     expected = "Первый вопрос касается запуска новой версии сервиса в понедельник."
     for beam in (1, 5):
         result = engine.recognize(
-            [RecognitionRequest(tail, "ru", Priority.FINAL, beam, prompt_tokens=long_context)]
+            [
+                RecognitionRequest(
+                    tail,
+                    "ru",
+                    Priority.FINAL,
+                    DecodeOptions(beam_size=beam),
+                    prompt_tokens=long_context,
+                )
+            ]
         )[0]
         assert cer(expected, result.text) <= 0.15, (beam, result.text)
 
@@ -62,7 +73,9 @@ def test_beam_search_that_loops_is_decoded_again(engine: WhisperEngine) -> None:
     утро, коллеги!" over and over); the engine decodes it again in a 30 s window."""
     anna = load_clip(PLANERKA / "anna.flac")
     opening = anna[int(0.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)]
-    result = engine.recognize([RecognitionRequest(opening, "ru", Priority.FINAL, 5)])[0]
+    result = engine.recognize(
+        [RecognitionRequest(opening, "ru", Priority.FINAL, DecodeOptions(beam_size=5))]
+    )[0]
     expected = (
         "Доброе утро, коллеги. Давайте начнём планёрку, у нас сегодня три вопроса. "
         "Первый вопрос касается запуска новой версии сервиса в понедельник."
@@ -78,24 +91,30 @@ def test_one_call_serves_mixed_windows_and_contexts(engine: WhisperEngine) -> No
     audio = load_clip(jfk.path)
     anna = load_clip(PLANERKA / "anna.flac")
     opening = anna[int(0.3 * SAMPLE_RATE) : int(7.0 * SAMPLE_RATE)]
-    said = engine.recognize([RecognitionRequest(opening, "ru", Priority.FINAL, 1)])[0].tokens
+    said = engine.recognize(
+        [RecognitionRequest(opening, "ru", Priority.FINAL, DecodeOptions(beam_size=1))]
+    )[0].tokens
     context = tuple(t for t in said if t < EOT)
     assert len(context) > 20
     requests = [
-        RecognitionRequest(audio[: 3 * SAMPLE_RATE], "en", Priority.PROGRESS, 1),
-        RecognitionRequest(audio[: 7 * SAMPLE_RATE], "en", Priority.PROGRESS, 1),
+        RecognitionRequest(
+            audio[: 3 * SAMPLE_RATE], "en", Priority.PROGRESS, DecodeOptions(beam_size=1)
+        ),
+        RecognitionRequest(
+            audio[: 7 * SAMPLE_RATE], "en", Priority.PROGRESS, DecodeOptions(beam_size=1)
+        ),
         RecognitionRequest(
             anna[int(7.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)],
             "ru",
             Priority.PROGRESS,
-            1,
+            DecodeOptions(),
             prompt_tokens=context,
         ),
         RecognitionRequest(
             anna[int(7.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)],
             "ru",
             Priority.PROGRESS,
-            1,
+            DecodeOptions(),
             prompt_tokens=context[-20:],
         ),
     ]
@@ -105,3 +124,20 @@ def test_one_call_serves_mixed_windows_and_contexts(engine: WhisperEngine) -> No
     alone = [engine.recognize([r])[0] for r in requests]
     for a, b in zip(alone, together):
         assert a.text.strip() and cer(a.text, b.text) <= 0.1, (a.text, b.text)
+
+
+def test_decode_rules_are_per_request_within_one_call(engine: WhisperEngine) -> None:
+    """Two requests in one model call, one whose rules drop any text Whisper doubts is
+    speech at all (no_speech_drop_threshold below every probability): the guards apply each
+    request's own rules, and say why the text went."""
+    audio = load_clip(clip("clips/faster_whisper/jfk.flac").path)[: 4 * SAMPLE_RATE]
+    strict = DecodeOptions(rules=DecodeRules(no_speech_drop_threshold=-1.0))
+    requests = [
+        RecognitionRequest(audio, "en", Priority.PROGRESS, DecodeOptions()),
+        RecognitionRequest(audio, "en", Priority.PROGRESS, strict),
+    ]
+    (kept, dropped), timings = engine.recognize_timed(requests)
+    assert [t.batch_size for t in timings] == [2]
+    assert kept.dropped_reason is None and kept.text.strip()
+    assert dropped.dropped_reason is DropReason.NO_SPEECH
+    assert (dropped.text, dropped.tokens, dropped.segments) == ("", (), ())

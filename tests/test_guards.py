@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from terra.config import RecognizerConfig
 from terra.recognizer.guards import (
     collapse_repeats,
     compression_ratio,
     drop_reason,
     is_known_hallucination,
 )
+from terra.recognizer.options import DecodeRules
 from terra.recognizer.types import DropReason
 
 
@@ -36,12 +36,12 @@ def test_known_hallucinations() -> None:
 
 
 def test_drop_reasons() -> None:
-    config = RecognizerConfig()
-    assert drop_reason(" Hello there.", 0.1, -0.3, config) is None
-    assert drop_reason(" Hello there.", 0.65, -1.5, config) is DropReason.NO_SPEECH
-    assert drop_reason(" Hello there.", 0.65, -0.3, config) is None  # unsure, but clear text
-    assert drop_reason(" Hello there.", 0.95, -0.3, config) is DropReason.NO_SPEECH
-    assert drop_reason(" Thank you for watching!", 0.1, -0.3, config) is (
+    rules = DecodeRules()
+    assert drop_reason(" Hello there.", 0.1, -0.3, rules) is None
+    assert drop_reason(" Hello there.", 0.65, -1.5, rules) is DropReason.NO_SPEECH
+    assert drop_reason(" Hello there.", 0.65, -0.3, rules) is None  # unsure, but clear text
+    assert drop_reason(" Hello there.", 0.95, -0.3, rules) is DropReason.NO_SPEECH
+    assert drop_reason(" Thank you for watching!", 0.1, -0.3, rules) is (
         DropReason.KNOWN_HALLUCINATION
     )
-    assert drop_reason(" [MUSIC]", 0.1, -0.3, config) is DropReason.KNOWN_HALLUCINATION
+    assert drop_reason(" [MUSIC]", 0.1, -0.3, rules) is DropReason.KNOWN_HALLUCINATION

@@ -15,7 +15,7 @@ from lxml import etree
 
 from terra.audio import SAMPLE_RATE, Samples, encode_wav, samples_to_ms
 from terra.chunking import plan_chunks, speech_regions, split_long
-from terra.config import JobsConfig, MinutesConfig
+from terra.config import Config, JobsConfig, MinutesConfig
 from terra.jobs import JobStatus, JobStore, new_job
 from terra.minutes.compiler import (
     CompileResult,
@@ -29,6 +29,7 @@ from terra.minutes.compiler import (
 from terra.minutes.formats import render, to_json, to_md, to_srt, to_vtt, to_xml, validate_xml
 from terra.minutes.service import MinutesService, State
 from terra.minutes.types import Minutes, Phrase, Speaker
+from terra.recognizer.options import decode_passes
 from terra.recognizer.types import (
     DropReason,
     Priority,
@@ -272,7 +273,9 @@ def compile_minutes(
 ) -> CompileResult:
     """A compile with the default settings and a blocking stand-in, as the command line runs
     one with the engine."""
-    compiler = MinutesCompiler(MinutesConfig(), in_thread(stand_in), progress=progress)
+    compiler = MinutesCompiler(
+        MinutesConfig(), in_thread(stand_in), decode=decode_passes(Config()), progress=progress
+    )
     return asyncio.run(compiler.compile(spool_root, conference_id))
 
 
@@ -305,11 +308,11 @@ def test_compiler_keeps_overlapping_speech_as_two_phrases(tmp_path: Path) -> Non
     # No lang1: one greedy request per participant detects the language on their speech.
     every = [r for call in stand_in.calls for r in call]
     detection = every[:2]
-    assert [(r.language, r.beam_size) for r in detection] == [(None, 1), (None, 1)]
+    assert [(r.language, r.options.beam_size) for r in detection] == [(None, 1), (None, 1)]
     assert all(r.audio.size > 4 * SAMPLE_RATE for r in detection)
     requests = every[2:]
-    assert all(r.priority is Priority.BACKGROUND and r.beam_size == 5 for r in requests)
-    assert all(r.word_timestamps and r.language == "en" for r in requests)
+    assert all(r.priority is Priority.BACKGROUND and r.options.beam_size == 5 for r in requests)
+    assert all(r.options.word_timestamps and r.language == "en" for r in requests)
     assert max(len(c) for c in stand_in.calls) <= MinutesConfig().max_in_flight
     assert seen == sorted(seen) and seen[-1] == 1.0
     assert result.digest and result.speech_s > 10
@@ -370,6 +373,7 @@ def service_for(tmp_path: Path, recognize: StandIn, delay_s: float = 0.0) -> Min
         JobsConfig(),
         tmp_path / "spool",
         fake_submit(recognize, delay_s),
+        decode=decode_passes(Config()),
         model="stand-in",
         fsync=False,
     )
@@ -510,7 +514,12 @@ async def test_service_compiles_as_many_conferences_at_once_as_configured(tmp_pa
         dir=str(tmp_path / "minutes"), jobs_dir=str(tmp_path / "jobs"), workers=2
     )
     service = MinutesService(
-        config, JobsConfig(), tmp_path / "spool", fake_submit(StandIn(), 0.2), fsync=False
+        config,
+        JobsConfig(),
+        tmp_path / "spool",
+        fake_submit(StandIn(), 0.2),
+        decode=decode_passes(Config()),
+        fsync=False,
     )
     await service.start()
     try:

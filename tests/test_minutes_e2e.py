@@ -31,6 +31,7 @@ from terra.cli import main as terra_main
 from terra.jobs import JobStatus, JobStore
 from terra.minutes.formats import validate_xml
 from terra.recognizer.engine import WhisperEngine
+from terra.recognizer.options import DecodeOptions
 from terra.recognizer.types import Priority, RecognitionRequest
 from terra.spool import Spool
 
@@ -454,22 +455,17 @@ def test_engine_times_words_and_takes_context_of_any_length(engine: WhisperEngin
     anna = load_clip(PLANERKA / "anna.flac")
     first = anna[int(0.3 * SAMPLE_RATE) : int(7.0 * SAMPLE_RATE)]  # "Доброе утро, коллеги..."
     second = anna[int(7.3 * SAMPLE_RATE) : int(13.0 * SAMPLE_RATE)]  # "Первый вопрос..."
-    context = engine.recognize([RecognitionRequest(first, "ru", Priority.FINAL, 5)])[0]
+    beam = DecodeOptions(beam_size=5)
+    timed = DecodeOptions(beam_size=5, word_timestamps=True)
+    context = engine.recognize([RecognitionRequest(first, "ru", Priority.FINAL, beam)])[0]
     assert context.tokens and context.segments
     requests = [
+        RecognitionRequest(second, "ru", Priority.BACKGROUND, timed, prompt_tokens=context.tokens),
         RecognitionRequest(
-            second, "ru", Priority.BACKGROUND, 5, prompt_tokens=context.tokens, word_timestamps=True
+            second, "ru", Priority.BACKGROUND, timed, prompt_tokens=context.tokens[:4]
         ),
-        RecognitionRequest(
-            second,
-            "ru",
-            Priority.BACKGROUND,
-            5,
-            prompt_tokens=context.tokens[:4],
-            word_timestamps=True,
-        ),
-        RecognitionRequest(first, "ru", Priority.BACKGROUND, 5, word_timestamps=True),
-        RecognitionRequest(second, "ru", Priority.FINAL, 5),
+        RecognitionRequest(first, "ru", Priority.BACKGROUND, timed),
+        RecognitionRequest(second, "ru", Priority.FINAL, beam),
     ]
     results = engine.recognize(requests)
     assert len(results) == len(requests)
@@ -482,7 +478,7 @@ def test_engine_times_words_and_takes_context_of_any_length(engine: WhisperEngin
         )
         duration = request.audio.size / SAMPLE_RATE
         words = [w for s in result.segments for w in s.words]
-        if not request.word_timestamps:
+        if not request.options.word_timestamps:
             assert not words
             continue
         assert "".join(w.text for w in words).split() == result.text.split()

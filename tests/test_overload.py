@@ -19,6 +19,7 @@ import pytest
 from terra.audio import SAMPLE_RATE, encode_wav
 from terra.config import RecognizerConfig
 from terra.metrics import create_metrics
+from terra.recognizer.options import DecodeOptions
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest
 from tests.conftest import TOKEN, ServerFactory, post_fragment
@@ -55,7 +56,7 @@ async def scheduler_of(
 
 
 def request(language: str, priority: Priority = Priority.PROGRESS) -> RecognitionRequest:
-    return RecognitionRequest(VOICED, language, priority, 1)
+    return RecognitionRequest(VOICED, language, priority, DecodeOptions())
 
 
 async def test_a_request_that_fails_in_a_batch_fails_alone() -> None:

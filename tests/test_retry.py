@@ -8,6 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from terra.recognizer.options import DecodeOptions
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest
 from terra.retry import Backoff, Retryable, retryable_status, retrying, until_taken
 
@@ -56,7 +57,7 @@ async def test_a_dropped_recognition_is_sent_again_until_taken() -> None:
         audio=np.zeros(16000, dtype=np.float32),
         language="en",
         priority=Priority.BACKGROUND,
-        beam_size=1,
+        options=DecodeOptions(),
     )
     recognition = Recognition(
         text="ok",

@@ -12,6 +12,7 @@ from terra.audio import SAMPLE_RATE
 from terra.config import RecognizerConfig
 from terra.metrics import create_metrics
 from terra.recognizer.engine import WhisperEngine
+from terra.recognizer.options import DecodeOptions
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import Priority, RecognitionRequest
 
@@ -53,7 +54,7 @@ async def test_idle_workers_split_the_waiting_work(engine: WhisperEngine) -> Non
     calls: list[int] = []
     async with running(engine, calls, workers=2) as scheduler:
         futures = [
-            scheduler.submit(RecognitionRequest(audio, "en", Priority.PROGRESS, 1))
+            scheduler.submit(RecognitionRequest(audio, "en", Priority.PROGRESS, DecodeOptions()))
             for _ in range(4)
         ]
         results = [await f for f in futures]
@@ -65,9 +66,9 @@ async def test_a_withdrawn_request_is_never_recognized(engine: WhisperEngine) ->
     audio = load_clip(clip("clips/faster_whisper/jfk.flac").path)[: 4 * SAMPLE_RATE]
     calls: list[int] = []
     async with running(engine, calls, workers=1) as scheduler:
-        first = scheduler.submit(RecognitionRequest(audio, "en", Priority.FINAL, 1))
+        first = scheduler.submit(RecognitionRequest(audio, "en", Priority.FINAL, DecodeOptions()))
         waiting = scheduler.submit(
-            RecognitionRequest(audio, "en", Priority.PROGRESS, 1), coalesce_key="c1"
+            RecognitionRequest(audio, "en", Priority.PROGRESS, DecodeOptions()), coalesce_key="c1"
         )
         assert scheduler.is_waiting("c1")
         scheduler.withdraw("c1")

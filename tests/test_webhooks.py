@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 from terra.config import FilesConfig, JobsConfig
 from terra.files.connecte import KIND, ConnecteService
 from terra.jobs.store import Job, JobStatus, JobStore, new_job
+from terra.recognizer.options import DecodeOptions
 from terra.recognizer.types import Recognition, RecognitionRequest
 
 from .fakes import RecordedSleeps
@@ -77,7 +78,13 @@ def service_for(
         **files,
     )
     return ConnecteService(
-        config, JobsConfig(), no_recognizer, payload, fsync=False, sleep=sleep or RecordedSleeps()
+        config,
+        JobsConfig(),
+        DecodeOptions(),
+        no_recognizer,
+        payload,
+        fsync=False,
+        sleep=sleep or RecordedSleeps(),
     )
 
 

@@ -117,6 +117,7 @@ async def connecte_ctx(app: web.Application) -> AsyncIterator[None]:
     service = ConnecteService(
         config.files,
         config.jobs,
+        app[keys.DECODE].files,
         app[keys.SCHEDULER].submit,
         payload,
         fsync=config.spool.fsync,

@@ -76,7 +76,7 @@ async def minutes_ctx(app: web.Application) -> AsyncIterator[None]:
         config.jobs,
         Path(config.spool.dir),
         app[keys.SCHEDULER].submit,
-        language_confidence=config.recognizer.language_confidence,
+        decode=app[keys.DECODE],
         model=config.model.name,
         zone=zone_of(config.stream.timezone),
         fsync=config.spool.fsync,

@@ -160,7 +160,12 @@ async def salute_ctx(app: web.Application) -> AsyncIterator[None]:
     """The SaluteSpeech job service; after the recognizer's context (it submits there)."""
     config = app[keys.CONFIG]
     service = salute_service(
-        config.files, config.jobs, app[keys.ENGINE], app[keys.SCHEDULER].submit, config.spool.fsync
+        config.files,
+        config.jobs,
+        app[keys.DECODE].files,
+        app[keys.ENGINE],
+        app[keys.SCHEDULER].submit,
+        config.spool.fsync,
     )
     app[SALUTE] = service
     await service.start()

@@ -12,6 +12,7 @@ pool, timeout and answer-size limit, apart from the audio downloads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +25,7 @@ from terra.files.service import FileJobService
 from terra.files.transcribe import FileOptions, Utterance, transcribe
 from terra.jobs.runner import JobFailed
 from terra.jobs.store import Job
+from terra.recognizer.options import DecodeOptions
 from terra.retry import Backoff, Retryable, Sleep, Submit, retryable_status, retrying
 
 log = logging.getLogger(__name__)
@@ -34,12 +36,12 @@ KIND = "connecte"
 Payload = Callable[[Job], Awaitable[dict[str, Any]]]
 
 
-def file_options(config: FilesConfig, language: str | None, task: str, words: bool) -> FileOptions:
+def file_options(
+    config: FilesConfig, decode: DecodeOptions, language: str | None, task: str, words: bool
+) -> FileOptions:
     return FileOptions(
+        decode=dataclasses.replace(decode, task=task, word_timestamps=words),
         language=language,
-        task=task,
-        beam_size=config.beam_size,
-        word_timestamps=words,
         chunking=config.chunking,
         max_in_flight=config.max_in_flight,
     )
@@ -69,6 +71,7 @@ class ConnecteService:
         self,
         config: FilesConfig,
         jobs: JobsConfig,
+        decode: DecodeOptions,
         submit: Submit,
         payload: Payload,
         *,
@@ -76,6 +79,7 @@ class ConnecteService:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._config = config
+        self._decode = decode
         self._submit = submit
         self._payload = payload
         self._sleep = sleep
@@ -140,7 +144,7 @@ class ConnecteService:
         language = None if params["language"] == "auto" else params["language"]
         utterances = await transcribe(
             tracks,
-            file_options(config, language, "transcribe", params["word_timestamp"]),
+            file_options(config, self._decode, language, "transcribe", params["word_timestamp"]),
             self._submit,
         )
         detected = utterances[0].language if utterances else (language or "")
@@ -148,7 +152,9 @@ class ConnecteService:
         if params["translate"]:
             translated = await transcribe(
                 tracks,
-                file_options(config, language or detected or None, "translate", False),
+                file_options(
+                    config, self._decode, language or detected or None, "translate", False
+                ),
                 self._submit,
             )
             translation = " ".join(u.text for u in translated)

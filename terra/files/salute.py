@@ -22,6 +22,7 @@ from terra.files.service import FileJobService
 from terra.files.transcribe import FileOptions, Utterance, hint_tokens, transcribe
 from terra.jobs.runner import JobFailed
 from terra.jobs.store import Job
+from terra.recognizer.options import DecodeOptions
 from terra.recognizer.types import Vocabulary
 from terra.retry import Submit
 
@@ -52,15 +53,15 @@ class SaluteOptions:
 
 
 def file_options(
-    options: SaluteOptions, config: FilesConfig, prompt: tuple[int, ...]
+    options: SaluteOptions, config: FilesConfig, decode: DecodeOptions, prompt: tuple[int, ...]
 ) -> FileOptions:
     """Salute's timeouts as VAD settings: ``max_speech_timeout`` caps an utterance's length,
     ``hints.eou_timeout`` is the pause that ends one, and no utterance spans a stretch without
     speech longer than ``no_speech_timeout``."""
     chunking = config.chunking
     return FileOptions(
+        decode=dataclasses.replace(decode, num_hypotheses=options.hypotheses_count),
         language=options.language,
-        beam_size=config.beam_size,
         prompt_tokens=prompt,
         chunking=dataclasses.replace(
             chunking,
@@ -69,7 +70,6 @@ def file_options(
             max_chunk_s=min(chunking.max_chunk_s, max(1.0, options.max_speech_timeout_ms / 1000)),
         ),
         max_in_flight=config.max_in_flight,
-        num_hypotheses=options.hypotheses_count,
     )
 
 
@@ -139,6 +139,7 @@ def result_json(
 def salute_service(
     config: FilesConfig,
     jobs: JobsConfig,
+    decode: DecodeOptions,
     engine: Vocabulary,
     submit: Submit,
     fsync: bool = True,
@@ -165,7 +166,7 @@ def salute_service(
         except AudioDecodeError as e:
             raise JobFailed(str(e)) from e
         prompt = hint_tokens(engine, options.words)
-        utterances = await transcribe(tracks, file_options(options, config, prompt), submit)
+        utterances = await transcribe(tracks, file_options(options, config, decode, prompt), submit)
         return result_json(utterances, options, config.profanity_words)
 
     service = FileJobService(config, jobs, KIND, recognize, fsync=fsync)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from terra.audio import SAMPLE_RATE, Samples
 from terra.chunking import ChunkOptions, plan_track
+from terra.recognizer.options import DecodeOptions
 from terra.recognizer.types import (
     Priority,
     Recognition,
@@ -30,14 +31,11 @@ log = logging.getLogger(__name__)
 class FileOptions:
     """Per-file recognition settings (the dialects map their parameters onto these)."""
 
+    decode: DecodeOptions  # the files pass's (files.beam_size), with the job's task and words
     language: str | None = None  # None: detect per chunk
-    task: str = "transcribe"
-    beam_size: int = 5
     prompt_tokens: tuple[int, ...] = ()
-    word_timestamps: bool = False
     chunking: ChunkOptions = ChunkOptions()
     max_in_flight: int = 3
-    num_hypotheses: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +68,8 @@ async def transcribe(
             audio=tracks[channel][start:end],
             language=options.language,
             priority=Priority.BACKGROUND,
-            beam_size=options.beam_size,
-            task=options.task,
+            options=options.decode,
             prompt_tokens=options.prompt_tokens,
-            word_timestamps=options.word_timestamps,
-            num_hypotheses=options.num_hypotheses,
         )
         async with gate:
             result = await until_taken(submit, request)

@@ -34,6 +34,7 @@ def run_minutes_command(args: argparse.Namespace) -> int:
     from terra.models import resolve_model
     from terra.params import ParamError, validate_id
     from terra.recognizer.engine import WhisperEngine, load_whisper
+    from terra.recognizer.options import decode_passes, engine_settings
     from terra.spool import read_conference
 
     overrides: dict[str, dict[str, object]] = {}
@@ -56,7 +57,8 @@ def run_minutes_command(args: argparse.Namespace) -> int:
             Path(config.model.models_dir),
             allow_download=config.model.allow_download,
         )
-        engine = WhisperEngine(load_whisper(path, config.model), config.recognizer)
+        settings = engine_settings(config, path, workers=1)
+        engine = WhisperEngine(load_whisper(settings), settings)
     except (OSError, RuntimeError, ValueError) as e:
         print(f"terra minutes: {e}", file=sys.stderr)
         return 1
@@ -79,7 +81,7 @@ def run_minutes_command(args: argparse.Namespace) -> int:
             compiler = MinutesCompiler(
                 config.minutes,
                 in_thread(engine.recognize),
-                language_confidence=config.recognizer.language_confidence,
+                decode=decode_passes(config),
                 model=config.model.name,
                 progress=progress,
             )

@@ -34,6 +34,7 @@ from terra.audio import SAMPLE_RATE, AudioLimits, Samples, decode_audio, ms_to_s
 from terra.chunking import plan_flags
 from terra.config import MinutesConfig
 from terra.minutes.types import Minutes, Phrase, Speaker
+from terra.recognizer.options import DecodePasses
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest, Word
 from terra.spool import StoredParticipant, conference_digest, read_conference
 
@@ -241,13 +242,15 @@ class MinutesCompiler:
         config: MinutesConfig,
         recognize: Recognize,
         *,
-        language_confidence: float = 0.6,
+        decode: DecodePasses,
         model: str = "",
         progress: Progress | None = None,
     ) -> None:
+        """``decode``: the options of the language detection and the minutes' passes."""
         self._config = config
         self._recognize = recognize
-        self._language_confidence = language_confidence
+        self._decode = decode
+        self._language_confidence = decode.minutes.rules.language_confidence
         self._model = model
         self._progress = progress or (lambda _: None)
 
@@ -347,7 +350,10 @@ class MinutesCompiler:
             samples = await asyncio.to_thread(self._speech_samples, group, cache)
             requests = [
                 RecognitionRequest(
-                    audio=audio, language=None, priority=Priority.BACKGROUND, beam_size=1
+                    audio=audio,
+                    language=None,
+                    priority=Priority.BACKGROUND,
+                    options=self._decode.detect,
                 )
                 for audio in samples
             ]
@@ -432,9 +438,8 @@ class MinutesCompiler:
             audio=read_range(track.placements, start, end, cache),
             language=track.language,
             priority=Priority.BACKGROUND,
-            beam_size=config.beam_size,
+            options=self._decode.minutes,
             prompt_tokens=track.context if context and config.context else (),
-            word_timestamps=config.word_timestamps,
         )
 
     def _phrases(self, track: Track, start: int, end: int, result: Recognition) -> list[Phrase]:

@@ -28,6 +28,7 @@ from terra.jobs.store import Job, JobStatus, JobStore, new_job
 from terra.minutes.compiler import CompileResult, MinutesCompiler
 from terra.minutes.formats import to_xml
 from terra.minutes.types import Minutes
+from terra.recognizer.options import DecodePasses
 from terra.recognizer.types import Recognition, RecognitionRequest
 from terra.retry import Submit, until_taken
 from terra.spool import conference_digest, read_conference, write_atomic
@@ -60,7 +61,7 @@ class MinutesService:
         spool_root: Path,
         submit: Submit,
         *,
-        language_confidence: float = 0.6,
+        decode: DecodePasses,
         model: str = "",
         zone: ZoneInfo | None = None,
         fsync: bool = True,
@@ -69,7 +70,7 @@ class MinutesService:
         self._config = config
         self._spool_root = spool_root
         self._submit = submit
-        self._language_confidence = language_confidence
+        self._decode = decode
         self._model = model
         self._zone = zone
         self._fsync = fsync
@@ -151,7 +152,7 @@ class MinutesService:
         compiler = MinutesCompiler(
             self._config,
             self._recognize,
-            language_confidence=self._language_confidence,
+            decode=self._decode,
             model=self._model,
             progress=progress,
         )

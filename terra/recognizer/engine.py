@@ -26,8 +26,8 @@ from faster_whisper.transcribe import merge_punctuations
 from numpy.typing import NDArray
 
 from terra.audio import SAMPLE_RATE, Samples
-from terra.config import ModelConfig, RecognizerConfig
 from terra.recognizer import guards
+from terra.recognizer.options import EngineSettings
 from terra.recognizer.types import DropReason, Recognition, RecognitionRequest, Segment, Word
 from terra.recognizer.vocabulary import WhisperVocabulary
 
@@ -44,25 +44,26 @@ _PREPEND_PUNCTUATION = "\"'“¿([{-«"
 _APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、»"
 
 
-def load_whisper(model_path: str, config: ModelConfig, workers: int = 1) -> WhisperModel:
+def load_whisper(settings: EngineSettings) -> WhisperModel:
     """Load a faster-whisper model from a folder (or a hub name when downloads are allowed).
 
-    ``workers`` model replicas serve that many concurrent calls (CTranslate2 inter_threads).
+    ``settings.workers`` model replicas serve that many concurrent calls (CTranslate2
+    inter_threads).
     """
     try:
         return WhisperModel(
-            model_path,
-            device=config.device,
-            compute_type=config.compute_type,
+            settings.model_path,
+            device=settings.device,
+            compute_type=settings.compute_type,
             # 0: share the cores among the workers (oversubscribing them costs more than it gives)
-            cpu_threads=config.cpu_threads or max(1, (os.cpu_count() or 1) // workers),
-            num_workers=workers,
-            local_files_only=not config.allow_download,
+            cpu_threads=settings.cpu_threads or max(1, (os.cpu_count() or 1) // settings.workers),
+            num_workers=settings.workers,
+            local_files_only=not settings.allow_download,
         )
     except (RuntimeError, ValueError, OSError) as e:
         raise RuntimeError(
-            f"cannot load Whisper model {model_path!r} "
-            f"on {config.device}/{config.compute_type}: {e}"
+            f"cannot load Whisper model {settings.model_path!r} "
+            f"on {settings.device}/{settings.compute_type}: {e}"
         ) from e
 
 
@@ -89,20 +90,22 @@ class EngineTimings:
 class WhisperEngine(WhisperVocabulary):
     """Fitted-window, batched Whisper recognition.
 
-    Safe for as many concurrent calls as the model has workers (``recognizer.workers``): the
+    ``settings`` are the load-time ones (the model was loaded with them, and the window
+    fitting); how each request is decoded comes with it (``RecognitionRequest.options``).
+    Safe for as many concurrent calls as the model has workers (``settings.workers``): the
     shared state is the CTranslate2 model and read-mostly caches."""
 
-    def __init__(self, model: WhisperModel, config: RecognizerConfig) -> None:
+    def __init__(self, model: WhisperModel, settings: EngineSettings) -> None:
         super().__init__(model.hf_tokenizer)
         self._model = model
         self._ct2: ctranslate2.models.Whisper = model.model
-        self._config = config
-        self._buckets = tuple(sorted(min(b, MAX_WINDOW_S) for b in config.window_buckets_s))
+        self._window = settings.window
+        self._buckets = tuple(sorted(min(b, MAX_WINDOW_S) for b in self._window.window_buckets_s))
         self.multilingual = bool(model.model.is_multilingual)
 
     # -- window sizing -------------------------------------------------------------------
     def window_seconds(self, n_samples: int) -> float:
-        needed = n_samples / SAMPLE_RATE + self._config.trailing_margin_s
+        needed = n_samples / SAMPLE_RATE + self._window.trailing_margin_s
         for bucket in self._buckets:
             if needed <= bucket:
                 return bucket
@@ -110,7 +113,7 @@ class WhisperEngine(WhisperVocabulary):
 
     def token_budget(self, n_samples: int) -> int:
         seconds = n_samples / SAMPLE_RATE
-        budget = math.ceil(self._config.tokens_per_second * seconds) + self._config.tokens_extra
+        budget = math.ceil(self._window.tokens_per_second * seconds) + self._window.tokens_extra
         return min(budget, MAX_DECODER_TOKENS // 2)
 
     def batch_key(self, request: RecognitionRequest) -> tuple[float, int]:
@@ -118,9 +121,10 @@ class WhisperEngine(WhisperVocabulary):
         share one key (the call pads them to its longest): decoding dominates the cost of a
         short window, and decoding is what batching makes cheaper."""
         window_s = self.window_seconds(request.audio.size)
-        shared_s = next((b for b in self._buckets if b >= self._config.batch_window_s), 0.0)
+        shared_s = next((b for b in self._buckets if b >= self._window.batch_window_s), 0.0)
         key_s = shared_s if window_s <= shared_s else window_s
-        return (key_s, max(request.beam_size, request.num_hypotheses))
+        options = request.options
+        return (key_s, max(options.beam_size, options.num_hypotheses))
 
     # -- recognition ---------------------------------------------------------------------
     def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
@@ -136,26 +140,27 @@ class WhisperEngine(WhisperVocabulary):
         # CTranslate2 needs <|startoftranscript|> at one position across a batch: requests
         # with context share a call with their contexts cut to the shortest among them, and
         # a context too short to be worth that cut is dropped instead.
-        # An n-best request needs its own call too (one num_hypotheses per call).
+        # An n-best request needs its own call too (one num_hypotheses per call), and so does
+        # one decoded without timestamp tokens.
         contexts = [self._context(r) for r in requests]
-        groups: dict[tuple[float, int, bool, int], list[int]] = {}
+        groups: dict[tuple[float, int, bool, int, bool], list[int]] = {}
         for index, request in enumerate(requests):
-            if len(contexts[index]) < self._config.min_context_tokens:
+            if len(contexts[index]) < self._window.min_context_tokens:
                 contexts[index] = ()
             key = (
                 *self.batch_key(request),
                 bool(contexts[index]),
-                request.num_hypotheses,
+                request.options.num_hypotheses,
+                request.options.rules.use_timestamp_tokens,
             )
             groups.setdefault(key, []).append(index)
         timings: list[EngineTimings] = []
-        for (_, beam_size, _, _), indices in groups.items():
+        for (_, beam_size, _, _, timestamps), indices in groups.items():
             started = time.perf_counter()
             batch = [requests[i] for i in indices]
             shortest = min(len(contexts[i]) for i in indices)
             batch_contexts = [contexts[i][len(contexts[i]) - shortest :] for i in indices]
             window_s = max(self.window_seconds(r.audio.size) for r in batch)
-            timestamps = self._config.use_timestamp_tokens
             recognized = self._recognize_group(
                 batch, batch_contexts, window_s, beam_size, timestamps
             )
@@ -181,20 +186,23 @@ class WhisperEngine(WhisperVocabulary):
         return out
 
     def _detect_languages(
-        self, features: ctranslate2.StorageView, needs: list[int]
+        self, features: ctranslate2.StorageView, batch: list[RecognitionRequest]
     ) -> dict[int, tuple[str, float]]:
+        """The language of each request without one (by its options' rules)."""
+        needs = [i for i, r in enumerate(batch) if r.language is None]
         if not needs or not self.multilingual:
             return {i: ("en", 1.0) for i in needs}
         detected = self._ct2.detect_language(features)
-        allowed = set(self._config.detect_languages)
         out: dict[int, tuple[str, float]] = {}
         for i in needs:
+            rules = batch[i].options.rules
+            allowed = set(rules.detect_languages)
             candidates = [(t[2:-2], float(p)) for t, p in detected[i] if t[2:-2] in allowed]
             language, probability = max(candidates, key=lambda c: c[1], default=("", 0.0))
-            if probability >= self._config.language_confidence:
+            if probability >= rules.language_confidence:
                 out[i] = (language, probability)
             else:  # not sure: decode in the configured language, report the doubt
-                out[i] = (self._config.language_fallback, probability)
+                out[i] = (rules.language_fallback, probability)
         return out
 
     def _tokenizer(self, language: str, task: str) -> Tokenizer:
@@ -214,8 +222,7 @@ class WhisperEngine(WhisperVocabulary):
         timestamps: bool,
     ) -> list[Recognition]:
         features = self._encode(batch, window_s)
-        needs_detection = [i for i, r in enumerate(batch) if r.language is None]
-        detected = self._detect_languages(features, needs_detection)
+        detected = self._detect_languages(features, batch)
 
         prompts: list[list[int]] = []
         tokenizers: list[Tokenizer] = []
@@ -223,7 +230,7 @@ class WhisperEngine(WhisperVocabulary):
         max_length = 0
         for i, (request, context) in enumerate(zip(batch, contexts)):
             language, probability = detected.get(i, (request.language or "en", 1.0))
-            tokenizer = self._tokenizer(language, request.task)
+            tokenizer = self._tokenizer(language, request.options.task)
             prompt = [tokenizer.sot_prev, *context] if context else []
             prompt.extend(tokenizer.sot_sequence)
             if not timestamps:
@@ -240,7 +247,7 @@ class WhisperEngine(WhisperVocabulary):
             features,
             prompts,
             beam_size=beam_size,
-            num_hypotheses=batch[0].num_hypotheses,
+            num_hypotheses=batch[0].options.num_hypotheses,
             max_length=max_length,
             return_scores=True,
             return_no_speech_prob=True,
@@ -252,7 +259,7 @@ class WhisperEngine(WhisperVocabulary):
             self._to_recognition(request, result, tokenizer, language, window_s)
             for request, result, tokenizer, language in zip(batch, generated, tokenizers, languages)
         ]
-        if any(r.word_timestamps for r in batch):
+        if any(r.options.word_timestamps for r in batch):
             recognitions = self._add_words(batch, recognitions, tokenizers, features)
         return recognitions
 
@@ -269,8 +276,11 @@ class WhisperEngine(WhisperVocabulary):
         after a timestamp (measured on planerka_ru/anna.flac 0.3-13 s in a 20 s window:
         compression ratio 6.9; in 30 s: 1.6). faster-whisper's answer is a temperature
         fallback; this one keeps the beam and the timestamps."""
-        threshold = self._config.compression_ratio_threshold
-        loops = [j for j, r in enumerate(recognized) if r.compression_ratio > threshold]
+        loops = [
+            j
+            for j, (request, r) in enumerate(zip(batch, recognized))
+            if r.compression_ratio > request.options.rules.compression_ratio_threshold
+        ]
         if not loops or window_s >= MAX_WINDOW_S:
             return recognized
         retried = self._recognize_group(
@@ -314,11 +324,11 @@ class WhisperEngine(WhisperVocabulary):
         avg_logprob = float(result.scores[0]) * seq_len / (seq_len + 1)
         no_speech_prob = float(result.no_speech_prob)
         ratio = guards.compression_ratio(text)
-        cfg = self._config
-        dropped = guards.drop_reason(text, no_speech_prob, avg_logprob, cfg)
+        rules = request.options.rules
+        dropped = guards.drop_reason(text, no_speech_prob, avg_logprob, rules)
         if dropped:
             text, tokens = "", ()
-        elif ratio > cfg.compression_ratio_threshold:
+        elif ratio > rules.compression_ratio_threshold:
             collapsed = guards.collapse_repeats(text)
             log.debug("collapsed a repetition loop (ratio %.2f): %r", ratio, text[:80])
             text = collapsed
@@ -418,7 +428,7 @@ class WhisperEngine(WhisperVocabulary):
         """Time every word of the requests that asked for it (one align call per item)."""
         out = list(recognitions)
         for i, (request, recognition) in enumerate(zip(batch, recognitions)):
-            if not request.word_timestamps or not recognition.tokens:
+            if not request.options.word_timestamps or not recognition.tokens:
                 continue
             tokenizer = tokenizers[i]
             parts = self._split(request, recognition.tokens, tokenizer)

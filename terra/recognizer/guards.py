@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import zlib
 
-from terra.config import RecognizerConfig
+from terra.recognizer.options import DecodeRules
 from terra.recognizer.types import DropReason
 
 # Whole outputs Whisper is known to invent on silence or noise (subtitle credits, sign-offs).
@@ -96,14 +96,14 @@ def collapse_repeats(
 
 
 def drop_reason(
-    text: str, no_speech_prob: float, avg_logprob: float, config: RecognizerConfig
+    text: str, no_speech_prob: float, avg_logprob: float, rules: DecodeRules
 ) -> DropReason | None:
     """Why a decoded text is thrown away, or None to keep it: Whisper says no speech (and
     was unsure of its text, or says it very clearly), or the text is a known hallucination
     or a sound caption."""
-    if no_speech_prob > config.no_speech_threshold and avg_logprob < config.logprob_threshold:
+    if no_speech_prob > rules.no_speech_threshold and avg_logprob < rules.logprob_threshold:
         return DropReason.NO_SPEECH
-    if no_speech_prob > config.no_speech_drop_threshold:
+    if no_speech_prob > rules.no_speech_drop_threshold:
         return DropReason.NO_SPEECH
     if is_known_hallucination(text) or is_sound_caption(text):
         return DropReason.KNOWN_HALLUCINATION

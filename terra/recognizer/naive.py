@@ -32,8 +32,8 @@ class NaiveEngine(WhisperVocabulary):
         segments, info = self._model.transcribe(
             request.audio,
             language=request.language,
-            task=request.task,
-            beam_size=request.beam_size,
+            task=request.options.task,
+            beam_size=request.options.beam_size,
             condition_on_previous_text=False,
         )
         listed = list(segments)  # the generator runs the model: consume it here, in the worker

@@ -8,6 +8,7 @@ from enum import IntEnum, StrEnum
 from typing import Protocol
 
 from terra.audio import Samples
+from terra.recognizer.options import DecodeOptions
 
 
 class Priority(IntEnum):
@@ -23,19 +24,15 @@ class Priority(IntEnum):
 # request with every one queued before it.
 @dataclass(frozen=True, slots=True, eq=False)
 class RecognitionRequest:
+    """Audio to recognize, its data (language, previous text), and how to decode it."""
+
     audio: Samples
-    language: str | None  # None: detect, then lock
+    language: str | None  # None: detect (by options.rules), then lock
     priority: Priority
-    beam_size: int
-    task: str = "transcribe"
+    options: DecodeOptions  # beam, task, word timestamps...: terra.recognizer.options
     # Text said before this audio (Whisper's <|startofprev|> context), e.g. the tokens of the
     # previous Recognition: the engine keeps the text tokens, at most the last 223. Empty: none.
     prompt_tokens: tuple[int, ...] = ()
-    # Align every word with the audio (cross-attention DTW) and fill Recognition.segments'
-    # words. Costs one more decoder pass over the text.
-    word_timestamps: bool = False
-    # Beam hypotheses to return (n-best): the best is the text, the others alternatives.
-    num_hypotheses: int = 1
 
 
 class DropReason(StrEnum):
@@ -77,7 +74,7 @@ class Recognition:
     window_s: float
     dropped_reason: DropReason | None = None  # None: kept
     # Filled when the text was decoded with timestamp tokens (one segment spanning the
-    # audio otherwise); words only when the request asked for word_timestamps.
+    # audio otherwise); words only when the request's options asked for word_timestamps.
     segments: tuple[Segment, ...] = ()
     alternatives: tuple[str, ...] = ()
 

@@ -1,0 +1,129 @@
+"""The engine's two kinds of settings, as faster-whisper keeps ``WhisperModel(...)``'s
+arguments apart from its per-call ``TranscriptionOptions``:
+
+- :class:`EngineSettings`, fixed when the model loads: the model, device, compute type,
+  threads and workers, and how the engine fits windows to audio (:class:`WindowOptions`);
+- :class:`DecodeOptions`, chosen per call (each :class:`RecognitionRequest` carries one):
+  beam, hypotheses, task, word timestamps, and the rules every pass shares
+  (:class:`DecodeRules`: timestamp tokens, language detection, what the guards drop). A
+  progress pass and a final carry different ones (greedy vs beam).
+
+:func:`engine_settings` and :func:`decode_passes` build them from the configuration, in one
+place. A request's language and previous-text context are its data, not options: they
+differ from one participant or chunk to the next.
+
+Pure: no model, no event loop (front ends without the model import it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from terra.config import Config
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOptions:
+    """How the engine fits a window to each request's audio (``recognizer.window``)."""
+
+    # Encoder window lengths; a request takes the smallest that fits its audio plus the margin.
+    window_buckets_s: tuple[float, ...] = (5.0, 8.0, 10.0, 20.0, 30.0)
+    # Requests whose windows fit in this many seconds share a model call.
+    batch_window_s: float = 10.0
+    # Previous-text context shorter than this is dropped so the request can share a call.
+    min_context_tokens: int = 16
+    trailing_margin_s: float = 2.0  # silence after the audio inside the window
+    tokens_per_second: float = 12.0  # decoder budget: per audio second, plus tokens_extra
+    tokens_extra: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """Load-time settings: what ``WhisperModel(...)`` takes, and the window fitting."""
+
+    model_path: str  # a folder holding a CTranslate2 Whisper model (or a hub name)
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = 0  # per worker; 0: the cores shared among the workers
+    workers: int = 1  # model calls at once (CTranslate2 inter_threads)
+    allow_download: bool = False
+    window: WindowOptions = field(default_factory=WindowOptions)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRules:
+    """What every pass shares (``recognizer.decoding``): timestamp tokens, language
+    detection, and the guards' thresholds (faster-whisper's ``no_speech_threshold``,
+    ``log_prob_threshold``, ``compression_ratio_threshold``)."""
+
+    use_timestamp_tokens: bool = True
+    no_speech_threshold: float = 0.6
+    no_speech_drop_threshold: float = 0.7
+    logprob_threshold: float = -1.0
+    compression_ratio_threshold: float = 2.4
+    language_fallback: str = "ru"
+    language_confidence: float = 0.6
+    detect_languages: tuple[str, ...] = ("ru", "en", "es", "ar", "tr", "uz")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    """How one request is decoded (faster-whisper's ``TranscriptionOptions``)."""
+
+    beam_size: int = 1
+    # Beam hypotheses to return (n-best): the best is the text, the others alternatives.
+    num_hypotheses: int = 1
+    task: str = "transcribe"  # or "translate" (to English)
+    # Align every word with the audio (cross-attention DTW) and fill the segments' words.
+    # Costs one more decoder pass over the text.
+    word_timestamps: bool = False
+    rules: DecodeRules = DecodeRules()
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePasses:
+    """The options of each kind of pass terra makes (see :func:`decode_passes`)."""
+
+    progress: DecodeOptions  # live progress: recognizer.progress_beam_size
+    final: DecodeOptions  # live finals: recognizer.final_beam_size
+    translate: DecodeOptions  # live English captions: the finals' beam, Whisper's translate
+    detect: DecodeOptions  # the minutes' language detection: greedy
+    minutes: DecodeOptions  # minutes.beam_size, minutes.word_timestamps
+    # files.beam_size; each job sets its task, word timestamps and hypotheses
+    files: DecodeOptions
+
+
+def engine_settings(config: Config, model_path: str, workers: int | None = None) -> EngineSettings:
+    """The engine's load-time settings: ``model`` and ``recognizer.window``, with
+    ``recognizer.workers`` model workers unless ``workers`` is given."""
+    model = config.model
+    return EngineSettings(
+        model_path=model_path,
+        device=model.device,
+        compute_type=model.compute_type,
+        cpu_threads=model.cpu_threads,
+        workers=config.recognizer.workers if workers is None else workers,
+        allow_download=model.allow_download,
+        window=config.recognizer.window,
+    )
+
+
+def decode_passes(config: Config) -> DecodePasses:
+    """Each kind of pass's options, from the configuration."""
+    base = DecodeOptions(rules=config.recognizer.decoding)
+    final = dataclasses.replace(base, beam_size=config.recognizer.final_beam_size)
+    return DecodePasses(
+        progress=dataclasses.replace(base, beam_size=config.recognizer.progress_beam_size),
+        final=final,
+        translate=dataclasses.replace(final, task="translate"),
+        detect=base,
+        minutes=dataclasses.replace(
+            base,
+            beam_size=config.minutes.beam_size,
+            word_timestamps=config.minutes.word_timestamps,
+        ),
+        files=dataclasses.replace(base, beam_size=config.files.beam_size),
+    )
