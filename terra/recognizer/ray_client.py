@@ -2,11 +2,12 @@
 
 Requests wait here, most urgent first (final, progress, background), until fewer than
 ``cluster.max_in_flight`` are at the cluster; while they wait, a newer progress request
-replaces an older one with the same key and ``withdraw`` drops one, as with the local
-scheduler. Sent requests go to the Serve app (``ray_app``) through a DeploymentHandle; Serve
-routes each to a replica, whose own scheduler batches it with others. A request whose
-replica died (kill -9, a lost node) is sent again, to whichever replica Serve picks, for
-``cluster.retry_s``: no final is lost, and live text resumes once a replica answers.
+replaces an older one with the same key and ``withdraw`` drops one: the same
+``waiting.WaitingQueue`` as the local scheduler's. Sent requests go to the Serve app
+(``ray_app``) through a DeploymentHandle; Serve routes each to a replica, whose own
+scheduler batches it with others. A request whose replica died (kill -9, a lost node) is
+sent again, to whichever replica Serve picks, for ``cluster.retry_s``: no final is lost,
+and live text resumes once a replica answers.
 
 Audio travels as float32 numpy arrays inside the pickled request (Ray serializes numpy
 buffers out of band, without copying them into the pickle).
@@ -15,10 +16,8 @@ buffers out of band, without copying them into the pickle).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -27,7 +26,8 @@ from ray.exceptions import RayActorError
 
 from terra.config import ClusterConfig, RecognizerConfig
 from terra.metrics import Metrics
-from terra.recognizer.types import Priority, Recognition, RecognitionRequest
+from terra.recognizer.types import Recognition
+from terra.recognizer.waiting import QueuedRecognizer, Waiting
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +48,7 @@ def connect(config: ClusterConfig) -> Any:
         ) from e
 
 
-@dataclass(slots=True, eq=False)  # entries are removed by identity, never compared by value
-class _Entry:
-    request: RecognitionRequest
-    future: asyncio.Future[Recognition | None]
-    seq: int
-    enqueued_at: float
-    coalesce_key: str | None = None
-    attempts: int = field(default=0)
-
-    def order(self) -> tuple[int, int]:
-        return (int(self.request.priority), self.seq)
-
-
-class RayRecognizer:
+class RayRecognizer(QueuedRecognizer):
     """The ``Recognizer`` of a front end whose model runs in a Ray Serve app."""
 
     def __init__(
@@ -71,89 +58,36 @@ class RayRecognizer:
         recognizer_config: RecognizerConfig,
         metrics: Metrics,
     ) -> None:
+        super().__init__(recognizer_config, metrics)
         self._handle = handle
         self._config = config
-        self._recognizer_config = recognizer_config
-        self._metrics = metrics
-        self._pending: list[_Entry] = []
-        self._by_key: dict[str, _Entry] = {}
-        self._seq = itertools.count()
-        self._wakeup = asyncio.Event()
         self._in_flight = 0
         self._dispatcher: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
 
     @property
     def depth(self) -> int:
-        return len(self._pending) + self._in_flight
-
-    @property
-    def queued_finals(self) -> int:
-        return sum(1 for e in self._pending if e.request.priority is Priority.FINAL)
-
-    @property
-    def saturated(self) -> bool:
-        """As the local scheduler's: finals at the bound, or one waiting too long."""
-        finals = [e for e in self._pending if e.request.priority is Priority.FINAL]
-        if len(finals) >= self._recognizer_config.max_queued_finals:
-            return True
-        oldest = min((e.enqueued_at for e in finals), default=time.perf_counter())
-        return time.perf_counter() - oldest >= self._recognizer_config.saturated_wait_s
-
-    def submit(
-        self, request: RecognitionRequest, coalesce_key: str | None = None
-    ) -> asyncio.Future[Recognition | None]:
-        """Queue a request; the future resolves to its Recognition, or None if superseded."""
-        future: asyncio.Future[Recognition | None] = asyncio.get_running_loop().create_future()
-        if coalesce_key is not None and coalesce_key in self._by_key:
-            self._drop(self._by_key.pop(coalesce_key))
-        if len(self._pending) >= self._recognizer_config.max_queue:
-            if request.priority is not Priority.FINAL:
-                future.set_result(None)
-                self._metrics.dropped_requests.labels(request.priority.name.lower()).inc()
-                return future
-        entry = _Entry(request, future, next(self._seq), time.perf_counter(), coalesce_key)
-        self._pending.append(entry)
-        if coalesce_key is not None:
-            self._by_key[coalesce_key] = entry
-        self._metrics.queue_depth.set(self.depth)
-        self._wakeup.set()
-        return future
-
-    def is_waiting(self, coalesce_key: str) -> bool:
-        return coalesce_key in self._by_key
-
-    def withdraw(self, coalesce_key: str) -> None:
-        entry = self._by_key.pop(coalesce_key, None)
-        if entry is not None:
-            self._drop(entry)
-            self._metrics.queue_depth.set(self.depth)
-
-    def _drop(self, entry: _Entry) -> None:
-        self._pending.remove(entry)
-        if not entry.future.done():
-            entry.future.set_result(None)
-        self._metrics.dropped_requests.labels("superseded").inc()
+        """Requests waiting here or sent and not answered."""
+        return len(self._waiting) + self._in_flight
 
     async def _dispatch(self) -> None:
         while True:
-            while not self._pending or self._in_flight >= self._config.max_in_flight:
+            while not self._waiting or self._in_flight >= self._config.max_in_flight:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-            entry = min(self._pending, key=_Entry.order)
-            self._pending.remove(entry)
-            if entry.coalesce_key is not None and self._by_key.get(entry.coalesce_key) is entry:
-                del self._by_key[entry.coalesce_key]
+            entry = self._waiting.in_order()[0]
+            self._waiting.take([entry])
             self._in_flight += 1
             task = asyncio.create_task(self._send(entry), name="recognizer-send")
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
 
-    async def _send(self, entry: _Entry) -> None:
+    async def _send(self, entry: Waiting) -> None:
         deadline = time.monotonic() + self._config.retry_s
+        attempts = 0
         try:
             while True:
-                entry.attempts += 1
+                attempts += 1
                 try:
                     result: Recognition | None = await self._handle.recognize.remote(entry.request)
                     break
@@ -162,11 +96,11 @@ class RayRecognizer:
                         self._fail(entry, e)
                         return
                     self._metrics.resent_requests.inc()
-                    delay = _RESEND_DELAY_S[min(entry.attempts, len(_RESEND_DELAY_S)) - 1]
+                    delay = _RESEND_DELAY_S[min(attempts, len(_RESEND_DELAY_S)) - 1]
                     log.warning(
                         "recognizer replica lost a %s request (attempt %d); sending it again",
                         entry.request.priority.name.lower(),
-                        entry.attempts,
+                        attempts,
                     )
                     await asyncio.sleep(delay)
                 except Exception as e:  # the recognizer failed on it: fail it, keep serving
@@ -186,7 +120,7 @@ class RayRecognizer:
             self._wakeup.set()
 
     @staticmethod
-    def _fail(entry: _Entry, error: BaseException) -> None:
+    def _fail(entry: Waiting, error: BaseException) -> None:
         if not entry.future.done():
             entry.future.set_exception(RuntimeError(f"recognizer failed: {error}"))
 
@@ -198,8 +132,4 @@ class RayRecognizer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for entry in self._pending:
-            if not entry.future.done():
-                entry.future.cancel()
-        self._pending.clear()
-        self._by_key.clear()
+        self._waiting.cancel_all()

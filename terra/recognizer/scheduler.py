@@ -1,163 +1,65 @@
 """The one place where async code meets the blocking recognizer.
 
-Requests from all participants wait in one priority queue; each of ``recognizer.workers``
-workers takes the most urgent request plus other waiting requests that can share its model
-call (see the engine's ``batch_key``), up to ``max_batch_size`` and no more than its share
-when other workers are idle. Progress requests are coalesced per participant: a newer one
-replaces a waiting older one, whose future resolves to ``None``. Finals are never coalesced
-nor dropped.
+Requests from all participants wait in one priority queue (``waiting.WaitingQueue``); each
+of ``recognizer.workers`` workers takes the most urgent request plus other waiting requests
+that can share its model call (see the engine's ``batch_key``), up to ``max_batch_size`` and
+no more than its share when other workers are idle. Progress requests are coalesced per
+participant: a newer one replaces a waiting older one, whose future resolves to ``None``.
+Finals are never coalesced nor dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from terra.audio import SAMPLE_RATE
 from terra.config import RecognizerConfig
 from terra.metrics import Metrics
-from terra.recognizer.types import Priority, Recognition, RecognitionEngine, RecognitionRequest
+from terra.recognizer.types import Recognition, RecognitionEngine
+from terra.recognizer.waiting import QueuedRecognizer, Waiting
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True, eq=False)  # entries are removed by identity, never compared by value
-class _Entry:
-    request: RecognitionRequest
-    future: asyncio.Future[Recognition | None]
-    seq: int
-    enqueued_at: float
-    coalesce_key: str | None = None
-    batch_key: tuple[float, int] = field(default=(0.0, 0))
-
-    def order(self) -> tuple[int, int]:
-        return (int(self.request.priority), self.seq)
-
-
-class RecognizerScheduler:
+class RecognizerScheduler(QueuedRecognizer):
     """Batches recognition requests across participants onto one blocking engine."""
 
     def __init__(self, engine: RecognitionEngine, config: RecognizerConfig, metrics: Metrics):
+        super().__init__(config, metrics)
         self._engine = engine
         self._config = config
-        self._metrics = metrics
-        self._pending: list[_Entry] = []
-        self._by_key: dict[str, _Entry] = {}
-        self._seq = itertools.count()
-        self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(
             max_workers=max(1, config.workers), thread_name_prefix="recognizer"
         )
         self._workers: list[asyncio.Task[None]] = []
         self._busy = 0  # workers inside a model call
 
-    @property
-    def depth(self) -> int:
-        return len(self._pending)
-
-    @property
-    def queued_finals(self) -> int:
-        return sum(1 for e in self._pending if e.request.priority is Priority.FINAL)
-
-    @property
-    def oldest_wait_s(self) -> float:
-        """How long the request that has waited longest has been waiting (0 when none)."""
-        if not self._pending:
-            return 0.0
-        return time.perf_counter() - min(e.enqueued_at for e in self._pending)
-
-    @property
-    def saturated(self) -> bool:
-        """Work arrives faster than it is done: finals wait past ``saturated_wait_s`` or
-        reach ``max_queued_finals``. A load balancer should send no new conferences here."""
-        finals = [e for e in self._pending if e.request.priority is Priority.FINAL]
-        if len(finals) >= self._config.max_queued_finals:
-            return True
-        oldest = min((e.enqueued_at for e in finals), default=time.perf_counter())
-        return time.perf_counter() - oldest >= self._config.saturated_wait_s
-
-    def submit(
-        self, request: RecognitionRequest, coalesce_key: str | None = None
-    ) -> asyncio.Future[Recognition | None]:
-        """Queue a request; the future resolves to its Recognition, or None if superseded."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Recognition | None] = loop.create_future()
-        seq = next(self._seq)
-        if coalesce_key is not None and coalesce_key in self._by_key:
-            replaced = self._by_key.pop(coalesce_key)
-            # The newer request takes the older one's place in line: a talker whose
-            # requests keep being replaced is never pushed behind everybody (no starvation).
-            seq, enqueued_at = replaced.seq, replaced.enqueued_at
-            self._drop(replaced)
-        else:
-            enqueued_at = time.perf_counter()
-        if len(self._pending) >= self._config.max_queue:
-            if request.priority is not Priority.FINAL:
-                future.set_result(None)
-                self._metrics.dropped_requests.labels(request.priority.name.lower()).inc()
-                return future
-        entry = _Entry(
-            request=request,
-            future=future,
-            seq=seq,
-            enqueued_at=enqueued_at,
-            coalesce_key=coalesce_key,
-            batch_key=self._engine.batch_key(request),
-        )
-        self._pending.append(entry)
-        if coalesce_key is not None:
-            self._by_key[coalesce_key] = entry
-        self._metrics.queue_depth.set(len(self._pending))
-        self._wakeup.set()
-        return future
-
-    def is_waiting(self, coalesce_key: str) -> bool:
-        """Whether a request with this key is queued (not yet taken into a model call)."""
-        return coalesce_key in self._by_key
-
-    def withdraw(self, coalesce_key: str) -> None:
-        """Drop the waiting request with this key, if any (its future resolves to None)."""
-        entry = self._by_key.pop(coalesce_key, None)
-        if entry is not None:
-            self._drop(entry)
-            self._metrics.queue_depth.set(len(self._pending))
-
-    def _drop(self, entry: _Entry) -> None:
-        self._pending.remove(entry)
-        if not entry.future.done():
-            entry.future.set_result(None)
-        self._metrics.dropped_requests.labels("superseded").inc()
-
-    def _take_batch(self) -> list[_Entry]:
-        if not self._pending:  # another worker took it meanwhile
+    def _take_batch(self) -> list[Waiting]:
+        waiting = self._waiting.in_order()
+        if not waiting:  # another worker took it meanwhile
             return []
-        self._pending.sort(key=_Entry.order)
-        head = self._pending[0]
-        batch = [e for e in self._pending if e.batch_key == head.batch_key]
+        head = self._engine.batch_key(waiting[0].request)
+        batch = [e for e in waiting if self._engine.batch_key(e.request) == head]
         # Idle workers share the waiting work: on the CPU a call's time grows with its batch,
         # so two half batches side by side answer sooner than one whole batch.
         idle = max(1, max(1, self._config.workers) - self._busy)
         batch = batch[: min(self._config.max_batch_size, math.ceil(len(batch) / idle))]
-        for entry in batch:
-            self._pending.remove(entry)
-            if entry.coalesce_key is not None and self._by_key.get(entry.coalesce_key) is entry:
-                del self._by_key[entry.coalesce_key]
-        self._metrics.queue_depth.set(len(self._pending))
+        self._waiting.take(batch)
+        self._metrics.queue_depth.set(len(self._waiting))
         return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._pending:
+            if not self._waiting:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-            while self._pending:
+            while self._waiting:
                 try:
                     await self._run_one(loop)
                 except asyncio.CancelledError:
@@ -180,13 +82,13 @@ class RecognizerScheduler:
             return
         deadline = time.perf_counter() + max(self._config.batch_burst_ms / 1000, quiet_s)
         seen = -1
-        while seen != len(self._pending) and len(self._pending) < self._config.max_batch_size:
+        while seen != len(self._waiting) and len(self._waiting) < self._config.max_batch_size:
             if time.perf_counter() >= deadline:
                 return
-            seen = len(self._pending)
+            seen = len(self._waiting)
             await asyncio.sleep(quiet_s)
 
-    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Entry]) -> None:
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: Sequence[Waiting]) -> None:
         requests = [e.request for e in batch]
         started = time.perf_counter()
         self._busy += 1
@@ -221,7 +123,7 @@ class RecognizerScheduler:
                 entry.future.set_result(result)
 
     async def _recognize_isolated(
-        self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Entry]
+        self, loop: asyncio.AbstractEventLoop, batch: Sequence[Waiting]
     ) -> list[Recognition | None]:
         """The batch's results; when the call fails, each request is tried again alone, so
         a request that fails fails alone (its future gets the error, the others their text).
@@ -253,8 +155,5 @@ class RecognizerScheduler:
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
-        for entry in self._pending:
-            if not entry.future.done():
-                entry.future.cancel()
-        self._pending.clear()
+        self._waiting.cancel_all()
         self._executor.shutdown(wait=True, cancel_futures=True)
