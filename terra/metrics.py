@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -37,82 +38,55 @@ class Metrics:
 
 def create_metrics() -> Metrics:
     registry = CollectorRegistry()
+    # Each collector is registered in this application's registry, none in the global one.
+    counter = partial(Counter, registry=registry)
+    gauge = partial(Gauge, registry=registry)
+    histogram = partial(Histogram, registry=registry)
     return Metrics(
         registry=registry,
-        requests=Counter(
-            "terra_http_requests", "HTTP requests", ["route", "status"], registry=registry
+        requests=counter("terra_http_requests", "HTTP requests", ["route", "status"]),
+        request_seconds=histogram(
+            "terra_http_request_seconds", "HTTP request time", ["route"], buckets=LATENCY_BUCKETS
         ),
-        request_seconds=Histogram(
-            "terra_http_request_seconds",
-            "HTTP request time",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        fragments=counter("terra_fragments", "Audio fragments accepted"),
+        fragment_audio_seconds=counter("terra_fragment_audio_seconds", "Seconds of audio accepted"),
+        duplicate_fragments=counter(
+            "terra_duplicate_fragments", "Fragments whose post_id was already seen"
         ),
-        fragments=Counter("terra_fragments", "Audio fragments accepted", registry=registry),
-        fragment_audio_seconds=Counter(
-            "terra_fragment_audio_seconds", "Seconds of audio accepted", registry=registry
-        ),
-        duplicate_fragments=Counter(
-            "terra_duplicate_fragments",
-            "Fragments whose post_id was already seen",
-            registry=registry,
-        ),
-        spooled_fragments=Counter(
-            "terra_spooled_fragments", "Fragments written to the spool", registry=registry
-        ),
-        saturated=Gauge(
+        spooled_fragments=counter("terra_spooled_fragments", "Fragments written to the spool"),
+        saturated=gauge(
             "terra_saturated",
             "1 when the box should take no new conferences (finals wait, or participants full)",
-            registry=registry,
         ),
-        queue_depth=Gauge(
-            "terra_recognizer_queue_depth",
-            "Requests waiting for the recognizer",
-            registry=registry,
-        ),
-        batch_size=Histogram(
+        queue_depth=gauge("terra_recognizer_queue_depth", "Requests waiting for the recognizer"),
+        batch_size=histogram(
             "terra_recognizer_batch_size",
             "Requests per recognizer call",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
-            registry=registry,
         ),
-        batch_seconds=Histogram(
-            "terra_recognizer_batch_seconds",
-            "Time of one recognizer call",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        batch_seconds=histogram(
+            "terra_recognizer_batch_seconds", "Time of one recognizer call", buckets=LATENCY_BUCKETS
         ),
-        request_latency=Histogram(
+        request_latency=histogram(
             "terra_recognizer_latency_seconds",
             "Queue wait plus recognition, per request",
             ["priority"],
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         ),
-        audio_seconds=Counter(
-            "terra_recognizer_audio_seconds", "Seconds of audio recognized", registry=registry
+        audio_seconds=counter("terra_recognizer_audio_seconds", "Seconds of audio recognized"),
+        dropped_requests=counter(
+            "terra_recognizer_dropped", "Requests not run (superseded or queue full)", ["reason"]
         ),
-        dropped_requests=Counter(
-            "terra_recognizer_dropped",
-            "Requests not run (superseded or queue full)",
-            ["reason"],
-            registry=registry,
-        ),
-        resent_requests=Counter(
+        resent_requests=counter(
             "terra_recognizer_resent",
             "Requests sent again because their recognizer replica died (backend ray)",
-            registry=registry,
         ),
-        finals=Counter("terra_finals", "Final TextElems produced", registry=registry),
-        text_latency=Histogram(
+        finals=counter("terra_finals", "Final TextElems produced"),
+        text_latency=histogram(
             "terra_text_latency_seconds",
             "progress: fragment arrival to text covering it; final: VAD close to final text",
             ["kind"],
             buckets=TEXT_BUCKETS,
-            registry=registry,
         ),
-        active_participants=Gauge(
-            "terra_active_participants", "Participants with a live session", registry=registry
-        ),
+        active_participants=gauge("terra_active_participants", "Participants with a live session"),
     )

@@ -49,13 +49,6 @@ KIND = "connecte"
 
 CONNECTE = web.AppKey("connecte", ConnecteService)
 
-_STATUS = {
-    JobStatus.QUEUED: "queued",
-    JobStatus.SUCCEEDED: "succeeded",
-    JobStatus.FAILED: "failed",
-    JobStatus.CANCELED: "canceled",
-}
-
 
 # -- input --------------------------------------------------------------------------------
 def _check_http_url(value: str, name: str) -> None:
@@ -135,7 +128,9 @@ def _time(seconds: float) -> str:
 
 async def prediction_json(job: Job, phase: str | None = None) -> dict[str, Any]:
     config_cost = float(job.params.get("cost_per_audio_s", 0.0))
-    status = _STATUS.get(job.status) or phase or "processing"
+    # cog's names are the job's, but for a running one: its phase (starting, processing)
+    running = job.status is JobStatus.RUNNING
+    status = (phase or "processing") if running else job.status.value
     output = None
     audio_s = 0.0
     if job.status is JobStatus.SUCCEEDED and job.result_path:

@@ -21,45 +21,43 @@ ERROR_BODIES = web.AppKey("error_bodies", dict[str, ErrorBody])
 
 
 class ApiError(Exception):
-    """An error with the HTTP status and the detail a client should see."""
+    """An error with the HTTP status and the detail a client should see. A subclass names
+    its status in its header: ``class NotFound(ApiError, status=404)``."""
 
     status = 400
+
+    def __init_subclass__(cls, status: int | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:  # else the parent's
+            cls.status = status
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
 
 
-class BadRequest(ApiError):
-    status = 400
+class BadRequest(ApiError, status=400): ...
 
 
-class Unauthorized(ApiError):
-    status = 401
+class Unauthorized(ApiError, status=401): ...
 
 
-class NotFound(ApiError):
-    status = 404
+class NotFound(ApiError, status=404): ...
 
 
-class PayloadTooLarge(ApiError):
-    status = 413
+class PayloadTooLarge(ApiError, status=413): ...
 
 
-class RequestTimeout(ApiError):
-    status = 408
+class RequestTimeout(ApiError, status=408): ...
 
 
-class TooManyRequests(ApiError):
-    status = 429
+class TooManyRequests(ApiError, status=429): ...
 
 
-class ServerError(ApiError):
-    status = 500
+class ServerError(ApiError, status=500): ...
 
 
-class Unavailable(ApiError):
-    status = 503
+class Unavailable(ApiError, status=503): ...
 
 
 class ParticipantsFull(Unavailable):
