@@ -18,6 +18,7 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, settings
 
 from terra.app import create_app
 from terra.audio import SAMPLE_RATE, Samples, encode_wav
@@ -28,6 +29,16 @@ from terra.recognizer.options import EngineSettings
 from terra.recognizer.types import RecognitionEngine
 from terra.streamclient import load_audio
 from tests.fakes import FakeEngine
+
+# How many examples the generated tests run (hypothesis's property tests, and the
+# schemathesis fuzz, which reads the profile's name): "dev" by default, the fast tier;
+# scripts/test (the whole suite, CI) runs `--hypothesis-profile=ci`, with more examples and
+# schemathesis's boundary-coverage phase.
+settings.register_profile(
+    "dev", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("ci", settings.get_profile("dev"), max_examples=100)
+settings.load_profile("dev")
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEECH = Path(os.environ.get("TERRA_SPEECH_DIR", ROOT.parent / "shared" / "data" / "speech"))

@@ -203,7 +203,7 @@ async def test_the_body_limit_counts_chunked_framing(make_fast_server: ServerFac
 
 
 async def test_a_trickling_body_is_timed_out(make_fast_server: ServerFactory) -> None:
-    client = await make_fast_server(server={"body_timeout_s": 0.5})
+    client = await make_fast_server(server={"body_timeout_s": 0.2})
     line = await raw_request(
         client,
         head(
@@ -356,7 +356,7 @@ async def test_metrics_token(make_fast_server: ServerFactory) -> None:
 
 async def test_a_stalled_salute_upload_is_timed_out(make_fast_server: ServerFactory) -> None:
     # The streamed upload waits at most body_timeout_s for each next byte.
-    client = await make_fast_server(server={"body_timeout_s": 0.5})
+    client = await make_fast_server(server={"body_timeout_s": 0.2})
     line = await raw_request(
         client,
         head(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from terra.recognizer.types import (
     Segment,
     Word,
 )
+from terra.retry import Submit
 from terra.spool import Spool
 
 from .conftest import SPEECH, load_clip
@@ -347,7 +347,7 @@ def test_compiler_needs_audio(tmp_path: Path) -> None:
 # -- the service: states, one job per conference, restarts ----------------------------------
 
 
-def fake_submit(recognize: StandIn, delay_s: float = 0.0):  # type: ignore[no-untyped-def]
+def fake_submit(recognize: StandIn, delay_s: float = 0.0) -> Submit:
     def submit(request: RecognitionRequest) -> asyncio.Future[Recognition | None]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Recognition | None] = loop.create_future()
@@ -367,23 +367,22 @@ def fake_submit(recognize: StandIn, delay_s: float = 0.0):  # type: ignore[no-un
 
 
 def service_for(tmp_path: Path, recognize: StandIn, delay_s: float = 0.0) -> MinutesService:
-    config = MinutesConfig(dir=str(tmp_path / "minutes"), jobs_dir=str(tmp_path / "jobs"))
+    return service_with(tmp_path, fake_submit(recognize, delay_s))
+
+
+def service_with(tmp_path: Path, submit: Submit, workers: int = 1) -> MinutesService:
+    config = MinutesConfig(
+        dir=str(tmp_path / "minutes"), jobs_dir=str(tmp_path / "jobs"), workers=workers
+    )
     return MinutesService(
         config,
         JobsConfig(),
         tmp_path / "spool",
-        fake_submit(recognize, delay_s),
+        submit,
         decode=decode_passes(Config()),
         model="stand-in",
         fsync=False,
     )
-
-
-async def wait_for(predicate, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 async def test_service_states_and_one_compile_per_conference(tmp_path: Path) -> None:
@@ -399,7 +398,7 @@ async def test_service_states_and_one_compile_per_conference(tmp_path: Path) -> 
         queued_at = answers[0].job.queued_at  # type: ignore[union-attr]
         assert all(a.job.queued_at == queued_at for a in answers)  # type: ignore[union-attr]
 
-        await wait_for(lambda: not service.runner._active)
+        await service.runner.wait("c1", 30)
         done = await service.request("c1")
         assert done.state is State.DONE and done.minutes is not None and done.minutes.phrases
         assert (tmp_path / "minutes" / "c1.xml").is_file()
@@ -407,7 +406,7 @@ async def test_service_states_and_one_compile_per_conference(tmp_path: Path) -> 
 
         spool_track(spool, "c1", "john", load_clip(MEETING / "john.flac")[: 2 * SAMPLE_RATE], T0)
         assert (await service.request("c1")).state is State.QUEUED_NOW  # new audio: fresh one
-        await wait_for(lambda: not service.runner._active)
+        await service.runner.wait("c1", 30)
         again = await service.request("c1")
         assert again.state is State.DONE
         assert [s.participant_id for s in again.minutes.participants] == ["john", "maria"]  # type: ignore[union-attr]
@@ -422,7 +421,7 @@ async def test_service_reports_a_failed_compile(tmp_path: Path) -> None:
     await service.start()
     try:
         assert (await service.request("c1")).state is State.QUEUED_NOW
-        await wait_for(lambda: not service.runner._active)
+        await service.runner.wait("c1", 30)
         failed = await service.request("c1")
         assert failed.state is State.FAILED and "the recognizer broke" in str(failed.job.error)  # type: ignore[union-attr]
     finally:
@@ -443,7 +442,7 @@ async def test_a_failing_minutes_write_fails_the_job_once(tmp_path: Path) -> Non
     await service.start()
     try:
         assert (await service.request("c1")).state is State.QUEUED_NOW
-        await wait_for(lambda: not service.runner._active)
+        await service.runner.wait("c1", 30)
         calls = len(stand_in.calls)
         assert calls > 0
         for _ in range(3):
@@ -467,12 +466,9 @@ async def test_service_takes_up_jobs_left_by_a_dead_process(tmp_path: Path) -> N
     service = service_for(tmp_path, StandIn())
     await service.start()  # nobody asks for the minutes
     try:
-        await wait_for(
-            lambda: all(
-                (j := store.get("minutes", c)) is not None and j.status is JobStatus.SUCCEEDED
-                for c in ("c1", "c2")
-            )
-        )
+        for conference in ("c1", "c2"):
+            done = await service.runner.wait(conference, 30)
+            assert done is not None and done.status is JobStatus.SUCCEEDED
         c1 = store.get("minutes", "c1")
         assert c1 is not None and c1.attempts == 2 and c1.queued_at == 50.0
         assert (await service.request("c1")).state is State.DONE
@@ -483,10 +479,17 @@ async def test_service_takes_up_jobs_left_by_a_dead_process(tmp_path: Path) -> N
 async def test_service_stop_puts_a_running_job_back_to_resume(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", fsync=False)
     spool_track(spool, "c1", "maria", load_clip(MEETING / "maria.flac"), T0)
-    service = service_for(tmp_path, StandIn(), delay_s=0.5)
+    asked = asyncio.Event()  # the compile's first request: it is running
+    answer = fake_submit(StandIn(), 0.5)
+
+    def submit(request: RecognitionRequest) -> asyncio.Future[Recognition | None]:
+        asked.set()
+        return answer(request)
+
+    service = service_with(tmp_path, submit)
     await service.start()
     assert (await service.request("c1")).state is State.QUEUED_NOW
-    await wait_for(lambda: service.runner._active["c1"].status is JobStatus.RUNNING)
+    await asyncio.wait_for(asked.wait(), 30)
     await service.stop()
     job = service.store.get("minutes", "c1")
     # Back in the queue; an attempt the server ended itself does not count.
@@ -496,42 +499,40 @@ async def test_service_stop_puts_a_running_job_back_to_resume(tmp_path: Path) ->
     resumed = service_for(tmp_path, StandIn())
     await resumed.start()
     try:
-        await wait_for(
-            lambda: (
-                (j := resumed.store.get("minutes", "c1")) is not None
-                and j.status is JobStatus.SUCCEEDED
-            )
-        )
+        done = await resumed.runner.wait("c1", 30)
+        assert done is not None and done.status is JobStatus.SUCCEEDED
     finally:
         await resumed.stop()
 
 
 async def test_service_compiles_as_many_conferences_at_once_as_configured(tmp_path: Path) -> None:
+    """Each compile has one request in flight at a time (minutes.max_in_flight 1): the
+    requests waiting at once are the compiles running at once."""
     spool = Spool(tmp_path / "spool", fsync=False)
+    clip = load_clip(MEETING / "maria.flac")[: 8 * SAMPLE_RATE]
     for conference in ("c1", "c2", "c3"):
-        spool_track(spool, conference, "maria", load_clip(MEETING / "maria.flac"), T0)
-    config = MinutesConfig(
-        dir=str(tmp_path / "minutes"), jobs_dir=str(tmp_path / "jobs"), workers=2
-    )
-    service = MinutesService(
-        config,
-        JobsConfig(),
-        tmp_path / "spool",
-        fake_submit(StandIn(), 0.2),
-        decode=decode_passes(Config()),
-        fsync=False,
-    )
+        spool_track(spool, conference, "maria", clip, T0)
+    assert MinutesConfig().max_in_flight == 1
+    answer = fake_submit(StandIn(), 0.1)
+    waiting: list[RecognitionRequest] = []
+    most = 0
+
+    def submit(request: RecognitionRequest) -> asyncio.Future[Recognition | None]:
+        nonlocal most
+        waiting.append(request)
+        most = max(most, len(waiting))
+        future = answer(request)
+        future.add_done_callback(lambda _: waiting.remove(request))
+        return future
+
+    service = service_with(tmp_path, submit, workers=2)
     await service.start()
     try:
         for conference in ("c1", "c2", "c3"):
             assert (await service.request(conference)).state is State.QUEUED_NOW
-        running: set[int] = set()
-
-        def count() -> bool:
-            running.add(sum(j.status is JobStatus.RUNNING for j in service.runner._active.values()))
-            return not service.runner._active
-
-        await wait_for(count)
-        assert max(running) == 2
+        for conference in ("c1", "c2", "c3"):
+            done = await service.runner.wait(conference, 30)
+            assert done is not None and done.status is JobStatus.SUCCEEDED
+        assert most == 2
     finally:
         await service.stop()

@@ -102,7 +102,8 @@ async def test_progress_beyond_the_queue_bound_is_shed_finals_never() -> None:
 async def test_new_participants_beyond_the_bound_get_503_with_retry_after(
     make_fast_server: ServerFactory,
 ) -> None:
-    client = await make_fast_server(stream={"max_participants": 2})
+    # A pass as soon as audio comes: each POST waits for text covering its fragment.
+    client = await make_fast_server(stream={"max_participants": 2, "progress_min_interval_ms": 0})
     for participant in ("p-1", "p-2"):
         status, _ = await post_fragment(client, VOICED, participant_id=participant, lang="en")
         assert status == 200

@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis) of the input layer: whatever arrives, the parsers and
 decoders either give a valid value or raise their own error (a 4xx), never anything else.
 
-Bounded example counts keep the suite fast (about 2 s in all)."""
+Example counts come from the hypothesis profile (tests/conftest.py): few in the fast tier,
+more in the whole suite (scripts/test: ``--hypothesis-profile=ci``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from aiohttp import StreamReader
 from aiohttp.test_utils import make_mocked_request
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from lxml import etree
 
@@ -39,7 +40,6 @@ from terra.params import (
 )
 from terra.translate.service import PayloadError, parse_payload
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIMITS = AudioLimits(max_seconds=30.0)
 
 json_values = st.recursive(
@@ -52,7 +52,6 @@ json_values = st.recursive(
 
 
 # -- parameters and ids -------------------------------------------------------------------
-@FAST
 @given(st.text(max_size=140))
 def test_ids_are_the_one_rule(value: str) -> None:
     ok = ID_PATTERN.fullmatch(value) is not None
@@ -64,7 +63,6 @@ def test_ids_are_the_one_rule(value: str) -> None:
             validate_id("id", value)
 
 
-@FAST
 @given(st.text(max_size=40), st.one_of(st.none(), st.text(max_size=80)))
 def test_timestamps_parse_or_are_param_errors(value: str, filename: str | None) -> None:
     try:
@@ -74,7 +72,6 @@ def test_timestamps_parse_or_are_param_errors(value: str, filename: str | None) 
     assert abs(moment - 1.8e9) <= 86400
 
 
-@FAST
 @given(st.text(max_size=12))
 def test_languages_are_whisper_codes(value: str) -> None:
     try:
@@ -84,7 +81,6 @@ def test_languages_are_whisper_codes(value: str) -> None:
     assert code is None or code in LANGUAGES
 
 
-@FAST
 @given(st.text(max_size=300))
 def test_clean_names_are_valid_xml(value: str) -> None:
     name = clean_name(value, "UNKNOWN")
@@ -109,7 +105,6 @@ def wav(rate: int, channels: int, bits: int, data: bytes, declared: int | None =
     )
 
 
-@FAST
 @given(
     st.integers(0, 2**32 - 1),
     st.integers(0, 40),
@@ -128,7 +123,6 @@ def test_wav_headers_decode_or_refuse(
     assert samples.size <= LIMITS.max_seconds * SAMPLE_RATE + SAMPLE_RATE
 
 
-@FAST
 @given(st.binary(max_size=2000))
 def test_any_bytes_decode_or_refuse(data: bytes) -> None:
     try:
@@ -138,7 +132,6 @@ def test_any_bytes_decode_or_refuse(data: bytes) -> None:
     assert samples.dtype == np.float32
 
 
-@FAST
 @given(
     st.sampled_from(["PCM_S16LE", "ALAW", "MULAW"]),
     st.integers(0, 400_000),
@@ -192,7 +185,6 @@ def multipart(fields: list[tuple[str, bytes, str | None]], boundary: str = "xYz"
 names = st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=8)
 
 
-@FAST
 @given(
     st.lists(
         st.tuples(
@@ -214,7 +206,6 @@ def test_multipart_round_trip(parts: list[tuple[str, bytes, bool]]) -> None:
             assert form.files[name].data == value
 
 
-@FAST
 @given(st.binary(max_size=3000), st.integers(1, 20), st.integers(100, 5000))
 def test_multipart_garbage_is_a_4xx(body: bytes, max_parts: int, max_bytes: int) -> None:
     limits = BodyLimits(max_bytes=max_bytes, max_parts=max_parts)
@@ -225,7 +216,6 @@ def test_multipart_garbage_is_a_4xx(body: bytes, max_parts: int, max_bytes: int)
 
 
 # -- the dialects' JSON bodies ------------------------------------------------------------
-@FAST
 @given(json_values)
 def test_translate_payloads(value: Any) -> None:
     try:
@@ -235,7 +225,6 @@ def test_translate_payloads(value: Any) -> None:
     assert len(items) <= 50
 
 
-@FAST
 @given(json_values)
 def test_salute_options(value: Any) -> None:
     try:
@@ -245,7 +234,6 @@ def test_salute_options(value: Any) -> None:
     assert options.language in LANGUAGES
 
 
-@FAST
 @given(json_values)
 def test_connecte_inputs(value: Any) -> None:
     try:
@@ -255,7 +243,6 @@ def test_connecte_inputs(value: Any) -> None:
     assert parsed["language"] == "auto" or parsed["language"] in LANGUAGES
 
 
-@FAST
 @given(st.integers(1, 5000))
 def test_json_depth_is_refused_not_a_crash(depth: int) -> None:
     text = "[" * depth + "]" * depth

@@ -2,9 +2,15 @@
 documented operation fuzzed (examples, boundary coverage, random and malformed data) with the
 valid token (tests/schemathesis_hooks.py), and not one 5xx answer.
 
+How much it generates follows the hypothesis profile (tests/conftest.py): the fast tier
+("dev") runs each operation's examples and two random cases per operation (a smoke run,
+about 6 s); the whole suite ("ci", scripts/test) adds the boundary-coverage phase (about 700
+cases), the stateful phase (the documented links: upload, then recognize, then get) and 25
+random cases per operation (about a minute on 2 cores).
+
 The engine is tests/fakes.py's FakeEngine, a fake: this is about HTTP validation (bodies,
-parameters, headers, ids), which does not depend on what the model would hear. The run is
-bounded by ``--max-examples`` per operation and a fixed seed (about a minute on 2 cores).
+parameters, headers, ids), which does not depend on what the model would hear. The seed is
+fixed.
 """
 
 from __future__ import annotations
@@ -15,21 +21,24 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+from hypothesis import settings
 
 from terra.api.docs import load_document
 from tests.conftest import ROOT, TOKEN, ServerFactory
 from tests.libretranslate_standin import LibreTranslateStandIn
 from tests.test_openapi import documented
 
-MAX_EXAMPLES = 25
+# Per profile: random cases per operation, and the phases run.
+PLANS = {
+    "dev": (2, "examples,fuzzing"),
+    "ci": (25, "examples,coverage,fuzzing,stateful"),
+}
 SEED = 20261130
 # The event stream stays open while its conference lives: not a request/response to fuzz
 # (tests/test_feed.py covers it).
 EVENTS = "/conferences/{conference_id}/events"
 
 
-@pytest.mark.slow  # about a minute: outside the fast tier
 async def test_no_server_errors_on_generated_requests(
     make_fast_server: ServerFactory, tmp_path: Path
 ) -> None:
@@ -54,6 +63,7 @@ async def _fuzz(make_fast_server: ServerFactory, tmp_path: Path, translator_url:
             "webhook_tries": 1,
         },
     )
+    max_examples, phases = PLANS[settings.get_current_profile_name()]
     report = tmp_path / "schemathesis.json"
     config = tmp_path / "schemathesis.toml"
     # Reach the connecte handler past its model check (the path's company/model).
@@ -75,13 +85,13 @@ async def _fuzz(make_fast_server: ServerFactory, tmp_path: Path, translator_url:
         "--checks",
         "not_a_server_error",
         "--max-examples",
-        str(MAX_EXAMPLES),
+        str(max_examples),
         "--seed",
         str(SEED),
         "--workers",
         "1",
         "--phases",
-        "examples,coverage,fuzzing,stateful",
+        phases,
         "--request-timeout",
         "30",
         "--report",

@@ -120,7 +120,7 @@ async def test_a_slow_service_times_out(
     standin: LibreTranslateStandIn, caplog: pytest.LogCaptureFixture
 ) -> None:
     standin.delay_s = 2.0
-    translator = await HttpTranslator.open(config(standin.url, timeout_s=0.2, retries=1))
+    translator = await HttpTranslator.open(config(standin.url, timeout_s=0.1, retries=1))
     try:
         started = time.monotonic()
         assert await translator.translate(["a"], "en", "ru") == [None]

@@ -217,9 +217,10 @@ async def test_hundred_viewers_get_everything_in_order_while_ingest_goes_on(
             hub.text(elem(f"k{n}", f"{n} final text"), "Anna")
             assert all(len(v) <= limit for v in feed.viewers)  # bounded per viewer
             if n % 10 == 0:
-                # Ingest goes on while the viewers read: each POST is answered.
+                # Ingest goes on while the viewers read: each POST is answered. p2 talks on
+                # (each 1 s fragment follows the one before).
                 status, _ = await post_fragment(
-                    client, conference_id="c1", participant_id="p2", start_time=1e9 + n
+                    client, conference_id="c1", participant_id="p2", start_time=1e9 + n // 10
                 )
                 assert status == 200
         received = await asyncio.gather(*readers)

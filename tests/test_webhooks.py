@@ -111,7 +111,7 @@ async def test_a_receiver_that_never_answers_times_out_and_is_retried(
     service = service_for(
         tmp_path,
         sleeps,
-        webhook_timeout_s=0.2,
+        webhook_timeout_s=0.05,
         webhook_tries=4,
         webhook_backoff_s=0.5,
         webhook_backoff_max_s=1.0,
