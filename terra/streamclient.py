@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -286,25 +286,17 @@ class _Clock:
     loop: float
 
 
+@dataclass(eq=False)
 class _Player:
     """Sends one participant's fragments in order and keeps track of its answers."""
 
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        settings: StreamSettings,
-        participant: ParticipantSource,
-        fragments: list[Fragment],
-        clock: _Clock,
-        on_elems: OnElems,
-    ) -> None:
-        self.session = session
-        self.settings = settings
-        self.participant = participant
-        self.fragments = fragments
-        self.clock = clock
-        self.on_elems = on_elems
-        self.tracker = ChangeTracker()
+    session: aiohttp.ClientSession
+    settings: StreamSettings
+    participant: ParticipantSource
+    fragments: list[Fragment]
+    clock: _Clock
+    on_elems: OnElems
+    tracker: ChangeTracker = field(default_factory=ChangeTracker)
 
     async def run(self) -> str | None:
         """Play to the end, or stop at the first failed request and return why."""

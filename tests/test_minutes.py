@@ -273,10 +273,8 @@ def compile_minutes(
 ) -> CompileResult:
     """A compile with the default settings and a blocking stand-in, as the command line runs
     one with the engine."""
-    compiler = MinutesCompiler(
-        MinutesConfig(), in_thread(stand_in), decode=decode_passes(Config()), progress=progress
-    )
-    return asyncio.run(compiler.compile(spool_root, conference_id))
+    compiler = MinutesCompiler(MinutesConfig(), in_thread(stand_in), decode=decode_passes(Config()))
+    return asyncio.run(compiler.compile(spool_root, conference_id, progress))
 
 
 def test_compiler_keeps_overlapping_speech_as_two_phrases(tmp_path: Path) -> None:

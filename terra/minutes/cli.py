@@ -83,9 +83,8 @@ def run_minutes_command(args: argparse.Namespace) -> int:
                 in_thread(engine.recognize),
                 decode=decode_passes(config),
                 model=config.model.name,
-                progress=progress,
             )
-            result = asyncio.run(compiler.compile(spool, conference_id))
+            result = asyncio.run(compiler.compile(spool, conference_id, progress))
         except NothingSpooled:
             bar.close()
             print(f"terra minutes: nothing spooled for {conference_id} in {spool}", file=sys.stderr)

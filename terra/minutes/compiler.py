@@ -235,16 +235,11 @@ def read_range(
 
 
 class MinutesCompiler:
-    """Compiles one conference; cancel the task that awaits :meth:`compile` to stop it."""
+    """Compiles conferences (its settings are fixed, each compile's input and progress are
+    the call's); cancel the task that awaits :meth:`compile` to stop one."""
 
     def __init__(
-        self,
-        config: MinutesConfig,
-        recognize: Recognize,
-        *,
-        decode: DecodePasses,
-        model: str = "",
-        progress: Progress | None = None,
+        self, config: MinutesConfig, recognize: Recognize, *, decode: DecodePasses, model: str = ""
     ) -> None:
         """``decode``: the options of the language detection and the minutes' passes."""
         self._config = config
@@ -252,9 +247,12 @@ class MinutesCompiler:
         self._decode = decode
         self._language_confidence = decode.minutes.rules.language_confidence
         self._model = model
-        self._progress = progress or (lambda _: None)
 
-    async def compile(self, spool_root: Path, conference_id: str) -> CompileResult:
+    async def compile(
+        self, spool_root: Path, conference_id: str, progress: Progress | None = None
+    ) -> CompileResult:
+        """``progress(fraction)`` is told how far the compile is, from 0 to 1."""
+        report = progress or (lambda _: None)
         started = time.perf_counter()
         stored = await asyncio.to_thread(read_conference, spool_root, conference_id)
         if not stored:
@@ -272,11 +270,11 @@ class MinutesCompiler:
                 audio_samples += placement.length
                 end_sample = max(end_sample, placement.offset + placement.length)
             read_bytes += sum(f.size for f in track.stored.fragments)
-            self._progress(READ_SHARE * read_bytes / total_bytes)
+            report(READ_SHARE * read_bytes / total_bytes)
             track.chunks = self._find_chunks(runs, index)
         cache = _AudioCache()
         await self._detect_languages(tracks, cache)
-        phrases = await self._recognize_all(tracks, cache)
+        phrases = await self._recognize_all(tracks, cache, report)
         phrases.sort(key=lambda p: (p.start_s, p.end_s, p.participant_id))
         origin = origin_us / 1_000_000
         minutes = Minutes(
@@ -292,7 +290,7 @@ class MinutesCompiler:
             model=self._model,
         )
         speech = sum(c.end - c.start for t in tracks for c in t.chunks) / SAMPLE_RATE
-        self._progress(1.0)
+        report(1.0)
         return CompileResult(minutes, digest, speech, time.perf_counter() - started)
 
     # -- timeline and VAD ----------------------------------------------------------------
@@ -382,7 +380,9 @@ class MinutesCompiler:
             total += take
         return np.concatenate(pieces)
 
-    async def _recognize_all(self, tracks: list[Track], cache: _AudioCache) -> list[Phrase]:
+    async def _recognize_all(
+        self, tracks: list[Track], cache: _AudioCache, progress: Progress
+    ) -> list[Phrase]:
         total = sum(c.end - c.start for t in tracks for c in t.chunks) or 1
         done = 0
         phrases: list[Phrase] = []
@@ -418,7 +418,7 @@ class MinutesCompiler:
                 for start, end, part in parts:
                     phrases.extend(self._phrases(track, start, end, part))
                 done += chunk.end - chunk.start
-            self._progress(READ_SHARE + (1 - READ_SHARE) * done / total)
+            progress(READ_SHARE + (1 - READ_SHARE) * done / total)
 
     def _requests(
         self,

@@ -70,8 +70,7 @@ class MinutesService:
         self._config = config
         self._spool_root = spool_root
         self._submit = submit
-        self._decode = decode
-        self._model = model
+        self._compiler = MinutesCompiler(config, self._recognize, decode=decode, model=model)
         self._zone = zone
         self._fsync = fsync
         self._clock = clock
@@ -149,14 +148,7 @@ class MinutesService:
     # -- the job -------------------------------------------------------------------------
     async def _compile(self, job: Job, progress: Progress) -> Done:
         """The whole compile, awaited; a failure anywhere (the writes too) fails the job."""
-        compiler = MinutesCompiler(
-            self._config,
-            self._recognize,
-            decode=self._decode,
-            model=self._model,
-            progress=progress,
-        )
-        result = await compiler.compile(self._spool_root, job.id)
+        result = await self._compiler.compile(self._spool_root, job.id, progress)
         path = await asyncio.to_thread(self._save, result)
         log.info(
             "minutes compiled: %d phrases from %.1f s of audio in %.1f s",
