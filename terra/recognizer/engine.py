@@ -22,7 +22,6 @@ import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.tokenizer import Tokenizer
-from faster_whisper.transcribe import merge_punctuations
 from numpy.typing import NDArray
 
 from terra.audio import SAMPLE_RATE, Samples
@@ -39,7 +38,6 @@ MAX_DECODER_TOKENS = 448
 MAX_PROMPT_TOKENS = MAX_DECODER_TOKENS // 2 - 1  # previous-text context, as Whisper does
 SECONDS_PER_TIMESTAMP = 0.02  # one timestamp token step
 SAMPLES_PER_FRAME = SAMPLE_RATE // FRAMES_PER_SECOND
-_SENTENCE_END = ".。!！?？"
 _PREPEND_PUNCTUATION = "\"'“¿([{-«"
 _APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、»"
 
@@ -425,35 +423,50 @@ class WhisperEngine(WhisperVocabulary):
         tokenizers: list[Tokenizer],
         encoded: ctranslate2.StorageView,
     ) -> list[Recognition]:
-        """Time every word of the requests that asked for it (one align call per item)."""
+        """Time every word of the requests that asked for it (one align call per item), with
+        faster-whisper's own ``add_word_timestamps`` on this call's encoder output: its DTW
+        over the alignment heads (``find_alignment``), its caps on words stretched across a
+        pause, its punctuation merge, and its segment edges taken from the words."""
         out = list(recognitions)
         for i, (request, recognition) in enumerate(zip(batch, recognitions)):
             if not request.options.word_timestamps or not recognition.tokens:
                 continue
             tokenizer = tokenizers[i]
             parts = self._split(request, recognition.tokens, tokenizer)
-            text_tokens = [t for part in parts for t in part.tokens]
-            if not text_tokens:
+            if not parts:
                 continue
+            # faster-whisper's segment dicts: times inside the window (seek 0), tokens.
+            timed: list[dict[str, Any]] = [
+                {"seek": 0, "start": p.start_s, "end": p.end_s, "tokens": p.tokens} for p in parts
+            ]
             item = encoded if len(batch) == 1 else _batch_item(encoded, i)
             num_frames = max(1, min(request.audio.size // SAMPLES_PER_FRAME, 3000))
-            words = _aligned_words(self._model, tokenizer, text_tokens, item, num_frames)
+            try:
+                self._model.add_word_timestamps(
+                    [timed],
+                    tokenizer,
+                    item,
+                    num_frames,
+                    _PREPEND_PUNCTUATION,
+                    _APPEND_PUNCTUATION,
+                    last_speech_timestamp=0.0,
+                )
+            except IndexError:  # an empty alignment path: faster-whisper indexes past its end
+                timed = [{**t, "words": []} for t in timed]
             segments = []
-            at = 0
-            for part in parts:
-                taken: list[_TimedWord] = []
-                used = 0
-                while at < len(words) and used < len(part.tokens):
-                    used += len(words[at].tokens)
-                    if words[at].text:
-                        taken.append(words[at])
-                    at += 1
+            for part, aligned in zip(parts, timed):
                 segment = self._segment(tokenizer, part)
                 if not segment.text.strip():
                     continue
-                timed = tuple(Word(w.start_s, w.end_s, w.text, w.probability) for w in taken)
-                if timed:
-                    segment = Segment(timed[0].start_s, timed[-1].end_s, segment.text, timed)
+                words = tuple(
+                    Word(
+                        float(w["start"]), float(w["end"]), str(w["word"]), float(w["probability"])
+                    )
+                    for w in aligned.get("words", ())
+                )
+                if words:
+                    start_s, end_s = float(aligned["start"]), float(aligned["end"])
+                    segment = Segment(start_s, end_s, segment.text, words)
                 segments.append(segment)
             out[i] = dataclasses.replace(recognition, segments=tuple(segments))
         return out
@@ -466,72 +479,9 @@ class _TokenSegment:
     tokens: list[int]
 
 
-@dataclass(slots=True)
-class _TimedWord:
-    text: str
-    tokens: list[int]
-    start_s: float
-    end_s: float
-    probability: float
-
-
 def _batch_item(encoded: ctranslate2.StorageView, index: int) -> ctranslate2.StorageView:
     """One item of a batched encoder output, as a batch of one."""
     if encoded.device != "cpu":
         encoded = encoded.to_device(ctranslate2.Device.cpu)
     array = np.asarray(encoded)
     return ctranslate2.StorageView.from_array(np.ascontiguousarray(array[index : index + 1]))
-
-
-def _aligned_words(
-    model: WhisperModel,
-    tokenizer: Tokenizer,
-    text_tokens: list[int],
-    encoded: ctranslate2.StorageView,
-    num_frames: int,
-) -> list[_TimedWord]:
-    """Word times from faster-whisper's own DTW over the alignment heads
-    (``WhisperModel.find_alignment``) and its punctuation merge, with long words capped."""
-    try:
-        alignment = model.find_alignment(tokenizer, [text_tokens], encoded, num_frames)[0]
-    except IndexError:  # an empty alignment path: faster-whisper indexes past its end
-        return []
-    words = [
-        _TimedWord(
-            text=str(timed["word"]),
-            tokens=list(timed["tokens"]),
-            start_s=float(timed["start"]),
-            end_s=float(timed["end"]),
-            probability=float(timed["probability"]),
-        )
-        for timed in alignment
-    ]
-    _cap_long_words(words)
-    return _merge_punctuation(words)
-
-
-def _cap_long_words(words: list[_TimedWord]) -> None:
-    """DTW stretches a word across a pause before or after it: cap words at sentence
-    boundaries and at the ends at twice the median word duration."""
-    durations = np.array([w.end_s - w.start_s for w in words])
-    durations = durations[durations.nonzero()]
-    if durations.size == 0:
-        return
-    longest = 2 * min(0.7, float(np.median(durations)))
-    for i, word in enumerate(words):
-        if word.end_s - word.start_s <= longest:
-            continue
-        if i == 0 or words[i - 1].text.strip()[-1:] in _SENTENCE_END:
-            word.start_s = word.end_s - longest
-        elif i == len(words) - 1 or word.text.strip()[-1:] in _SENTENCE_END:
-            word.end_s = word.start_s + longest
-
-
-def _merge_punctuation(words: list[_TimedWord]) -> list[_TimedWord]:
-    """Attach opening punctuation to the next word and closing to the previous one
-    (faster-whisper's ``merge_punctuations``; merged-away words are left with no text)."""
-    timing: list[dict[str, Any]] = [{"word": w.text, "tokens": w.tokens} for w in words]
-    merge_punctuations(timing, _PREPEND_PUNCTUATION, _APPEND_PUNCTUATION)
-    for word, merged in zip(words, timing):
-        word.text, word.tokens = str(merged["word"]), list(merged["tokens"])
-    return words
