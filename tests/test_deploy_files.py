@@ -2,7 +2,7 @@
 
 Docker cannot run on the development machine, so docker-compose.yml is checked for its
 structure (services, shared volume, the addresses HAProxy is given) rather than started;
-deploy/haproxy.cfg runs for real in tests/test_deploy.py."""
+deploy/haproxy.cfg runs for real in tests/test_cluster.py."""
 
 from __future__ import annotations
 

@@ -3,14 +3,12 @@
 The two front ends here are fakes, on purpose: the test is about HAProxy's routing and
 retries, and a fake can do what a real front end does only by luck, close a connection
 without answering at a chosen moment. Each fake answers with its name and the query string
-HAProxy sent it. tests/test_deploy.py runs the same config in front of real front ends."""
+HAProxy sent it. tests/test_cluster.py runs the same config in front of real front ends."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,7 +18,7 @@ from urllib.parse import parse_qs
 import aiohttp
 import pytest
 
-from .test_deploy import servers_up
+from .deployment import haproxy_environment, servers_up, start_haproxy
 from .test_minutes_e2e import free_port
 
 pytestmark = [
@@ -28,7 +26,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("haproxy") is None, reason="Debian's haproxy (scripts/test)"),
 ]
 
-HAPROXY_CFG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy.cfg"
 AUDIO = bytes(range(256)) * 256  # 64 KB with NUL bytes, like a 2 s WAV
 
 
@@ -89,15 +86,8 @@ async def balancer(tmp_path: Path) -> AsyncIterator[Balancer]:
     for fake in fakes.values():
         await fake.start()
     lb, stats = free_port(), free_port()
-    environment = {
-        **os.environ,
-        "TERRA_LB_BIND": f"127.0.0.1:{lb}",
-        "TERRA_STATS_BIND": f"127.0.0.1:{stats}",
-        "TERRA_HAPROXY_SOCKET": str(tmp_path / "haproxy.sock"),
-        "TERRA_FRONTEND_1": f"127.0.0.1:{fakes['fe1'].port}",
-        "TERRA_FRONTEND_2": f"127.0.0.1:{fakes['fe2'].port}",
-        "TERRA_FRONTEND_3": "absent.invalid:9001",
-    }
+    ports = [fakes["fe1"].port, fakes["fe2"].port]
+    environment = haproxy_environment(tmp_path, lb, stats, ports)
     haproxy = start_haproxy(environment, tmp_path / "haproxy.log")
     try:
         await servers_up(f"http://127.0.0.1:{stats}", {"fe1", "fe2"})
@@ -108,16 +98,6 @@ async def balancer(tmp_path: Path) -> AsyncIterator[Balancer]:
         for fake in fakes.values():
             assert fake.server is not None
             fake.server.close()
-
-
-def start_haproxy(environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as output:  # the child keeps its own descriptor
-        return subprocess.Popen(
-            ["haproxy", "-db", "-f", str(HAPROXY_CFG)],
-            stdout=output,
-            stderr=output,
-            env=environment,
-        )
 
 
 async def send(
