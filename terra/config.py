@@ -243,7 +243,15 @@ class ClusterConfig:
     min_replicas: int = 1
     max_replicas: int = 1
     target_queue: float = 8.0
+    # Serve's autoscaling clock: a decision needs the queue above (below) target this long;
+    # replicas report their queue every metrics_interval_s, averaged over look_back_period_s.
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    metrics_interval_s: float = 10.0
+    look_back_period_s: float = 30.0
     max_ongoing_requests: int = 32  # per replica; the router holds the rest
+    # How a replica batches: terra (its own scheduler) | serve (@serve.batch).
+    batching: str = "terra"
     # Front end: requests sent and not answered at most; more wait here, where a newer
     # progress request still replaces an older one.
     max_in_flight: int = 16
@@ -441,6 +449,8 @@ def _validate(config: Config) -> None:
     cluster = config.cluster
     if not 1 <= cluster.min_replicas <= cluster.max_replicas:
         raise ConfigError("cluster: 1 <= min_replicas <= max_replicas")
+    if cluster.batching not in ("terra", "serve"):
+        raise ConfigError("cluster.batching must be 'terra' or 'serve'")
     if min(cluster.replica_workers, cluster.max_in_flight, cluster.max_ongoing_requests) < 1:
         raise ConfigError("cluster.replica_workers, max_in_flight, max_ongoing_requests: >= 1")
     buckets = config.recognizer.window.window_buckets_s

@@ -1,19 +1,32 @@
 """The recognizer as a Ray Serve application (``terra recognizer``).
 
-Each replica loads the model once and runs terra's own scheduler over it: the requests the
-replica receives wait in its priority queue (final before progress before background) and
-share model calls by the engine's batch rules, exactly as in a single terra process. Ray
-places the replicas (``cluster.num_cpus`` / ``num_gpus`` each), restarts one that dies, and
-Serve autoscales between ``min_replicas`` and ``max_replicas`` on each replica's queue
-(requests waiting or running in it, Serve's ``target_ongoing_requests``).
+Each replica loads the model once and batches the requests it receives in one of two ways
+(``cluster.batching``, measured against each other in benchmarks/results/scale_batching.md):
+
+- ``terra`` (the default): terra's own scheduler, as in a single terra process: requests
+  wait in its priority queue (final before progress before background), a model call takes
+  the most urgent one and the waiting requests that share its batch key.
+- ``serve``: Ray Serve's ``@serve.batch``: requests are gathered first come, first served
+  (up to ``recognizer.max_batch_size``, waiting at most ``recognizer.batch_wait_ms``), each
+  gathered batch is one ``engine.recognize`` call (which splits it by batch key, finals'
+  groups first). Priority then holds only where requests wait longest, on the front end
+  (``ray_client``: finals leave first once ``cluster.max_in_flight`` are out).
+
+Ray places the replicas (``cluster.num_cpus`` / ``num_gpus`` each), restarts one that dies,
+and Serve autoscales between ``min_replicas`` and ``max_replicas`` on each replica's queue
+(requests waiting or running in it, Serve's ``target_ongoing_requests``), with the delays of
+``cluster.upscale_delay_s`` / ``downscale_delay_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
 import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +36,7 @@ from ray import serve
 from terra.config import ClusterConfig, Config
 from terra.metrics import create_metrics
 from terra.recognizer.scheduler import RecognizerScheduler
-from terra.recognizer.types import Recognition, RecognitionRequest
+from terra.recognizer.types import Recognition, RecognitionEngine, RecognitionRequest
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +87,58 @@ class RecognizerReplica:
         return os.getpid()
 
 
+class ServeBatchReplica:
+    """One Serve replica batching with ``@serve.batch`` (``cluster.batching: serve``)."""
+
+    def __init__(self, config: Config) -> None:
+        from terra.app import build_engine  # the replica's process only
+
+        self._engine: RecognitionEngine = build_engine(config)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recognizer")
+        # Serve's batch queue, made for this replica with the configured limits.
+        self._batch = serve.batch(
+            max_batch_size=config.recognizer.max_batch_size,
+            batch_wait_timeout_s=config.recognizer.batch_wait_ms / 1000,
+        )(self._run_batch)
+        log.info("recognizer replica (serve.batch) ready (pid %d)", os.getpid())
+
+    async def recognize(self, request: RecognitionRequest) -> Recognition | None:
+        result: Recognition | Exception = await self._batch(request)
+        if isinstance(result, Exception):  # this request failed alone: its caller gets it
+            raise result
+        return result
+
+    async def _run_batch(self, requests: list[RecognitionRequest]) -> list[Recognition | Exception]:
+        # Finals first: the engine runs its groups in the order their first request comes.
+        order = sorted(range(len(requests)), key=lambda i: int(requests[i].priority))
+        results = await self._recognize([requests[i] for i in order])
+        out: list[Recognition | Exception] = list(results)
+        for position, index in enumerate(order):
+            out[index] = results[position]
+        return out
+
+    async def _recognize(
+        self, requests: Sequence[RecognitionRequest]
+    ) -> list[Recognition | Exception]:
+        """As the scheduler's: when a call fails, each request is tried again alone, and
+        only the one that fails gets the error (as a value: an exception raised here would
+        fail every request of Serve's batch)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return list(
+                await loop.run_in_executor(self._executor, self._engine.recognize, requests)
+            )
+        except Exception as e:
+            if len(requests) == 1:
+                log.exception("recognizer request failed")
+                return [RuntimeError(f"recognizer failed: {e}")]
+            log.warning("recognizer batch of %d failed: retrying each alone", len(requests))
+        return [(await self._recognize([r]))[0] for r in requests]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
 def recognizer_app(config: Config) -> Any:
     """The bound Serve application (``serve.run`` deploys it)."""
     cluster = config.cluster
@@ -89,8 +154,13 @@ def recognizer_app(config: Config) -> Any:
             "min_replicas": cluster.min_replicas,
             "max_replicas": cluster.max_replicas,
             "target_ongoing_requests": cluster.target_queue,
+            "upscale_delay_s": cluster.upscale_delay_s,
+            "downscale_delay_s": cluster.downscale_delay_s,
+            "metrics_interval_s": cluster.metrics_interval_s,
+            "look_back_period_s": cluster.look_back_period_s,
         }
-    deployment = serve.deployment(**options)(RecognizerReplica)
+    replica = ServeBatchReplica if cluster.batching == "serve" else RecognizerReplica
+    deployment = serve.deployment(**options)(replica)
     return deployment.bind(replica_config(config))
 
 
