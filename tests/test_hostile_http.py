@@ -261,6 +261,15 @@ async def test_a_client_gone_mid_upload_is_a_debug_line(
     await site.start()
     port = runner.addresses[0][1]
     caplog.set_level(logging.DEBUG, logger="terra")
+    seen = asyncio.Event()  # the server logged the disconnect (on this loop's thread)
+
+    class Disconnects(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "client disconnected" in record.getMessage():
+                seen.set()
+
+    handler = Disconnects()
+    logging.getLogger("terra").addHandler(handler)
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
@@ -274,11 +283,9 @@ async def test_a_client_gone_mid_upload_is_a_debug_line(
         await writer.drain()
         writer.close()
         await writer.wait_closed()
-        for _ in range(500):  # until the server has seen the connection go (at most 5 s)
-            if any("client disconnected" in r.getMessage() for r in caplog.records):
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(seen.wait(), 10)  # the server has seen the connection go
     finally:
+        logging.getLogger("terra").removeHandler(handler)
         await runner.cleanup()
     assert any("client disconnected" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
