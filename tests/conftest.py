@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import numpy as np
@@ -29,6 +29,9 @@ from terra.recognizer.options import EngineSettings
 from terra.recognizer.types import RecognitionEngine
 from terra.streamclient import load_audio
 from tests.fakes import FakeEngine
+
+if TYPE_CHECKING:
+    from tests.test_schemathesis import Fuzz
 
 # How many examples the generated tests run (hypothesis's property tests, and the
 # schemathesis fuzz, which reads the profile's name): "dev" by default, the fast tier;
@@ -231,3 +234,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     ]
     if unmarked:
         raise pytest.UsageError("these load the model, mark them model: " + ", ".join(unmarked))
+
+
+FUZZ = pytest.StashKey["Fuzz"]()
+FUZZ_TEST = "tests/test_schemathesis.py::test_no_server_errors_on_generated_requests"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the schemathesis fuzz as soon as its test is selected: a subprocess that
+    computes for a while (about 6 s in the fast tier), so it runs beside the other tests
+    instead of after them; its test waits for it."""
+    if session.config.option.collectonly:
+        return
+    if any(item.nodeid == FUZZ_TEST for item in session.items):
+        from tests.test_schemathesis import Fuzz
+
+        session.config.stash[FUZZ] = fuzz = Fuzz()
+        fuzz.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    fuzz = session.config.stash.get(FUZZ, None)
+    if fuzz is not None:
+        fuzz.remove()
+
+
+@pytest.fixture
+def fuzz(request: pytest.FixtureRequest) -> Fuzz:
+    """The schemathesis run pytest_collection_finish started."""
+    return request.config.stash[FUZZ]
