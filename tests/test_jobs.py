@@ -291,6 +291,35 @@ async def ended(job_id: str, *front_ends: JobRunner) -> Job | None:
     return finished.pop().result()
 
 
+async def test_a_job_that_ends_while_a_wait_reads_it_wakes_that_wait(
+    tmp_path: Path, runners: list[JobRunner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``wait`` read the job, then listened for its end: a job that ended in between was
+    waited for until the timeout (two front ends' tests hung under load). Here the job ends
+    while the second wait reads it; that wait must wake at the end."""
+    work = FakeWork()
+    runner = await started(runner_for(tmp_path, work, Clock(), owner="A"), runners)
+    job = await runner.create()
+    await work.started.wait()
+    read = runner.get
+    first_read = asyncio.Event()
+
+    async def read_as_it_ends(job_id: str) -> Job | None:
+        seen = await read(job_id)  # running
+        if not first_read.is_set():  # the first wait's read: it listens once this returns
+            first_read.set()
+            return seen
+        work.release.set()
+        await first  # the runner has written the end and woken the waits it knew
+        return seen
+
+    monkeypatch.setattr(runner, "get", read_as_it_ends)
+    first = asyncio.create_task(runner.wait(job.id, 60.0))
+    await first_read.wait()
+    done = await asyncio.wait_for(runner.wait(job.id, 60.0), 10)  # not 60 s
+    assert done is not None and done.status is JobStatus.SUCCEEDED
+
+
 async def test_two_front_ends_never_run_one_job_twice(
     tmp_path: Path, runners: list[JobRunner]
 ) -> None:

@@ -229,12 +229,14 @@ class JobRunner:
 
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
         """The job once it ends here, or as it is after ``timeout_s``."""
-        job = await self.get(job_id)
-        if job is None or job.status.is_terminal():
-            return job
+        # Waiting before reading: a job that ends while the store is read wakes this waiter
+        # (registered after the read, it would wait out the timeout).
         waiter: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, []).append(waiter)
         try:
+            job = await self.get(job_id)
+            if job is None or job.status.is_terminal():
+                return job
             return await asyncio.wait_for(asyncio.shield(waiter), max(0.0, timeout_s))
         except TimeoutError:
             return await self.get(job_id)
