@@ -116,6 +116,7 @@ class RecognizerConfig:
     commit_edge_guard_s: float = 1.0
     commit_force_after_s: float = 6.0
     commit_force_guard_s: float = 3.0
+    prompt_max_words: int = 40  # a pass's previous-text context: the last committed words
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,21 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from terra.audio import SAMPLE_RATE, Samples, encode_wav, samples_to_ms
 from terra.config import RecognizerConfig, StreamConfig
 from terra.metrics import Metrics
+from terra.recognizer.agreement import Agreement, AgreementOptions
 from terra.recognizer.backend import Recognizer
-from terra.recognizer.commit import (
-    TimedSegment,
-    agreed_count,
-    settled_count,
-    shift,
-    split_segments,
-)
 from terra.recognizer.options import DecodePasses
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest, Vocabulary
 from terra.spool import Spool, post_key
@@ -86,17 +80,10 @@ class _Pass:
     """What a progress request was made from."""
 
     version: int
-    committed_samples: int
+    agreement: Agreement
+    offset: int  # where its audio starts in the combination (the commit point then)
     audio_samples: int
     post_ids: tuple[str, ...]  # the fragments whose audio it included
-
-
-def _join(committed: str, tail: str) -> str:
-    if not committed:
-        return tail
-    if not tail.strip():
-        return committed
-    return committed.rstrip() + " " + tail.lstrip()
 
 
 @dataclass(slots=True)
@@ -109,12 +96,10 @@ class Session:
     captions: str | None = None
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     last_progress_at: float = 0.0
-    last_seen: float = field(default_factory=time.monotonic)
+    last_seen: float = 0.0
     # Fragments waiting for text that covers them: (combination id, its version, arrival).
     uncovered: list[tuple[str, int, float]] = field(default_factory=list)
     closed_at: dict[str, float] = field(default_factory=dict)
-    # The last progress pass's segments of each open combination's uncommitted audio.
-    segments: dict[str, list[TimedSegment]] = field(default_factory=dict)
     # Each open combination's progress request, queued or running (at most one each).
     progress_requests: dict[str, asyncio.Future[Recognition | None]] = field(default_factory=dict)
     # POSTs waiting for text: each is woken when this participant's text changes.
@@ -143,10 +128,20 @@ class LiveService:
         metrics: Metrics,
         vocabulary: Vocabulary,
         listener: LiveListener | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``decode``: the progress, final and caption passes' options (``decode_passes``).
         ``vocabulary`` is used for its token helpers only; recognition goes through the
-        scheduler. ``listener`` is told of joins, leaves and text (the viewers' feed)."""
+        scheduler. ``listener`` is told of joins, leaves and text (the viewers' feed).
+        ``clock`` (seconds, monotonic) times everything here: ticks, waits, idle sessions."""
+        self._clock = clock
+        self._agreement_options = AgreementOptions(
+            commit=recognizer_config.commit,
+            edge_guard_s=recognizer_config.commit_edge_guard_s,
+            force_after_s=recognizer_config.commit_force_after_s,
+            force_guard_s=recognizer_config.commit_force_guard_s,
+            prompt_max_words=recognizer_config.prompt_max_words,
+        )
         self._stream_config = stream_config
         self._recognizer_config = recognizer_config
         self._decode = decode
@@ -169,7 +164,9 @@ class LiveService:
             session = self._sessions.get(key)  # another request may have created it meanwhile
             if session is None:
                 stream = ParticipantStream(self._stream_config, conference_id, participant_id)
-                session = Session(stream=stream, name=name, seen_posts=seen)
+                session = Session(
+                    stream=stream, name=name, seen_posts=seen, last_seen=self._clock()
+                )
                 self._sessions[key] = session
                 self._metrics.active_participants.set(len(self._sessions))
                 self._listener.participant_joined(conference_id, participant_id, name)
@@ -199,7 +196,7 @@ class LiveService:
         session = await self._session(
             fragment.conference_id, fragment.participant_id, fragment.participant_name
         )
-        session.last_seen = time.monotonic()
+        session.last_seen = self._clock()
         if fragment.language and session.language != fragment.language:
             session.language = fragment.language
         session.captions = fragment.captions
@@ -231,7 +228,7 @@ class LiveService:
         """Add a fragment to the live stream (held there if an earlier one is missing)."""
         update = session.stream.add(
             Fragment(fragment.post_id, fragment.start_time, fragment.samples),
-            now=time.monotonic(),
+            now=self._clock(),
         )
         if update.ahead:
             log.warning(
@@ -248,9 +245,18 @@ class LiveService:
             )
         if session.stream.open is not None and not update.held:
             opened = session.stream.open
-            session.uncovered.append((opened.id, opened.version, time.monotonic()))
+            session.uncovered.append((opened.id, opened.version, self._clock()))
         self._dispatch_finals(session, update.closed)
         self._request_progress(session)
+
+    def _agreement(self, combination: Combination) -> Agreement:
+        if combination.agreement is None:
+            combination.agreement = Agreement(self._agreement_options)
+        return combination.agreement
+
+    def _prompt(self, agreement: Agreement) -> tuple[int, ...]:
+        prompt = agreement.prompt()
+        return self._vocabulary.encode_text(prompt) if prompt.strip() else ()
 
     def _spool_fragment(self, fragment: FragmentInput) -> bool:
         """Store the fragment; False when the spool has this post already."""
@@ -270,9 +276,9 @@ class LiveService:
         """Wait, at most ``answer_wait_ms``, until the answer has text made from this
         fragment's audio (a TextElem lists its post_id); for a fragment no combination holds
         (silence, noise), until the finals in flight are known."""
-        deadline = time.monotonic() + self._stream_config.answer_wait_ms / 1000
+        deadline = self._clock() + self._stream_config.answer_wait_ms / 1000
         while not self._answered(session, post_id):
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._clock()
             if remaining <= 0:
                 return
             event = asyncio.Event()
@@ -307,7 +313,7 @@ class LiveService:
         self, session: Session, combination: Combination, version: int | None
     ) -> None:
         """Text latency: from a fragment's arrival to text made from audio that includes it."""
-        now = time.monotonic()
+        now = self._clock()
         keep = []
         for entry in session.uncovered:
             combination_id, needed, arrived = entry
@@ -324,17 +330,20 @@ class LiveService:
         self, session: Session, closed: tuple[Combination, ...] | list[Combination]
     ) -> None:
         for combination in closed:
-            session.closed_at[combination.id] = time.monotonic()
+            session.closed_at[combination.id] = self._clock()
             # A progress pass still waiting for this combination would be work for nothing:
             # its final is asked for now, over the same audio.
             self._scheduler.withdraw(combination.id)
-            # Only the uncommitted tail is decoded, with the committed text as context.
+            # Only the uncommitted tail is decoded, with the committed text as context; no
+            # progress pass commits from now on.
+            agreement = self._agreement(combination)
+            agreement.close()
             request = RecognitionRequest(
-                audio=combination.uncommitted_audio,
+                audio=combination.audio[agreement.committed_samples :],
                 language=session.language,
                 priority=Priority.FINAL,
                 options=self._decode.final,
-                prompt_tokens=combination.committed_tokens,
+                prompt_tokens=self._prompt(agreement),
             )
             future = self._scheduler.submit(request)
             translation = None
@@ -348,12 +357,15 @@ class LiveService:
                         options=self._decode.translate,
                     )
                 )
-            self._track(session, self._settle_final(session, combination, future, translation))
+            self._track(
+                session, self._settle_final(session, combination, agreement, future, translation)
+            )
 
     async def _settle_final(
         self,
         session: Session,
         combination: Combination,
+        agreement: Agreement,
         future: asyncio.Future[Recognition | None],
         translation: asyncio.Future[Recognition | None] | None = None,
     ) -> None:
@@ -373,7 +385,7 @@ class LiveService:
         if result is None:
             text = combination.text
         else:
-            text = _join(combination.committed_text, result.text)
+            text = agreement.final_text(result.text)
             self._learn_language(session, result)
         if english is None and session.captions == "en":
             english = text  # an English speaker's caption is the text itself
@@ -407,25 +419,27 @@ class LiveService:
             # Its pass is running: a second one beside it would decode the same audio and be
             # stale when the first commits. The first one's settling asks again.
             return
-        now = time.monotonic()
+        now = self._clock()
         if now - session.last_progress_at < self._progress_interval():
             return
         if self._scheduler.queued_finals >= self._recognizer_config.max_queued_finals:
             return  # overload: the finals take the whole recognizer (the text is not lost)
         session.last_progress_at = now
         combination.requested_version = combination.version
+        agreement = self._agreement(combination)
         request = RecognitionRequest(
-            audio=combination.uncommitted_audio,
+            audio=combination.audio[agreement.committed_samples :],
             language=session.language,
             priority=Priority.PROGRESS,
-            options=self._decode.progress,
-            prompt_tokens=combination.committed_tokens,
+            options=self._decode.progress,  # with word times when commits are on
+            prompt_tokens=self._prompt(agreement),
         )
         future = self._scheduler.submit(request, coalesce_key=combination.id)
         session.progress_requests[combination.id] = future
         pass_ = _Pass(
             combination.version,
-            combination.committed_samples,
+            agreement,
+            agreement.committed_samples,
             request.audio.size,
             tuple(combination.post_ids),
         )
@@ -455,40 +469,24 @@ class LiveService:
         self, session: Session, combination: Combination, pass_: _Pass, result: Recognition
     ) -> None:
         self._learn_language(session, result)
-        if combination.committed_samples != pass_.committed_samples:
+        agreement = pass_.agreement
+        if not agreement.settle(pass_.offset, pass_.audio_samples, result):
             return  # a newer pass committed meanwhile: this one's text is stale
-        text = _join(combination.committed_text, result.text)
-        session.stream.set_progress(combination, pass_.version, text, pass_.post_ids)
+        session.stream.set_progress(combination, pass_.version, agreement.text, pass_.post_ids)
         session.notify()
         if (
             combination.state is not CombinationState.FINAL
             and combination.text_version == pass_.version
         ):
             self._listener.text(session.stream.elem(combination, "progress"), session.name)
-        if self._recognizer_config.commit:
-            self._commit_agreed(session, combination, pass_, result)
+        log.debug(
+            "pass over %.2f s: committed %d words, %.2f s uncommitted",
+            pass_.audio_samples / SAMPLE_RATE,
+            len(agreement.committed),
+            agreement.uncommitted_s,
+            extra=session.ids,
+        )
         self._observe_coverage(session, combination, pass_.version)
-
-    def _commit_agreed(
-        self, session: Session, combination: Combination, pass_: _Pass, result: Recognition
-    ) -> None:
-        segments = split_segments(result.tokens, self._vocabulary.timestamp_begin())
-        log.debug("pass segments %s", [(s.start_s, s.end_s, len(s.tokens)) for s in segments])
-        config = self._recognizer_config
-        audio_s = pass_.audio_samples / SAMPLE_RATE
-        previous = session.segments.get(combination.id, [])
-        count = agreed_count(previous, segments, audio_s, config.commit_edge_guard_s)
-        if count == 0 and audio_s > config.commit_force_after_s:
-            count = settled_count(segments, audio_s, config.commit_force_guard_s)
-        if count == 0:
-            session.segments = {combination.id: segments}
-            return
-        cut_s = segments[count - 1].end_s
-        tokens = tuple(t for s in segments[:count] for t in s.tokens)
-        text = self._vocabulary.decode_text(tokens)
-        session.stream.commit(combination, int(round(cut_s * SAMPLE_RATE)), tokens, text)
-        log.debug("committed %.2f s: %s", cut_s, text, extra=session.ids)
-        session.segments = {combination.id: shift(segments[count:], cut_s)}
 
     def _learn_language(self, session: Session, result: Recognition) -> None:
         if session.language is None and (
@@ -506,22 +504,28 @@ class LiveService:
     async def _tick_forever(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            now = time.monotonic()
-            for key, session in list(self._sessions.items()):
-                if session.lock.locked():
-                    continue
-                # Fragments of a combination dropped as noise are never covered: forget them.
-                session.uncovered = [e for e in session.uncovered if now - e[2] < 60.0]
-                closed = session.stream.tick(now, REORDER_MS)
-                if closed:
-                    self._dispatch_finals(session, closed)
-                self._request_progress(session)
-                idle = now - session.last_seen
-                if idle > self._stream_config.session_ttl_s and not session.in_flight:
-                    self._sessions.pop(key, None)
-                    self._metrics.active_participants.set(len(self._sessions))
-                    self._listener.participant_left(*key)
-                    log.info("session expired after %.0f s idle", idle, extra=session.ids)
+            self.tick()
+
+    def tick(self) -> None:
+        """What time alone decides, at the clock's present reading: held fragments released,
+        quiet combinations closed (their finals asked for), progress asked for, idle sessions
+        expired. The ticker calls it every TICK_S; a test may call it after moving its clock."""
+        now = self._clock()
+        for key, session in list(self._sessions.items()):
+            if session.lock.locked():
+                continue
+            # Fragments of a combination dropped as noise are never covered: forget them.
+            session.uncovered = [e for e in session.uncovered if now - e[2] < 60.0]
+            closed = session.stream.tick(now, REORDER_MS)
+            if closed:
+                self._dispatch_finals(session, closed)
+            self._request_progress(session)
+            idle = now - session.last_seen
+            if idle > self._stream_config.session_ttl_s and not session.in_flight:
+                self._sessions.pop(key, None)
+                self._metrics.active_participants.set(len(self._sessions))
+                self._listener.participant_left(*key)
+                log.info("session expired after %.0f s idle", idle, extra=session.ids)
 
     async def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick_forever(), name="live-ticker")

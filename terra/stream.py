@@ -20,6 +20,7 @@ import numpy as np
 
 from terra.audio import SAMPLE_RATE, Samples, ms_to_samples, samples_to_ms
 from terra.config import StreamConfig, zone_of
+from terra.recognizer.agreement import Agreement
 from terra.vad import FrameVad
 
 
@@ -95,19 +96,13 @@ class Combination:
     # progress TextElem lists these only, so a client knows which fragments its text covers.
     text_post_ids: tuple[str, ...] = ()
     requested_version: int = -1
-    # The settled start (see recognizer/commit.py): its text, tokens and audio length.
-    committed_samples: int = 0
-    committed_tokens: tuple[int, ...] = ()
-    committed_text: str = ""
+    # Its hypothesis, commit and trim (made by the live service at its first progress pass).
+    agreement: Agreement | None = None
     translation: str | None = None
 
     @property
     def audio(self) -> Samples:
         return self.buffer[: self.length]
-
-    @property
-    def uncommitted_audio(self) -> Samples:
-        return self.buffer[self.committed_samples : self.length]
 
     @property
     def duration_ms(self) -> int:
@@ -379,19 +374,6 @@ class ParticipantStream:
         combination.text = text
         combination.text_version = version
         combination.text_post_ids = post_ids
-
-    def commit(
-        self, combination: Combination, samples: int, tokens: tuple[int, ...], text: str
-    ) -> None:
-        """Settle the next ``samples`` of the combination's audio with their text. Only while
-        it is open: a closed one's final was asked for with the audio uncommitted then."""
-        if combination.state is not CombinationState.OPEN:
-            return
-        combination.committed_samples = min(
-            combination.committed_samples + samples, combination.length
-        )
-        combination.committed_tokens += tokens
-        combination.committed_text += text
 
     def set_final(
         self, combination: Combination, text: str, translation: str | None = None

@@ -74,7 +74,8 @@ def test_each_pass_gets_its_options_from_the_config() -> None:
     )
     rules = config.recognizer.decoding
     passes = decode_passes(config)
-    assert passes.progress == DecodeOptions(beam_size=2, rules=rules)
+    # Word times for the agreement (recognizer.commit, on by default).
+    assert passes.progress == DecodeOptions(beam_size=2, word_timestamps=True, rules=rules)
     assert passes.final == DecodeOptions(beam_size=4, rules=rules)
     assert passes.translate == DecodeOptions(beam_size=4, task="translate", rules=rules)
     assert passes.detect == DecodeOptions(beam_size=1, rules=rules)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import pathlib
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
@@ -22,8 +24,8 @@ from terra.metrics import create_metrics
 from terra.recognizer.options import DecodeOptions
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest
-from tests.conftest import TOKEN, ServerFactory, post_fragment
-from tests.fakes import FakeEngine
+from tests.conftest import TOKEN, ServerFactory, _servers, post_fragment
+from tests.fakes import FakeEngine, fake_text
 
 VOICED = (0.1 * np.sin(np.arange(SAMPLE_RATE) * 0.05)).astype(np.float32)
 
@@ -172,6 +174,76 @@ async def test_overloaded_live_service_loses_no_final_and_starves_nobody(
         assert len(got) == 3
     health = await (await client.get("/healthz")).json()
     assert health["pending_finals"] == 0 and health["recognizer_queue_depth"] == 0
+
+
+class Slow(FakeEngine):
+    """FakeEngine whose every model call costs ``seconds`` of a worker's time (time.sleep in
+    the worker thread: the cost of a pass, not a synchronisation), and that records which
+    talker each progress request came from (its word: talkers speak at different levels)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.progress: list[str] = []
+
+    def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
+        time.sleep(self.seconds)
+        for r in requests:
+            words = fake_text(r.audio).split()
+            if r.priority is Priority.PROGRESS and words:
+                self.progress.append(words[-1])
+        return super().recognize(requests)
+
+
+async def test_progress_is_shared_evenly_among_overloaded_talkers(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Six continuous talkers ask for a pass with every fragment, three times what the one
+    slow worker does: passes thin out evenly (no talker gets under half of the busiest
+    one's), every talker sees progress text, and every final comes."""
+    engine = Slow(seconds=0.05)
+    talkers = 6
+    # Each talker its own level, so its own word (FakeEngine picks the word by energy).
+    levels = [0.03 + 0.015 * i for i in range(talkers)]
+    words = [fake_text(level * VOICED / 0.1).split()[0] for level in levels]
+    assert len(set(words)) == talkers
+    async with _servers(engine, tmp_path) as start:
+        client = await start(
+            recognizer={"workers": 1, "max_batch_size": 1},
+            stream={"answer_wait_ms": 200, "progress_min_interval_ms": 0},
+        )
+        t0 = 1_719_512_467.0
+
+        async def talk(index: int) -> set[str]:
+            voiced = (levels[index] / 0.1 * VOICED).astype(np.float32)
+            texts: set[str] = set()
+            ids: set[str] = set()
+            finals: set[str] = set()
+            second = 0
+            while second < 8 or len(finals) < len(ids) or not ids:
+                audio = voiced if second < 8 else np.zeros(SAMPLE_RATE, np.float32)
+                status, body = await post_fragment(
+                    client,
+                    audio,
+                    participant_id=f"t{index}",
+                    start_time=t0 + second,
+                    lang="en",
+                )
+                assert status == 200 and second < 200, "a final never came"
+                second += 1
+                for elem in body:
+                    ids.add(elem["id"])
+                    if elem["status"] == "final":
+                        finals.add(elem["id"])
+                    elif elem["text"].strip():
+                        texts.add(elem["text"])
+            return texts
+
+        seen = await asyncio.gather(*(talk(i) for i in range(talkers)))
+    assert all(seen), "a talker never saw progress text"
+    passes = [engine.progress.count(word) for word in words]
+    assert min(passes) >= max(passes) / 2, passes
+    assert sum(passes) < talkers * 8, "not overloaded: every fragment got its own pass"
 
 
 def test_an_old_config_with_the_removed_stable_prefix_still_loads(

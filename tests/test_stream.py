@@ -61,27 +61,6 @@ def test_speech_then_pause_closes_one_combination() -> None:
     assert T0 < combination.start_time < T0 + 1.0
 
 
-def test_only_an_open_combination_takes_a_commit() -> None:
-    """A progress pass that settles after its combination closed must not commit: the final
-    was asked for with that audio still uncommitted, and the text would come twice."""
-    speech = load_clip(clip("clips/pisets/test_sound_ru.wav").path)
-    stream = ParticipantStream(StreamConfig(), "c", "p")
-    feed(stream, speech[: 2 * SAMPLE_RATE])
-    combination = stream.open
-    assert combination is not None
-    stream.commit(combination, SAMPLE_RATE, (1, 2), " нейронные")
-    assert (combination.committed_samples, combination.committed_text) == (
-        SAMPLE_RATE,
-        " нейронные",
-    )
-    closed = feed(
-        stream, np.concatenate([speech[2 * SAMPLE_RATE :], SILENCE]), start=T0 + 2.0, prefix="g"
-    )
-    assert closed == [combination] and combination.state is CombinationState.CLOSED
-    stream.commit(combination, SAMPLE_RATE, (3,), " сети")
-    assert (combination.committed_samples, combination.committed_tokens) == (SAMPLE_RATE, (1, 2))
-
-
 def test_pause_length_decides_how_speech_is_split() -> None:
     speech = load_clip(clip("clips/speechbrain/spk1_snt1.wav").path)
     gap = np.zeros(int(0.9 * SAMPLE_RATE), np.float32)

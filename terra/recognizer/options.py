@@ -116,7 +116,12 @@ def decode_passes(config: Config) -> DecodePasses:
     base = DecodeOptions(rules=config.recognizer.decoding)
     final = dataclasses.replace(base, beam_size=config.recognizer.final_beam_size)
     return DecodePasses(
-        progress=dataclasses.replace(base, beam_size=config.recognizer.progress_beam_size),
+        # The agreement (recognizer/agreement.py) commits word by word: it needs word times.
+        progress=dataclasses.replace(
+            base,
+            beam_size=config.recognizer.progress_beam_size,
+            word_timestamps=config.recognizer.commit,
+        ),
         final=final,
         translate=dataclasses.replace(final, task="translate"),
         detect=base,
