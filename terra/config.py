@@ -117,6 +117,7 @@ class RecognizerConfig:
     commit_force_after_s: float = 6.0
     commit_force_guard_s: float = 3.0
     prompt_max_words: int = 40  # a pass's previous-text context: the last committed words
+    final_whole_max_s: float = 10.0  # a final over a combination this short decodes all of it
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,6 +141,7 @@ class LiveService:
             force_after_s=recognizer_config.commit_force_after_s,
             force_guard_s=recognizer_config.commit_force_guard_s,
             prompt_max_words=recognizer_config.prompt_max_words,
+            final_whole_max_s=recognizer_config.final_whole_max_s,
         )
         self._stream_config = stream_config
         self._recognizer_config = recognizer_config
@@ -254,9 +255,8 @@ class LiveService:
             combination.agreement = Agreement(self._agreement_options)
         return combination.agreement
 
-    def _prompt(self, agreement: Agreement) -> tuple[int, ...]:
-        prompt = agreement.prompt()
-        return self._vocabulary.encode_text(prompt) if prompt.strip() else ()
+    def _prompt(self, text: str) -> tuple[int, ...]:
+        return self._vocabulary.encode_text(text) if text.strip() else ()
 
     def _spool_fragment(self, fragment: FragmentInput) -> bool:
         """Store the fragment; False when the spool has this post already."""
@@ -334,16 +334,17 @@ class LiveService:
             # A progress pass still waiting for this combination would be work for nothing:
             # its final is asked for now, over the same audio.
             self._scheduler.withdraw(combination.id)
-            # Only the uncommitted tail is decoded, with the committed text as context; no
+            # A long combination's final decodes only the audio after the last committed
+            # word (with the committed words as context), a short one's all of it; no
             # progress pass commits from now on.
             agreement = self._agreement(combination)
-            agreement.close()
+            start = agreement.close(combination.length)
             request = RecognitionRequest(
-                audio=combination.audio[agreement.committed_samples :],
+                audio=combination.audio[start:],
                 language=session.language,
                 priority=Priority.FINAL,
                 options=self._decode.final,
-                prompt_tokens=self._prompt(agreement),
+                prompt_tokens=self._prompt(agreement.final_prompt()),
             )
             future = self._scheduler.submit(request)
             translation = None
@@ -432,7 +433,7 @@ class LiveService:
             language=session.language,
             priority=Priority.PROGRESS,
             options=self._decode.progress,  # with word times when commits are on
-            prompt_tokens=self._prompt(agreement),
+            prompt_tokens=self._prompt(agreement.prompt()),
         )
         future = self._scheduler.submit(request, coalesce_key=combination.id)
         session.progress_requests[combination.id] = future

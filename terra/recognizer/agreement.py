@@ -44,6 +44,11 @@ class AgreementOptions:
     force_after_s: float = 6.0
     force_guard_s: float = 3.0
     prompt_max_words: int = 40  # the prompt is the last this many committed words
+    # A final over a combination this short decodes all of it (beam search over the whole
+    # utterance, no cut): commits serve the cost of long ones. Measured on the short clips
+    # (benchmarks.stream_accuracy), a final over only the tail after a commit lost words at
+    # the cut and made up words in the pause ("Неважно. Слышь, да?").
+    final_whole_max_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,7 @@ class Agreement:
         self.hypothesis: list[TimedWord] = []  # the newest pass's words after the committed
         self.tail_text = ""  # the newest pass's text after the committed (words or not)
         self.closed = False
+        self.final_from = 0  # where the final decodes from (set by ``close``)
 
     @property
     def text(self) -> str:
@@ -125,14 +131,23 @@ class Agreement:
             self._commit(words[:count])
         return True
 
-    def close(self) -> None:
-        """The combination closed: its final is asked for over the uncommitted tail now, so no
-        later pass may commit (the text would come twice)."""
+    def close(self, length: int) -> int:
+        """The combination closed at ``length`` samples: where its final decodes from (0, the
+        whole of it, when it is at most ``final_whole_max_s`` long; else the commit point).
+        No later pass may commit (the text would come twice)."""
         self.closed = True
+        whole = length <= self.options.final_whole_max_s * SAMPLE_RATE
+        self.final_from = 0 if whole else self.committed_samples
+        return self.final_from
 
-    def final_text(self, tail: str) -> str:
-        """The final: the committed text, then the final decode of the uncommitted tail."""
-        return _join(self.committed_text, tail)
+    def final_prompt(self) -> str:
+        """The final's previous-text context: the committed words before where it starts."""
+        return self.prompt() if self.final_from else ""
+
+    def final_text(self, decoded: str) -> str:
+        """The final: the committed text (unless the final decoded the whole combination),
+        then what the final decoded."""
+        return _join(self.committed_text, decoded) if self.final_from else decoded
 
     @property
     def uncommitted_s(self) -> float:
