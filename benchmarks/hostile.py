@@ -571,7 +571,7 @@ async def many_participants(folder: Path, count: int = 1000) -> list[Row]:
 class TalkLog:
     post_s: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
-    finals: set[str] = field(default_factory=set)
+    finals: dict[str, tuple[str, float]] = field(default_factory=dict)  # id: talker, when
     spoken: set[str] = field(default_factory=set)  # ids seen with progress text
     settled_at: list[float] = field(default_factory=list)
 
@@ -605,7 +605,7 @@ async def talk(
         log.post_s.append(time.monotonic() - sent)
         for elem in elems:
             if elem["status"] == "final":
-                log.finals.add(elem["id"])
+                log.finals.setdefault(elem["id"], (talker.participant, loop.time()))
             elif elem["text"].strip():
                 log.spoken.add(elem["id"])
         return any(elem["status"] == "progress" for elem in elems)
@@ -653,7 +653,18 @@ async def talkers_row(folder: Path, count: int = 40, seconds: float = 60.0) -> d
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as s:
             started = loop.time() + 0.5
+            queue: list[tuple[float, float]] = []  # (queue depth, pending finals) each second
+
+            async def watch() -> None:
+                while True:
+                    await asyncio.sleep(1.0)
+                    async with s.get(f"{server.url}/healthz") as r:
+                        health = await r.json()
+                    queue.append((health["recognizer_queue_depth"], health["pending_finals"]))
+
+            watcher = asyncio.create_task(watch())
             await asyncio.gather(*(talk(s, server.url, t, started, log) for t in talkers))
+            watcher.cancel()
             load_end = started + seconds
             while True:  # and the server's own backlog
                 async with s.get(f"{server.url}/healthz") as r:
@@ -669,6 +680,8 @@ async def talkers_row(folder: Path, count: int = 40, seconds: float = 60.0) -> d
         rss_end = server.rss_mb()
     finally:
         server.stop()
+    in_load = Counter(who for who, at in log.finals.values() if at <= load_end)
+    in_load.update({t.participant: 0 for t in talkers})
     result = {
         "talkers": count,
         "seconds": seconds,
@@ -684,7 +697,12 @@ async def talkers_row(folder: Path, count: int = 40, seconds: float = 60.0) -> d
         "finals_produced": produced,
         "finals_delivered": len(log.finals),
         "finals_lost": produced - len(log.finals),
-        "spoken_never_final": len(log.spoken - log.finals),
+        "spoken_never_final": len(log.spoken - set(log.finals)),
+        "queue_depth_max": max((q for q, _ in queue), default=0),
+        "pending_finals_max": max((f for _, f in queue), default=0),
+        # finals each talker received while the load ran (the fairness of overload)
+        "finals_in_load_min": min(in_load.values(), default=0),
+        "finals_in_load_max": max(in_load.values(), default=0),
     }
     print(f"  13 {result}")
     return result
@@ -887,12 +905,15 @@ def markdown(rows: list[Row], info: dict[str, Any], talkers: dict[str, Any] | No
             "talker settled and `/healthz` shows no queue and no pending finals.",
             "",
             "| POSTs (status) | slowest answer | answer p95 | RSS start / peak / end "
-            "| drain | finals produced / delivered / lost | spoken, never final |",
-            "|---|---|---|---|---|---|---|",
+            "| drain | finals produced / delivered / lost | spoken, never final "
+            "| queue max / pending finals max | finals per talker during the load (min-max) |",
+            "|---|---|---|---|---|---|---|---|---|",
             f"| {t['posts']} ({t['statuses']}) | {t['slowest_answer_s']:.2f} s "
             f"| {t['answer_p95_s']:.2f} s | {t['rss_start_mb']} / {t['rss_peak_mb']} / "
             f"{t['rss_end_mb']} MB | {t['drain_s']:.1f} s | {t['finals_produced']} / "
-            f"{t['finals_delivered']} / {t['finals_lost']} | {t['spoken_never_final']} |",
+            f"{t['finals_delivered']} / {t['finals_lost']} | {t['spoken_never_final']} "
+            f"| {t.get('queue_depth_max', '?')} / {t.get('pending_finals_max', '?')} "
+            f"| {t.get('finals_in_load_min', '?')}-{t.get('finals_in_load_max', '?')} |",
         ]
     return "\n".join(lines) + "\n"
 
