@@ -322,13 +322,14 @@ def _batching(rows: list[dict[str, Any]], talkers: int) -> dict[str, Any] | None
 def markdown(report: dict[str, Any]) -> str:
     cap = report["capacity"]
     lines = [
-        "# Scale-out on Ray: 1 and 2 recognizer replicas (base, int8, 1 thread each)",
+        "# Scale-out on Ray (base, int8, recognizer replicas of 1 thread each)",
         "",
         f"`{report['command']}` on {report['machine']['cores']} cores "
         f"({report['machine']['date']}), {report['seconds_per_level']:.0f} s per level. "
         "Continuous talkers (ru_60s/en_60s looped), 2 s fragments at real-time pace, clocks "
         "spread; latency at the client: a fragment's POST to the first answer listing its "
-        "post_id. Capacity: the most talkers at p95 <= 1.5 s, no growing backlog, no errors. "
+        "post_id. Capacity (sweeps): the most talkers at p95 <= 1.5 s, no growing backlog, no "
+        "errors. "
         "The client, the front end, Ray and the replicas share the machine's cores.",
         "",
     ]
