@@ -241,16 +241,23 @@ FUZZ_TEST = "tests/test_schemathesis.py::test_no_server_errors_on_generated_requ
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the schemathesis fuzz as soon as its test is selected: a subprocess that
-    computes for a while (about 6 s in the fast tier), so it runs beside the other tests
-    instead of after them; its test waits for it."""
-    if session.config.option.collectonly:
+    """In the fast tier (the dev profile), start the schemathesis fuzz as soon as its test is
+    selected: a subprocess that computes for a while (about 6 s), so it runs beside the
+    other tests instead of after them; its test waits for it. The whole suite (the ci
+    profile, about 35 s of fuzzing) runs it when its test comes, beside nothing, so it never
+    slows the model tests."""
+    if session.config.option.collectonly or settings.get_current_profile_name() != "dev":
         return
     if any(item.nodeid == FUZZ_TEST for item in session.items):
-        from tests.test_schemathesis import Fuzz
+        start_fuzz(session.config)
 
-        session.config.stash[FUZZ] = fuzz = Fuzz()
-        fuzz.start()
+
+def start_fuzz(config: pytest.Config) -> Fuzz:
+    from tests.test_schemathesis import Fuzz
+
+    config.stash[FUZZ] = fuzz = Fuzz()
+    fuzz.start()
+    return fuzz
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -261,5 +268,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 @pytest.fixture
 def fuzz(request: pytest.FixtureRequest) -> Fuzz:
-    """The schemathesis run pytest_collection_finish started."""
-    return request.config.stash[FUZZ]
+    """The schemathesis run: the one pytest_collection_finish started, or one started now."""
+    started = request.config.stash.get(FUZZ, None)
+    return started if started is not None else start_fuzz(request.config)

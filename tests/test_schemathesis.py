@@ -12,10 +12,11 @@ The engine is tests/fakes.py's FakeEngine, a fake: this is about HTTP validation
 parameters, headers, ids), which does not depend on what the model would hear. The seed is
 fixed.
 
-The run is a subprocess that mostly computes (its requests take well under a second): it
-starts when collection ends (tests/conftest.py, ``pytest_collection_finish``), against a
-server on its own event loop in a thread, and goes on beside the other tests; the test
-waits for its end and checks its report.
+The run is a subprocess that mostly computes (its requests take well under a second),
+against a server on its own event loop in a thread. In the fast tier it starts when
+collection ends (tests/conftest.py, ``pytest_collection_finish``) and goes on beside the
+other tests; in the whole suite it starts when this test comes. The test waits for its end
+and checks its report.
 """
 
 from __future__ import annotations
