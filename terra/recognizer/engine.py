@@ -27,7 +27,14 @@ from numpy.typing import NDArray
 from terra.audio import SAMPLE_RATE, Samples
 from terra.recognizer import guards
 from terra.recognizer.options import EngineSettings
-from terra.recognizer.types import DropReason, Recognition, RecognitionRequest, Segment, Word
+from terra.recognizer.types import (
+    DropReason,
+    Priority,
+    Recognition,
+    RecognitionRequest,
+    Segment,
+    Word,
+)
 from terra.recognizer.vocabulary import WhisperVocabulary
 
 log = logging.getLogger(__name__)
@@ -162,11 +169,7 @@ class WhisperEngine(WhisperVocabulary):
             recognized = self._recognize_group(
                 batch, batch_contexts, window_s, beam_size, timestamps
             )
-            # A greedy pass (live progress) that loops is not decoded again in the 30 s
-            # window: its text is transient, the loop is collapsed and its tokens dropped, and
-            # the retry cost more than the pass (benchmarks.live, 1 continuous talker with the
-            # agreement's short passes: client p95 4.2-6.6 s with it, 1.9 s without).
-            if timestamps and beam_size > 1:
+            if timestamps:
                 recognized = self._retry_loops(
                     batch, batch_contexts, window_s, beam_size, recognized
                 )
@@ -278,10 +281,15 @@ class WhisperEngine(WhisperVocabulary):
         after a timestamp (measured on planerka_ru/anna.flac 0.3-13 s in a 20 s window:
         compression ratio 6.9; in 30 s: 1.6). faster-whisper's answer is a temperature
         fallback; this one keeps the beam and the timestamps."""
+        # A live progress pass that loops is not decoded again: its text is transient, the
+        # loop is collapsed and its tokens dropped, and the retry cost more than the pass
+        # (benchmarks.live, 1 continuous talker with the agreement's short passes: client
+        # p95 4.2-6.6 s over four runs with it, 1.9 s with loop handling off).
         loops = [
             j
             for j, (request, r) in enumerate(zip(batch, recognized))
             if r.compression_ratio > request.options.rules.compression_ratio_threshold
+            and request.priority is not Priority.PROGRESS
         ]
         if not loops or window_s >= MAX_WINDOW_S:
             return recognized
