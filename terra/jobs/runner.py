@@ -314,7 +314,9 @@ class JobRunner:
 
     async def _keeper(self) -> None:
         renew_every = self._config.lease_s / 3
-        next_scan = 0.0
+        # start() has just scanned; scanning again at once would race the first jobs created
+        # here (queued, not yet leased) and take them up as orphans.
+        next_scan = time.monotonic() + self._config.scan_interval_s
         while True:
             try:
                 await self.renew()
