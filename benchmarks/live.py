@@ -63,7 +63,7 @@ from benchmarks.common import ROOT, SPEECH, free_port, machine, write_results
 from benchmarks.minutes import MEETINGS as SHARED_MEETINGS
 from benchmarks.minutes import compare, participants_of, reference_turns, texts_by_speaker
 from terra.audio import SAMPLE_RATE, Samples, encode_wav
-from terra.streamclient import StreamError, load_audio, stream_participants
+from terra.streamclient import StreamError, StreamSettings, load_audio, stream_participants
 
 TOKEN = "bench-token"
 CONFIG_PATH = ROOT / "config.yaml"  # replaced by a tuned copy with --set
@@ -496,10 +496,9 @@ async def meeting_cer(url: str, tag: str) -> list[dict[str, Any]]:
 
     async def one(meeting: str, lang: str) -> dict[str, Any]:
         try:
-            finals = await stream_participants(
-                url,
-                f"{tag}-{meeting}",
-                participants_of(meeting),
+            settings = StreamSettings(
+                url=url,
+                conference_id=f"{tag}-{meeting}",
                 chunk_ms=int(CHUNK_S * 1000),
                 speed=1.0,
                 token=TOKEN,
@@ -507,7 +506,9 @@ async def meeting_cer(url: str, tag: str) -> list[dict[str, Any]]:
                 offline=False,
                 tail_silence_ms=4000,
                 settle_fragments=30,  # under load a final may come long after the speech
-                on_elems=lambda *_: None,
+            )
+            finals = await stream_participants(
+                settings, participants_of(meeting), on_elems=lambda *_: None
             )
             errors = 0
         except StreamError as e:

@@ -43,7 +43,7 @@ from terra.models import resolve_model
 from terra.recognizer.engine import WhisperEngine, load_whisper
 from terra.recognizer.options import decode_passes, engine_settings
 from terra.spool import Spool, read_conference
-from terra.streamclient import ParticipantSource, stream_participants
+from terra.streamclient import ParticipantSource, StreamSettings, stream_participants
 
 TOKEN = "bench-token"
 MEETINGS = (("planerka_ru", "ru"), ("standup_en", "en"))
@@ -150,18 +150,17 @@ def quantile(
 async def live_pass(
     url: str, conference: str, meeting: str, lang: str, speed: float = 0.0
 ) -> dict[str, list[dict[str, Any]]]:
-    finals = await stream_participants(
-        url,
-        conference,
-        participants_of(meeting),
+    settings = StreamSettings(
+        url=url,
+        conference_id=conference,
         chunk_ms=2000,
         speed=speed,
         token=TOKEN,
         lang=lang,
         offline=True,
         tail_silence_ms=2000,
-        on_elems=lambda *_: None,
     )
+    finals = await stream_participants(settings, participants_of(meeting), on_elems=lambda *_: None)
     return {pid: [dict(e) for e in elems] for pid, elems in finals.items()}
 
 

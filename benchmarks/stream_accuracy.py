@@ -34,7 +34,7 @@ from terra.config import load_config
 from terra.models import resolve_model
 from terra.recognizer.engine import WhisperEngine, load_whisper
 from terra.recognizer.options import engine_settings
-from terra.streamclient import ParticipantSource, stream_participants
+from terra.streamclient import ParticipantSource, StreamSettings, stream_participants
 
 # Twice real time: with progress passes at most once a second per participant, each 2 s
 # fragment still gets its pass, as at real-time pace, in half the wall time.
@@ -43,18 +43,17 @@ SPEED = 2.0
 
 async def stream_clip(url: str, clip: Path, lang: str, index: int) -> str:
     participant = ParticipantSource(f"p{index}", f"p{index}", clip)
-    finals = await stream_participants(
-        url,
-        f"accuracy-{index}",
-        [participant],
+    settings = StreamSettings(
+        url=url,
+        conference_id=f"accuracy-{index}",
         chunk_ms=2000,
         speed=SPEED,
         token="ivcs",
         lang=lang,
         offline=False,
         tail_silence_ms=2000,
-        on_elems=lambda *_: None,
     )
+    finals = await stream_participants(settings, [participant], on_elems=lambda *_: None)
     return " ".join(str(e["text"]).strip() for e in finals[participant.participant_id])
 
 

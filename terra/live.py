@@ -86,6 +86,18 @@ class _Pass:
     post_ids: tuple[str, ...]  # the fragments whose audio it included
 
 
+async def _outcome(
+    future: asyncio.Future[Recognition | None], failure: str, session: Session
+) -> Recognition | None:
+    """The recognition, or None when it failed (logged with ``failure``): a failed pass
+    keeps the text the participant already has."""
+    try:
+        return await future
+    except Exception:
+        log.exception(failure, extra=session.ids)
+        return None
+
+
 @dataclass(slots=True)
 class Session:
     stream: ParticipantStream
@@ -370,19 +382,13 @@ class LiveService:
         future: asyncio.Future[Recognition | None],
         translation: asyncio.Future[Recognition | None] | None = None,
     ) -> None:
-        try:
-            result = await future
-        except Exception:
-            log.exception("final recognition failed; keeping the progress text", extra=session.ids)
-            result = None
+        result = await _outcome(
+            future, "final recognition failed; keeping the progress text", session
+        )
         english: str | None = None
         if translation is not None:
-            try:
-                translated = await translation
-                english = translated.text if translated is not None else ""
-            except Exception:
-                log.exception("caption translation failed", extra=session.ids)
-                english = ""
+            translated = await _outcome(translation, "caption translation failed", session)
+            english = translated.text if translated is not None else ""
         if result is None:
             text = combination.text
         else:
@@ -454,10 +460,7 @@ class LiveService:
         future: asyncio.Future[Recognition | None],
     ) -> None:
         try:
-            result = await future
-        except Exception:
-            log.exception("progress recognition failed", extra=session.ids)
-            result = None
+            result = await _outcome(future, "progress recognition failed", session)
         finally:
             if session.progress_requests.get(combination.id) is future:  # not superseded
                 del session.progress_requests[combination.id]

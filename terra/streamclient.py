@@ -342,18 +342,10 @@ class _Player:
 
 
 async def stream_participants(
-    url: str,
-    conference_id: str,
+    settings: StreamSettings,
     participants: list[ParticipantSource],
     *,
-    chunk_ms: int,
-    speed: float,
-    token: str,
-    lang: str | None,
-    offline: bool,
-    tail_silence_ms: int,
     on_elems: OnElems,
-    settle_fragments: int = 10,
     on_error: OnError | None = None,
     session_start: float | None = None,
 ) -> dict[str, list[TextElem]]:
@@ -369,19 +361,10 @@ async def stream_participants(
     unreadable file :class:`AudioLoadError`, both before anything is sent.
     """
     check_unique_ids(participants)
-    settings = StreamSettings(
-        url=url,
-        conference_id=conference_id,
-        chunk_ms=chunk_ms,
-        speed=speed,
-        token=token,
-        lang=lang,
-        offline=offline,
-        tail_silence_ms=tail_silence_ms,
-        settle_fragments=settle_fragments,
-    )
     audio = await asyncio.gather(*(asyncio.to_thread(load_audio, p.path) for p in participants))
-    plans = [plan_fragments(samples, chunk_ms, tail_silence_ms) for samples in audio]
+    plans = [
+        plan_fragments(samples, settings.chunk_ms, settings.tail_silence_ms) for samples in audio
+    ]
     failures: dict[str, str] = {}
     clock = _Clock(
         wall=time.time() if session_start is None else session_start,
@@ -556,16 +539,18 @@ def run_stream_command(args: argparse.Namespace) -> int:
     try:
         asyncio.run(
             stream_participants(
-                args.url,
-                args.conference,
+                StreamSettings(
+                    url=args.url,
+                    conference_id=args.conference,
+                    chunk_ms=args.chunk_ms,
+                    speed=args.speed,
+                    token=token,
+                    lang=args.lang,
+                    offline=args.offline,
+                    tail_silence_ms=args.tail_silence_ms,
+                    settle_fragments=args.settle_fragments,
+                ),
                 participants,
-                chunk_ms=args.chunk_ms,
-                speed=args.speed,
-                token=token,
-                lang=args.lang,
-                offline=args.offline,
-                tail_silence_ms=args.tail_silence_ms,
-                settle_fragments=args.settle_fragments,
                 on_elems=printer.elems,
                 on_error=printer.error,
                 session_start=session_start,

@@ -24,6 +24,7 @@ from terra.streamclient import (
     ChangeTracker,
     ParticipantSource,
     StreamError,
+    StreamSettings,
     add_stream_arguments,
     cut_fragments,
     fragment_filename,
@@ -201,7 +202,7 @@ PARTICIPANTS = [
 
 async def _stream(stand_in: StandIn, **options: Any) -> tuple[Any, list[tuple[str, list[Any]]]]:
     changes: list[tuple[str, list[Any]]] = []
-    settings: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "chunk_ms": 800,
         "speed": 0.0,
         "token": "secret",
@@ -209,17 +210,20 @@ async def _stream(stand_in: StandIn, **options: Any) -> tuple[Any, list[tuple[st
         "offline": False,
         "tail_silence_ms": 1600,
         "settle_fragments": 0,  # the stand-in always answers with progress
-        "session_start": SESSION_START,
     }
-    settings.update(options)
+    on_error = options.pop("on_error", None)
+    fields.update(options)
     async with TestServer(stand_in.app(), host="127.0.0.1") as server:
+        settings = StreamSettings(
+            url=str(server.make_url("/")).rstrip("/"), conference_id=CONFERENCE, **fields
+        )
         stand_in.streaming_from = time.monotonic()
         finals = await stream_participants(
-            str(server.make_url("/")).rstrip("/"),
-            CONFERENCE,
+            settings,
             PARTICIPANTS,
             on_elems=lambda pid, elems: changes.append((pid, elems)),
-            **settings,
+            on_error=on_error,
+            session_start=SESSION_START,
         )
     return finals, changes
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from terra.streamclient import ParticipantSource, stream_participants
+from terra.streamclient import ParticipantSource, StreamSettings, stream_participants
 from tests.conftest import ROOT, SPEECH, TOKEN, ServerFactory, normalise
 
 pytestmark = [pytest.mark.model, pytest.mark.browser]
@@ -98,15 +98,17 @@ async def test_captions_page_and_minutes_viewer(make_server: ServerFactory, brow
     ]
     streaming = asyncio.ensure_future(
         stream_participants(
-            base,
-            CONFERENCE,
+            StreamSettings(
+                url=base,
+                conference_id=CONFERENCE,
+                chunk_ms=2000,
+                speed=2.0,
+                token=TOKEN,
+                lang="en",
+                offline=True,
+                tail_silence_ms=2000,
+            ),
             participants,
-            chunk_ms=2000,
-            speed=2.0,
-            token=TOKEN,
-            lang="en",
-            offline=True,
-            tail_silence_ms=2000,
             on_elems=on_elems,
         )
     )
