@@ -8,8 +8,8 @@ committed as the newer pass wrote them: their text is kept and their audio is tr
 away, so the next pass decodes only what follows the last of them. That is
 whisper_streaming's LocalAgreement-2 (its ``HypothesisBuffer``), applied at every word
 with the audio trimmed at every commit: a pass decodes about two fragments of audio
-however long the combination grows. A final decodes only the uncommitted tail too,
-after ``close``.
+however long the combination grows. After ``close``, a final decodes the whole of a short
+combination (at most ``final_whole_max_s``) and only the uncommitted tail of a longer one.
 """
 
 from __future__ import annotations
