@@ -92,12 +92,6 @@ class FakeEngine:
             self.requests += len(requests)
         return [self._recognize(r) for r in requests]
 
-    def timestamp_begin(self) -> int:
-        return TIMESTAMP_BEGIN
-
-    def starts_word(self, token: int) -> bool:
-        return True  # every token is one word with its leading space
-
     def encode_text(self, text: str) -> tuple[int, ...]:
         return tuple(self._token(w) for w in text.split())
 

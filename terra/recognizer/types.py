@@ -82,14 +82,6 @@ class Recognition:
 class Vocabulary(Protocol):
     """Whisper's tokens and text, without inference (front ends need only this)."""
 
-    def timestamp_begin(self) -> int:
-        """The first timestamp token id (tokens at or above it are not text)."""
-        ...
-
-    def starts_word(self, token: int) -> bool:
-        """Whether a text token begins a new word."""
-        ...
-
     def encode_text(self, text: str) -> tuple[int, ...]:
         """Text tokens of ``text`` (no special tokens)."""
         ...

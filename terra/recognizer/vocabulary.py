@@ -14,26 +14,12 @@ class WhisperVocabulary:
     def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
         self._hf = tokenizer
         self._eot = self._special("<|endoftext|>")
-        self._timestamp_begin = self._special("<|0.00|>")
-        self._word_starts: dict[int, bool] = {}
 
     def _special(self, token: str) -> int:
         found = self._hf.token_to_id(token)
         if found is None:
             raise ValueError(f"not a Whisper tokenizer: no {token}")
         return int(found)
-
-    def timestamp_begin(self) -> int:
-        """The first timestamp token id (tokens at or above it are not text)."""
-        return self._timestamp_begin
-
-    def starts_word(self, token: int) -> bool:
-        """Whether a text token begins a new word (its text starts with a space)."""
-        cached = self._word_starts.get(token)
-        if cached is None:
-            piece: str = self._hf.decode([token])
-            cached = self._word_starts[token] = piece[:1].isspace()
-        return cached
 
     def encode_text(self, text: str) -> tuple[int, ...]:
         """Text tokens of ``text`` (no special tokens), e.g. for a previous-text prompt."""
