@@ -5,7 +5,6 @@ recognizer.window / recognizer.decoding still read at their old place."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,7 @@ from terra.recognizer.options import (
     decode_passes,
     engine_settings,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 def test_the_shipped_config_reads_the_nested_sections() -> None:
@@ -74,8 +72,11 @@ def test_each_pass_gets_its_options_from_the_config() -> None:
     )
     rules = config.recognizer.decoding
     passes = decode_passes(config)
-    # Word times for the agreement (recognizer.commit, on by default).
-    assert passes.progress == DecodeOptions(beam_size=2, word_timestamps=True, rules=rules)
+    # Word times for the agreement (recognizer.commit, on by default); a looping progress
+    # pass is not decoded again (every other pass is).
+    assert passes.progress == DecodeOptions(
+        beam_size=2, word_timestamps=True, retry_loops=False, rules=rules
+    )
     assert passes.final == DecodeOptions(beam_size=4, rules=rules)
     assert passes.translate == DecodeOptions(beam_size=4, task="translate", rules=rules)
     assert passes.detect == DecodeOptions(beam_size=1, rules=rules)

@@ -29,7 +29,6 @@ from terra.recognizer import guards
 from terra.recognizer.options import EngineSettings
 from terra.recognizer.types import (
     DropReason,
-    Priority,
     Recognition,
     RecognitionRequest,
     Segment,
@@ -281,15 +280,11 @@ class WhisperEngine(WhisperVocabulary):
         after a timestamp (measured on planerka_ru/anna.flac 0.3-13 s in a 20 s window:
         compression ratio 6.9; in 30 s: 1.6). faster-whisper's answer is a temperature
         fallback; this one keeps the beam and the timestamps."""
-        # A live progress pass that loops is not decoded again: its text is transient, the
-        # loop is collapsed and its tokens dropped, and the retry cost more than the pass
-        # (benchmarks.live, 1 continuous talker with the agreement's short passes: client
-        # p95 4.2-6.6 s over four runs with it, 1.9 s with loop handling off).
         loops = [
             j
             for j, (request, r) in enumerate(zip(batch, recognized))
             if r.compression_ratio > request.options.rules.compression_ratio_threshold
-            and request.priority is not Priority.PROGRESS
+            and request.options.retry_loops
         ]
         if not loops or window_s >= MAX_WINDOW_S:
             return recognized
@@ -342,7 +337,7 @@ class WhisperEngine(WhisperVocabulary):
             collapsed = guards.collapse_repeats(text)
             log.debug("collapsed a repetition loop (ratio %.2f): %r", ratio, text[:80])
             text = collapsed
-            # The tokens no longer match the text: never feed a loop back as a prefix.
+            # The tokens no longer match the text: never feed a loop back as a prompt.
             tokens = ()
         else:
             text = guards.collapse_repeats(text)

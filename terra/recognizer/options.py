@@ -80,6 +80,11 @@ class DecodeOptions:
     # Align every word with the audio (cross-attention DTW) and fill the segments' words.
     # Costs one more decoder pass over the text.
     word_timestamps: bool = False
+    # A pass whose text loops (compression ratio over the rule) is decoded again in the
+    # 30 s window. Off for live progress: its text is transient, the loop is collapsed and
+    # the retry cost more than the pass (benchmarks.live, 1 continuous talker with the
+    # agreement's short passes: client p95 4.2-6.6 s over four runs with it, 1.9 s without).
+    retry_loops: bool = True
     rules: DecodeRules = DecodeRules()
 
 
@@ -121,6 +126,7 @@ def decode_passes(config: Config) -> DecodePasses:
             base,
             beam_size=config.recognizer.progress_beam_size,
             word_timestamps=config.recognizer.commit,
+            retry_loops=False,
         ),
         final=final,
         translate=dataclasses.replace(final, task="translate"),
