@@ -75,7 +75,7 @@ class RayRecognizer(QueuedRecognizer):
             while not self._waiting or self._in_flight >= self._config.max_in_flight:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-            entry = self._waiting.in_order()[0]
+            entry = self._waiting.first()
             self._waiting.take([entry])
             self._in_flight += 1
             task = asyncio.create_task(self._send(entry), name="recognizer-send")

@@ -98,6 +98,10 @@ class WaitingQueue:
         """The waiting requests, most urgent first (the queue is unchanged)."""
         return sorted(self._entries, key=Waiting.order)
 
+    def first(self) -> Waiting:
+        """The most urgent waiting request (the queue is unchanged; it must not be empty)."""
+        return min(self._entries, key=Waiting.order)
+
     def take(self, entries: Iterable[Waiting]) -> None:
         """Remove these entries: the backend now answers their futures."""
         for entry in entries:
