@@ -48,7 +48,7 @@ from aiohttp import web
 from yarl import URL
 
 from benchmarks.common import RESULTS, ROOT, SPEECH, free_port, machine, write_results
-from benchmarks.live import Talker
+from benchmarks.live import Talker, make_talkers, metric, parse_metrics
 from terra.audio import SAMPLE_RATE, Samples, encode_wav
 from terra.files.fetch import FetchError, check_url
 from terra.streamclient import load_audio
@@ -457,6 +457,17 @@ async def prediction(s: aiohttp.ClientSession, url: str, pid: str) -> dict[str, 
         return body
 
 
+async def settled(
+    s: aiohttp.ClientSession, url: str, body: dict[str, Any], timeout_s: float = 300.0
+) -> dict[str, Any]:
+    """Poll a prediction (as a connecte client does) until it has ended, at most timeout_s."""
+    async with asyncio.timeout(timeout_s):
+        while body["status"] not in ("succeeded", "failed", "canceled"):
+            await asyncio.sleep(0.1)
+            body = await prediction(s, url, body["id"])
+    return body
+
+
 async def row4(folder: Path) -> list[Row]:
     """The FLAC bomb as a connecte data: URI; then a long job killed -9 at every start."""
     rows: list[Row] = []
@@ -469,9 +480,7 @@ async def row4(folder: Path) -> list[Row]:
                 status, body = await predict(s, server.url, data_uri(flac_silence(12), "flac"))
                 if status != 201:
                     return f"{status} {str(body.get('detail', body))[:90]}"
-                while body["status"] not in ("succeeded", "failed", "canceled"):
-                    await asyncio.sleep(0.1)
-                    body = await prediction(s, server.url, body["id"])
+                body = await settled(s, server.url, body)
                 return f"201, then {body['status']}: {str(body['error'])[:80]}"
 
             rows.append(await measure(server, "4", "12 h FLAC of silence as a data: URI", bomb))
@@ -628,8 +637,6 @@ async def talk(
 
 async def talkers_row(folder: Path, count: int = 40, seconds: float = 60.0) -> dict[str, Any]:
     """Row 13: ``count`` continuous talkers for ``seconds``, then the drain."""
-    from benchmarks.live import make_talkers, metric, parse_metrics
-
     server = Server(folder)
     talkers = make_talkers("continuous", count, seconds, spread=True)
     log = TalkLog()
@@ -792,9 +799,7 @@ async def row10(folder: Path, hooks: int = 100) -> list[Row]:
 
             async def huge() -> str:
                 _, body = await predict(s, server.url, silence, webhook=f"{base}/huge")
-                while body["status"] not in ("succeeded", "failed"):
-                    await asyncio.sleep(0.1)
-                    body = await prediction(s, server.url, body["id"])
+                body = await settled(s, server.url, body)
                 await receivers.until(lambda: receivers.huge_done, 60)
                 return (
                     f"prediction {body['status']}; receiver wrote {receivers.huge_bytes >> 20} MB"

@@ -48,7 +48,7 @@ import numpy as np
 import yaml
 
 from benchmarks import live
-from benchmarks.common import ROOT, machine, write_results
+from benchmarks.common import ROOT, SPEECH, machine, write_results
 from benchmarks.raycluster import BIN, LocalRayCluster
 from terra.audio import SAMPLE_RATE
 from terra.recognizer.options import DecodeOptions
@@ -195,7 +195,7 @@ def serialization_cost() -> list[dict[str, float]]:
 
     from ray import cloudpickle
 
-    audio = load_audio(ROOT.parent / "shared" / "data" / "speech" / "long" / "en_60s.wav")
+    audio = load_audio(SPEECH / "long" / "en_60s.wav")
     out = []
     for seconds in (2, 10, 30):
         request = RecognitionRequest(
