@@ -35,7 +35,7 @@ from ray import serve
 
 from terra.config import ClusterConfig, Config
 from terra.metrics import create_metrics
-from terra.recognizer.scheduler import RecognizerScheduler
+from terra.recognizer.scheduler import RecognizerScheduler, recognize_isolated
 from terra.recognizer.types import Recognition, RecognitionEngine, RecognitionRequest
 
 log = logging.getLogger(__name__)
@@ -120,20 +120,10 @@ class ServeBatchReplica:
     async def _recognize(
         self, requests: Sequence[RecognitionRequest]
     ) -> list[Recognition | Exception]:
-        """As the scheduler's: when a call fails, each request is tried again alone, and
-        only the one that fails gets the error (as a value: an exception raised here would
-        fail every request of Serve's batch)."""
+        """As the scheduler's (only the request that fails gets the error), the error as a
+        value: an exception raised here would fail every request of Serve's batch."""
         loop = asyncio.get_running_loop()
-        try:
-            return list(
-                await loop.run_in_executor(self._executor, self._engine.recognize, requests)
-            )
-        except Exception as e:
-            if len(requests) == 1:
-                log.exception("recognizer request failed")
-                return [RuntimeError(f"recognizer failed: {e}")]
-            log.warning("recognizer batch of %d failed: retrying each alone", len(requests))
-        return [(await self._recognize([r]))[0] for r in requests]
+        return await recognize_isolated(loop, self._executor, self._engine, requests)
 
     def pid(self) -> int:
         return os.getpid()

@@ -15,15 +15,36 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 from terra.audio import SAMPLE_RATE
 from terra.config import RecognizerConfig
 from terra.metrics import Metrics
-from terra.recognizer.types import Recognition, RecognitionEngine
+from terra.recognizer.types import Recognition, RecognitionEngine, RecognitionRequest
 from terra.recognizer.waiting import QueuedRecognizer, Waiting
 
 log = logging.getLogger(__name__)
+
+
+async def recognize_isolated(
+    loop: asyncio.AbstractEventLoop,
+    executor: Executor,
+    engine: RecognitionEngine,
+    requests: Sequence[RecognitionRequest],
+) -> list[Recognition | Exception]:
+    """One model call for ``requests`` in ``executor``; when it fails, each request is tried
+    again alone, so a request that fails fails alone: the error stands in its place."""
+    try:
+        return list(await loop.run_in_executor(executor, engine.recognize, requests))
+    except Exception as e:  # a task boundary: isolate the failure, keep serving
+        if len(requests) == 1:
+            log.exception("recognizer request failed")
+            return [RuntimeError(f"recognizer failed: {e}")]
+        log.warning("recognizer batch of %d failed (%s): retrying each alone", len(requests), e)
+    out: list[Recognition | Exception] = []
+    for request in requests:
+        out.extend(await recognize_isolated(loop, executor, engine, [request]))
+    return out
 
 
 class RecognizerScheduler(QueuedRecognizer):
@@ -125,24 +146,19 @@ class RecognizerScheduler(QueuedRecognizer):
     async def _recognize_isolated(
         self, loop: asyncio.AbstractEventLoop, batch: Sequence[Waiting]
     ) -> list[Recognition | None]:
-        """The batch's results; when the call fails, each request is tried again alone, so
-        a request that fails fails alone (its future gets the error, the others their text).
-        Entries that failed get None here."""
-        requests = [e.request for e in batch]
-        try:
-            return list(
-                await loop.run_in_executor(self._executor, self._engine.recognize, requests)
-            )
-        except Exception as e:  # a task boundary: isolate the failure, keep serving
-            if len(batch) == 1:
-                log.exception("recognizer request failed")
-                if not batch[0].future.done():
-                    batch[0].future.set_exception(RuntimeError(f"recognizer failed: {e}"))
-                return [None]
-            log.warning("recognizer batch of %d failed (%s): retrying each alone", len(batch), e)
+        """The batch's results; a request that fails fails alone: its future gets the error
+        (the others their text) and None stands in its place here."""
+        results = await recognize_isolated(
+            loop, self._executor, self._engine, [e.request for e in batch]
+        )
         out: list[Recognition | None] = []
-        for entry in batch:
-            out.extend(await self._recognize_isolated(loop, [entry]))
+        for entry, result in zip(batch, results):
+            if isinstance(result, Exception):
+                if not entry.future.done():
+                    entry.future.set_exception(result)
+                out.append(None)
+            else:
+                out.append(result)
         return out
 
     async def start(self) -> None:
