@@ -112,21 +112,26 @@ def open_container(data: bytes) -> sf.SoundFile:
         raise AudioDecodeError(f"cannot decode audio: {e}") from e
 
 
+def check_container(f: sf.SoundFile, split: bool, limits: AudioLimits) -> None:
+    """An open container's declared rate, channels and length against ``limits`` (before
+    anything is decoded)."""
+    limits.check_format(f.samplerate, f.channels)
+    if f.frames < 2**62:  # libsndfile's "unknown" is SF_COUNT_MAX
+        limits.check_frames(f.frames, f.samplerate, f.channels if split else 1)
+
+
 def decode_container(data: bytes, split: bool, limits: AudioLimits) -> list[Samples]:
     """Anything soundfile reads: its declared rate, channels and length are checked against
     ``limits`` before decoding, which then runs in blocks of BLOCK_FRAMES."""
     if not data:
         raise AudioDecodeError("the audio file is empty")
     with open_container(data) as f:
-        rate, channels = f.samplerate, f.channels
-        limits.check_format(rate, channels)
-        if f.frames < 2**62:  # libsndfile's "unknown" is SF_COUNT_MAX
-            limits.check_frames(f.frames, rate, channels if split else 1)
+        check_container(f, split, limits)
         try:
             return decode_blocks(
                 f.blocks(BLOCK_FRAMES, dtype="float32", always_2d=True),
-                rate,
-                channels,
+                f.samplerate,
+                f.channels,
                 split,
                 limits,
             )

@@ -19,6 +19,7 @@ from terra.audio import (
     AudioLimits,
     Block,
     Samples,
+    check_container,
     decode_blocks,
     decode_container,
     pcm16_blocks,
@@ -81,23 +82,16 @@ def decode_channels(
     """
     if not data:
         raise AudioDecodeError("the audio file is empty")
-    if encoding not in ENCODINGS:
-        raise AudioDecodeError(f"unsupported audio_encoding {encoding!r}")
-    if encoding in RAW_ENCODINGS and not data.startswith(b"RIFF"):
-        if not sample_rate:
-            raise AudioDecodeError(f"sample_rate is required for {encoding}")
-        limits.check_format(sample_rate, channels)
-        width = 2 if encoding == "PCM_S16LE" else 1
-        frames = len(data) // (width * channels)
+    if _is_raw(encoding, data[:4]):
+        rate, frames = _check_raw(len(data), encoding, sample_rate, channels, split, limits)
         if frames == 0:
             raise AudioDecodeError("the audio file holds no samples")
-        limits.check_frames(frames, sample_rate, channels if split else 1)
         blocks = (
             pcm16_blocks(data, channels)
             if encoding == "PCM_S16LE"
             else g711_blocks(data, encoding, channels)
         )
-        return decode_blocks(blocks, sample_rate, channels, split, limits)
+        return decode_blocks(blocks, rate, channels, split, limits)
     tracks = decode_container(data, split, limits)
     if tracks[0].size == 0:
         raise AudioDecodeError("the audio file holds no samples")
@@ -118,19 +112,39 @@ def check_file(
     with open(path, "rb") as f:
         head = f.read(4)
         size = f.seek(0, 2)
-    if encoding not in ENCODINGS:
-        raise AudioDecodeError(f"unsupported audio_encoding {encoding!r}")
-    if encoding in RAW_ENCODINGS and head != b"RIFF":
-        if not sample_rate:
-            raise AudioDecodeError(f"sample_rate is required for {encoding}")
-        limits.check_format(sample_rate, channels)
-        width = 2 if encoding == "PCM_S16LE" else 1
-        limits.check_frames(size // (width * channels), sample_rate, channels if split else 1)
+    if _is_raw(encoding, head):
+        _check_raw(size, encoding, sample_rate, channels, split, limits)
         return
     try:
-        info = sf.info(str(path))
+        container = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError):
         return  # not audio at all: the task reports it (an ERROR task, as SaluteSpeech does)
-    limits.check_format(int(info.samplerate), int(info.channels))
-    if 0 <= info.frames < 2**62:
-        limits.check_frames(int(info.frames), int(info.samplerate), info.channels if split else 1)
+    with container:
+        check_container(container, split, limits)
+
+
+def _is_raw(encoding: str, head: bytes) -> bool:
+    """Whether a file starting with ``head`` is read as raw samples of ``encoding`` (a WAV
+    header makes PCM16 a container); an encoding terra does not know is refused."""
+    if encoding not in ENCODINGS:
+        raise AudioDecodeError(f"unsupported audio_encoding {encoding!r}")
+    return encoding in RAW_ENCODINGS and not head.startswith(b"RIFF")
+
+
+def _check_raw(
+    size: int,
+    encoding: str,
+    sample_rate: int | None,
+    channels: int,
+    split: bool,
+    limits: AudioLimits,
+) -> tuple[int, int]:
+    """The rate and the frames of ``size`` bytes of raw ``encoding``, refused when the rate
+    is missing or the declared rate, channels or length are out of ``limits``."""
+    if not sample_rate:
+        raise AudioDecodeError(f"sample_rate is required for {encoding}")
+    limits.check_format(sample_rate, channels)
+    width = 2 if encoding == "PCM_S16LE" else 1
+    frames = size // (width * channels)
+    limits.check_frames(frames, sample_rate, channels if split else 1)
+    return sample_rate, frames
