@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from terra.chunking import ChunkOptions
-from terra.recognizer.options import DecodeRules, WindowOptions
+from terra.recognizer.options import AgreementOptions, DecodeRules, WindowOptions
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ class StreamConfig:
     max_clock_skew_s: float = 86_400.0
 
 
+_AGREEMENT = AgreementOptions()
+
+
 @dataclass(frozen=True, slots=True)
 class RecognizerConfig:
     mode: str = "terra"
@@ -112,12 +115,14 @@ class RecognizerConfig:
     # Live passes
     progress_beam_size: int = 1
     final_beam_size: int = 3
-    commit: bool = True
-    commit_edge_guard_s: float = 1.0
-    commit_force_after_s: float = 6.0
-    commit_force_guard_s: float = 3.0
-    prompt_max_words: int = 40  # a pass's previous-text context: the last committed words
-    final_whole_max_s: float = 10.0  # a final over a combination this short decodes all of it
+    # The live agreement's settings: recognizer/options.AgreementOptions (its defaults and
+    # what each means), built from these by agreement_options.
+    commit: bool = _AGREEMENT.commit
+    commit_edge_guard_s: float = _AGREEMENT.edge_guard_s
+    commit_force_after_s: float = _AGREEMENT.force_after_s
+    commit_force_guard_s: float = _AGREEMENT.force_guard_s
+    prompt_max_words: int = _AGREEMENT.prompt_max_words
+    final_whole_max_s: float = _AGREEMENT.final_whole_max_s
 
 
 @dataclass(frozen=True, slots=True)

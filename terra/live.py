@@ -17,9 +17,9 @@ from typing import Any, Protocol
 from terra.audio import SAMPLE_RATE, Samples, encode_wav, samples_to_ms
 from terra.config import RecognizerConfig, StreamConfig
 from terra.metrics import Metrics
-from terra.recognizer.agreement import Agreement, AgreementOptions
+from terra.recognizer.agreement import Agreement
 from terra.recognizer.backend import Recognizer
-from terra.recognizer.options import DecodePasses
+from terra.recognizer.options import DecodePasses, agreement_options
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest, Vocabulary
 from terra.spool import Spool, post_key
 from terra.stream import (
@@ -80,7 +80,6 @@ class _Pass:
     """What a progress request was made from."""
 
     version: int
-    agreement: Agreement
     offset: int  # where its audio starts in the combination (the commit point then)
     audio_samples: int
     post_ids: tuple[str, ...]  # the fragments whose audio it included
@@ -147,14 +146,7 @@ class LiveService:
         scheduler. ``listener`` is told of joins, leaves and text (the viewers' feed).
         ``clock`` (seconds, monotonic) times everything here: ticks, waits, idle sessions."""
         self._clock = clock
-        self._agreement_options = AgreementOptions(
-            commit=recognizer_config.commit,
-            edge_guard_s=recognizer_config.commit_edge_guard_s,
-            force_after_s=recognizer_config.commit_force_after_s,
-            force_guard_s=recognizer_config.commit_force_guard_s,
-            prompt_max_words=recognizer_config.prompt_max_words,
-            final_whole_max_s=recognizer_config.final_whole_max_s,
-        )
+        self._agreement_options = agreement_options(recognizer_config)
         self._stream_config = stream_config
         self._recognizer_config = recognizer_config
         self._decode = decode
@@ -445,7 +437,6 @@ class LiveService:
         session.progress_requests[combination.id] = future
         pass_ = _Pass(
             combination.version,
-            agreement,
             agreement.committed_samples,
             request.audio.size,
             tuple(combination.post_ids),
@@ -473,7 +464,7 @@ class LiveService:
         self, session: Session, combination: Combination, pass_: _Pass, result: Recognition
     ) -> None:
         self._learn_language(session, result)
-        agreement = pass_.agreement
+        agreement = self._agreement(combination)
         if not agreement.settle(pass_.offset, pass_.audio_samples, result):
             return  # a newer pass committed meanwhile: this one's text is stale
         session.stream.set_progress(combination, pass_.version, agreement.text, pass_.post_ids)

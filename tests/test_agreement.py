@@ -7,9 +7,9 @@ import statistics
 import pytest
 
 from terra.audio import SAMPLE_RATE
-from terra.recognizer.agreement import Agreement, AgreementOptions, normalized, same_word
+from terra.recognizer.agreement import Agreement, normalized, same_word
 from terra.recognizer.engine import WhisperEngine
-from terra.recognizer.options import DecodeOptions
+from terra.recognizer.options import AgreementOptions, DecodeOptions
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest, Segment, Word
 from tests.conftest import SPEECH, cer, load_clip
 

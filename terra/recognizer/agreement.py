@@ -19,6 +19,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from terra.audio import SAMPLE_RATE
+from terra.recognizer.options import AgreementOptions
 from terra.recognizer.types import Recognition
 
 # A pass that starts by saying again the last committed words (the cut left a bit of the
@@ -31,24 +32,6 @@ REPEAT_WINDOW_S = 1.0
 # this many letters agree when this similar (difflib's ratio); shorter ones must be equal.
 FUZZY_MIN_LETTERS = 6
 FUZZY_RATIO = 0.8
-
-
-@dataclass(frozen=True, slots=True)
-class AgreementOptions:
-    """What ``recognizer.commit*`` and ``recognizer.prompt_max_words`` configure."""
-
-    commit: bool = True  # False: never commit (each pass decodes the whole combination)
-    edge_guard_s: float = 1.0  # never commit a word ending this close to the live edge
-    # When passes keep disagreeing and this much audio is uncommitted, commit the newest
-    # pass's words that end force_guard_s before the edge: a bound on the cost of a pass.
-    force_after_s: float = 6.0
-    force_guard_s: float = 3.0
-    prompt_max_words: int = 40  # the prompt is the last this many committed words
-    # A final over a combination this short decodes all of it (beam search over the whole
-    # utterance, no cut): commits serve the cost of long ones. Measured on the short clips
-    # (benchmarks.stream_accuracy), a final over only the tail after a commit lost words at
-    # the cut and made up words in the pause ("Неважно. Слышь, да?").
-    final_whole_max_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from terra.config import Config
+    from terra.config import Config, RecognizerConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +89,26 @@ class DecodeOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class AgreementOptions:
+    """How the live agreement (``recognizer/agreement.py``) commits and prompts: what
+    ``recognizer.commit*``, ``prompt_max_words`` and ``final_whole_max_s`` configure (their
+    defaults are these)."""
+
+    commit: bool = True  # False: never commit (each pass decodes the whole combination)
+    edge_guard_s: float = 1.0  # never commit a word ending this close to the live edge
+    # When passes keep disagreeing and this much audio is uncommitted, commit the newest
+    # pass's words that end force_guard_s before the edge: a bound on the cost of a pass.
+    force_after_s: float = 6.0
+    force_guard_s: float = 3.0
+    prompt_max_words: int = 40  # the prompt is the last this many committed words
+    # A final over a combination this short decodes all of it (beam search over the whole
+    # utterance, no cut): commits serve the cost of long ones. Measured on the short clips
+    # (benchmarks.stream_accuracy), a final over only the tail after a commit lost words at
+    # the cut and made up words in the pause ("Неважно. Слышь, да?").
+    final_whole_max_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class DecodePasses:
     """The options of each kind of pass terra makes (see :func:`decode_passes`)."""
 
@@ -113,6 +133,18 @@ def engine_settings(config: Config, model_path: str, workers: int | None = None)
         workers=config.recognizer.workers if workers is None else workers,
         allow_download=model.allow_download,
         window=config.recognizer.window,
+    )
+
+
+def agreement_options(recognizer: RecognizerConfig) -> AgreementOptions:
+    """The live agreement's options, from the ``recognizer`` section."""
+    return AgreementOptions(
+        commit=recognizer.commit,
+        edge_guard_s=recognizer.commit_edge_guard_s,
+        force_after_s=recognizer.commit_force_after_s,
+        force_guard_s=recognizer.commit_force_guard_s,
+        prompt_max_words=recognizer.prompt_max_words,
+        final_whole_max_s=recognizer.final_whole_max_s,
     )
 
 
