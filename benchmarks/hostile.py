@@ -48,7 +48,8 @@ from aiohttp import web
 from yarl import URL
 
 from benchmarks.common import RESULTS, ROOT, SPEECH, free_port, machine, write_results
-from benchmarks.live import Talker, make_talkers, metric, parse_metrics
+from benchmarks.live import Talker, make_talkers
+from benchmarks.metrics import metric, parse_metrics
 from terra.audio import SAMPLE_RATE, Samples, encode_wav
 from terra.files.fetch import FetchError, check_url
 from terra.streamclient import load_audio

@@ -43,7 +43,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -60,6 +59,7 @@ import psutil
 import yaml
 
 from benchmarks.common import ROOT, SPEECH, free_port, machine, write_results
+from benchmarks.metrics import histogram_quantile, metric, parse_metrics
 from benchmarks.minutes import MEETINGS as SHARED_MEETINGS
 from benchmarks.minutes import compare, participants_of, reference_turns, texts_by_speaker
 from terra.audio import SAMPLE_RATE, Samples, encode_wav
@@ -117,54 +117,6 @@ class LevelResult:
     errors: int
     ok: bool = False
     queue_samples: list[float] = field(default_factory=list)
-
-
-# -- metrics parsing -----------------------------------------------------------------
-_SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>[-+0-9.eE]+|NaN)$")
-
-
-def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
-    samples = []
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if not match:
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
-        samples.append((match["name"], labels, float(match["value"])))
-    return samples
-
-
-def histogram_quantile(
-    samples: list[tuple[str, dict[str, str], float]],
-    name: str,
-    kind: str,
-    q: float,
-    label: str = "kind",
-) -> float:
-    buckets = sorted(
-        (float("inf") if lb["le"] == "+Inf" else float(lb["le"]), v)
-        for n, lb, v in samples
-        if n == f"{name}_bucket" and lb.get(label) == kind
-    )
-    if not buckets or buckets[-1][1] == 0:
-        return float("nan")
-    total = buckets[-1][1]
-    rank = q * total
-    previous_le, previous_count = 0.0, 0.0
-    for le, count in buckets:
-        if count >= rank:
-            if le == float("inf"):
-                return previous_le
-            share = (rank - previous_count) / max(count - previous_count, 1e-9)
-            return previous_le + (le - previous_le) * share
-        previous_le, previous_count = le, count
-    return previous_le
-
-
-def metric(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
-    return sum(
-        v for n, lb, v in samples if n == name and all(lb.get(k) == x for k, x in labels.items())
-    )
 
 
 # -- the server process --------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from benchmarks.metrics import metric, parse_metrics
 from terra.audio import Samples, encode_wav
 
 from .conftest import ROOT, TOKEN
@@ -151,9 +152,7 @@ async def post(
 async def counter(session: aiohttp.ClientSession, url: str, name: str) -> float:
     """A front end's Prometheus counter or gauge (0 when absent)."""
     async with session.get(f"{url}/metrics") as response:
-        text = await response.text()
-    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
-    return float(match[1]) if match else 0.0
+        return metric(parse_metrics(await response.text()), name)
 
 
 def spooled_keys(spool: Path, conference: str, participant: str) -> list[str]:
