@@ -487,12 +487,18 @@ async def accuracy(level: int) -> dict[str, Any]:
                 alone = await meeting_cer(server.url, "alone")
                 started = asyncio.get_running_loop().time() + 0.5
                 log = ClientLog()
-                load = asyncio.gather(
-                    *(run_talker(session, server.url, t, started, log) for t in talkers)
-                )
-                await asyncio.sleep(4.5)  # the meetings join a load already running
-                loaded = await meeting_cer(server.url, "loaded")
-                await load
+                load = [
+                    asyncio.create_task(run_talker(session, server.url, t, started, log))
+                    for t in talkers
+                ]
+                try:
+                    await asyncio.sleep(4.5)  # the meetings join a load already running
+                    loaded = await meeting_cer(server.url, "loaded")
+                    await asyncio.gather(*load)
+                finally:  # when anything failed, the talkers stop before the server does
+                    for task in load:
+                        task.cancel()
+                    await asyncio.gather(*load, return_exceptions=True)
         finally:
             server.stop()
     rows = []
