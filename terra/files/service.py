@@ -59,7 +59,6 @@ class FileJobService:
             wants_notice=wants_notice,
             clock=clock,
         )
-        self.store = self.runner.store
         self._sweeper_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -67,7 +67,6 @@ class MinutesService:
         fsync: bool = True,
         clock: Clock = time.time,
     ) -> None:
-        self._config = config
         self._spool_root = spool_root
         self._submit = submit
         self._compiler = MinutesCompiler(config, self._recognize, decode=decode, model=model)
