@@ -209,15 +209,21 @@ class JobRunner:
             await self._finish(canceled)
         return canceled, True
 
-    async def _claim_to_cancel(self, job_id: str, running_too: bool) -> tuple[Job | None, bool]:
-        """The stored job, and whether to cancel it: a queued one under a lease taken here;
-        one that another front end has just started only when ``running_too`` (its runner
-        sees the cancel in the store and stops)."""
+    async def _claim(self, job_id: str) -> Lease | None:
+        """The job's lease, claimed for this process and kept until let go; None when
+        another process holds it."""
         lease = await asyncio.to_thread(
             self.store.claim, self.kind, job_id, self.owner, self._clock(), self._config.lease_s
         )
         if lease is not None:
-            self._leases[job_id] = lease  # let go by _finish, or below
+            self._leases[job_id] = lease
+        return lease
+
+    async def _claim_to_cancel(self, job_id: str, running_too: bool) -> tuple[Job | None, bool]:
+        """The stored job, and whether to cancel it: a queued one under a lease taken here;
+        one that another front end has just started only when ``running_too`` (its runner
+        sees the cancel in the store and stops)."""
+        lease = await self._claim(job_id)  # let go by _finish, or below
         fresh = await asyncio.to_thread(self.store.get, self.kind, job_id)
         cancelable = fresh is not None and (
             (fresh.status is JobStatus.QUEUED and lease is not None)
@@ -358,14 +364,11 @@ class JobRunner:
         """Claim, run and finish one queued job (what a worker does with each id)."""
         if job_id not in self._active:
             return None  # canceled while it waited
-        lease = await asyncio.to_thread(
-            self.store.claim, self.kind, job_id, self.owner, self._clock(), self._config.lease_s
-        )
+        lease = await self._claim(job_id)
         if lease is None:
             log.info("%s job %s is held by another front end", self.kind, job_id)
             self._active.pop(job_id, None)
             return None
-        self._leases[job_id] = lease
         try:
             return await self._run_leased(job_id, lease)
         finally:
@@ -469,12 +472,8 @@ class JobRunner:
     async def _deliver(self, job: Job) -> None:
         assert self._notify is not None
         if job.id not in self._leases:
-            lease = await asyncio.to_thread(
-                self.store.claim, self.kind, job.id, self.owner, self._clock(), self._config.lease_s
-            )
-            if lease is None:
+            if await self._claim(job.id) is None:
                 return  # another front end sends it
-            self._leases[job.id] = lease
             stored = await asyncio.to_thread(self.store.get, self.kind, job.id)
             if stored is None or not stored.notify_pending:
                 await self._let_go(job.id)
