@@ -85,6 +85,7 @@ async def healthz(request: web.Request) -> web.Response:
             "status": "ok",
             "model": app[keys.CONFIG].model.name,
             "recognizer_queue_depth": scheduler.depth,
+            "owed_final_audio_s": round(scheduler.owed_final_s, 1),
             **snapshot,
         },
         status=503 if snapshot["saturated"] else 200,

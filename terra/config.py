@@ -108,6 +108,10 @@ class RecognizerConfig:
     # recognizer; they are never dropped) and /healthz says saturated.
     max_queued_finals: int = 64
     saturated_wait_s: float = 2.0  # a final waiting this long: saturated
+    # Overload: a final asked for while the finals waiting hold this many seconds of audio is
+    # decoded with overload_final_beam_size (greedy) instead of final_beam_size.
+    overload_finals_s: float = 30.0
+    overload_final_beam_size: int = 1
     # The engine: load-time window fitting, and the rules every pass decodes by
     # (terra.recognizer.options; the passes' own options: decode_passes).
     window: WindowOptions = field(default_factory=WindowOptions)
@@ -463,8 +467,14 @@ def _validate(config: Config) -> None:
     buckets = config.recognizer.window.window_buckets_s
     if not buckets or max(buckets) > 30:
         raise ConfigError("recognizer.window.window_buckets_s: non-empty, each at most 30 s")
-    if min(config.recognizer.progress_beam_size, config.recognizer.final_beam_size) < 1:
-        raise ConfigError("recognizer.progress_beam_size, final_beam_size: at least 1")
+    recognizer = config.recognizer
+    beams = (recognizer.progress_beam_size, recognizer.final_beam_size)
+    if min(*beams, recognizer.overload_final_beam_size) < 1:
+        raise ConfigError(
+            "recognizer.progress_beam_size, final_beam_size, overload_final_beam_size: at least 1"
+        )
+    if recognizer.overload_finals_s < 0:
+        raise ConfigError("recognizer.overload_finals_s: at least 0")
     if config.stream.max_combination_ms > 30_000:
         raise ConfigError("stream.max_combination_ms: at most 30000 (Whisper's window)")
     feed = config.feed

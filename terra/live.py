@@ -343,11 +343,17 @@ class LiveService:
             # progress pass commits from now on.
             agreement = self._agreement(combination)
             start = agreement.close(combination.length)
+            # Overload: past overload_finals_s of audio owed to the finals waiting, this one
+            # is decoded greedy (all its audio still, never dropped): the owed work drains
+            # sooner once the load stops.
+            overloaded = self._scheduler.owed_final_s >= self._recognizer_config.overload_finals_s
+            if overloaded:
+                self._metrics.overload_finals.inc()
             request = RecognitionRequest(
                 audio=combination.audio[start:],
                 language=session.language,
                 priority=Priority.FINAL,
-                options=self._decode.final,
+                options=self._decode.overload_final if overloaded else self._decode.final,
                 prompt_tokens=self._prompt(agreement.final_prompt()),
             )
             future = self._scheduler.submit(request)
@@ -359,7 +365,11 @@ class LiveService:
                         audio=combination.audio,
                         language=session.language,
                         priority=Priority.FINAL,
-                        options=self._decode.translate,
+                        options=(
+                            self._decode.overload_translate
+                            if overloaded
+                            else self._decode.translate
+                        ),
                     )
                 )
             self._track(

@@ -28,6 +28,7 @@ class Metrics:
     dropped_requests: Counter
     resent_requests: Counter
     finals: Counter
+    overload_finals: Counter
     text_latency: Histogram
     active_participants: Gauge
     saturated: Gauge
@@ -82,6 +83,10 @@ def create_metrics() -> Metrics:
             "Requests sent again because their recognizer replica died (backend ray)",
         ),
         finals=counter("terra_finals", "Final TextElems produced"),
+        overload_finals=counter(
+            "terra_overload_finals",
+            "Finals asked for past recognizer.overload_finals_s (decoded with the overload beam)",
+        ),
         text_latency=histogram(
             "terra_text_latency_seconds",
             "progress: fragment arrival to text covering it; final: VAD close to final text",

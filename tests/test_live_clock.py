@@ -6,13 +6,14 @@ the live service's timers, not recognition."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from terra.config import RecognizerConfig, StreamConfig, load_config
-from terra.live import FragmentInput, LiveService
-from terra.metrics import create_metrics
+from terra.config import Config, StreamConfig, load_config
+from terra.live import FragmentInput, LiveListener, LiveService
+from terra.metrics import Metrics, create_metrics
 from terra.recognizer.options import decode_passes
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.spool import Spool
@@ -42,26 +43,39 @@ class Left:
         pass
 
 
-def fragment(second: int, samples: np.ndarray) -> FragmentInput:
+def fragment(
+    second: int, samples: np.ndarray, participant: str = "p", language: str = "en"
+) -> FragmentInput:
     return FragmentInput(
-        "conf", "p", "P", 1_719_512_467.0 + second, f"post-{second}", "en", None, True, False,
-        samples.astype(np.float32),
+        "conf", participant, participant.upper(), 1_719_512_467.0 + second,
+        f"{participant}-{second}", language, None, True, False, samples.astype(np.float32),
     )  # fmt: skip
 
 
-async def test_a_moved_clock_closes_a_quiet_talker_and_expires_the_session(
+@dataclass
+class Clocked:
+    """A LiveService on a Clock, with its (not yet started) scheduler and metrics."""
+
+    live: LiveService
+    scheduler: RecognizerScheduler
+    clock: Clock
+    metrics: Metrics
+
+
+def clocked_service(
     tmp_path: Path,
-) -> None:
-    engine = FakeEngine()
+    engine: FakeEngine,
+    config: Config,
+    stream: StreamConfig,
+    listener: LiveListener | None = None,
+) -> Clocked:
     clock = Clock()
-    listener = Left()
     metrics = create_metrics()
-    scheduler = RecognizerScheduler(engine, RecognizerConfig(), metrics)
-    config = StreamConfig(answer_wait_ms=0, idle_close_ms=4_000, session_ttl_s=60)
+    scheduler = RecognizerScheduler(engine, config.recognizer, metrics)
     live = LiveService(
-        config,
-        RecognizerConfig(),
-        decode_passes(load_config(None, environ={})),
+        stream,
+        config.recognizer,
+        decode_passes(config),
         scheduler,
         Spool(tmp_path),
         metrics,
@@ -69,6 +83,17 @@ async def test_a_moved_clock_closes_a_quiet_talker_and_expires_the_session(
         listener,
         clock,
     )
+    return Clocked(live, scheduler, clock, metrics)
+
+
+async def test_a_moved_clock_closes_a_quiet_talker_and_expires_the_session(
+    tmp_path: Path,
+) -> None:
+    engine = FakeEngine()
+    listener = Left()
+    stream = StreamConfig(answer_wait_ms=0, idle_close_ms=4_000, session_ttl_s=60)
+    clocked = clocked_service(tmp_path, engine, load_config(None, environ={}), stream, listener)
+    live, scheduler, clock = clocked.live, clocked.scheduler, clocked.clock
     await scheduler.start()
     try:
         for second in range(3):

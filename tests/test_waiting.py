@@ -114,3 +114,16 @@ async def test_saturated_by_the_number_of_finals_or_by_how_long_one_waits() -> N
     assert queue.saturated(max_queued_finals=2, saturated_wait_s=0)  # a final has waited
     queue.submit(request("f2", Priority.FINAL))
     assert queue.saturated(max_queued_finals=2, saturated_wait_s=60)
+
+
+async def test_owed_final_seconds_are_the_audio_of_the_waiting_finals_only() -> None:
+    queue = WaitingQueue(max_queue=10, metrics=create_metrics())
+    second = np.zeros(16_000, dtype=np.float32)
+    queue.submit(RecognitionRequest(second, "p", Priority.PROGRESS, DecodeOptions()), "p")
+    assert queue.owed_final_s == 0.0
+    final = RecognitionRequest(np.tile(second, 3), "f", Priority.FINAL, DecodeOptions())
+    queue.submit(final)
+    queue.submit(RecognitionRequest(second, "g", Priority.FINAL, DecodeOptions()))
+    assert queue.owed_final_s == 4.0
+    queue.take([e for e in queue.in_order() if e.request is final])
+    assert queue.owed_final_s == 1.0  # a taken final is the backend's, no longer waiting

@@ -25,6 +25,12 @@ class Recognizer(Protocol):
         ...
 
     @property
+    def owed_final_s(self) -> float:
+        """Seconds of audio in the finals waiting: past ``recognizer.overload_finals_s`` live
+        finals are decoded cheaper (``recognizer.overload_final_beam_size``)."""
+        ...
+
+    @property
     def saturated(self) -> bool:
         """Finals wait past ``recognizer.saturated_wait_s`` or reach ``max_queued_finals``:
         the box should take no new conferences (/healthz 503)."""

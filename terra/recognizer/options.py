@@ -115,6 +115,10 @@ class DecodePasses:
     progress: DecodeOptions  # live progress: recognizer.progress_beam_size
     final: DecodeOptions  # live finals: recognizer.final_beam_size
     translate: DecodeOptions  # live English captions: the finals' beam, Whisper's translate
+    # live finals and captions asked for past recognizer.overload_finals_s of finals waiting:
+    # recognizer.overload_final_beam_size
+    overload_final: DecodeOptions
+    overload_translate: DecodeOptions
     detect: DecodeOptions  # the minutes' language detection: greedy
     minutes: DecodeOptions  # minutes.beam_size, minutes.word_timestamps
     # files.beam_size; each job sets its task, word timestamps and hypotheses
@@ -152,6 +156,7 @@ def decode_passes(config: Config) -> DecodePasses:
     """Each kind of pass's options, from the configuration."""
     base = DecodeOptions(rules=config.recognizer.decoding)
     final = dataclasses.replace(base, beam_size=config.recognizer.final_beam_size)
+    overload = dataclasses.replace(base, beam_size=config.recognizer.overload_final_beam_size)
     return DecodePasses(
         # The agreement (recognizer/agreement.py) commits word by word: it needs word times.
         progress=dataclasses.replace(
@@ -162,6 +167,8 @@ def decode_passes(config: Config) -> DecodePasses:
         ),
         final=final,
         translate=dataclasses.replace(final, task="translate"),
+        overload_final=overload,
+        overload_translate=dataclasses.replace(overload, task="translate"),
         detect=base,
         minutes=dataclasses.replace(
             base,

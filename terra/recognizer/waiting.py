@@ -10,6 +10,9 @@ requests here until they take them (into a model call, or to the cluster). The r
 - shedding: at ``max_queue`` waiting requests, a new non-final request resolves to
   ``None`` at once; finals are never shed nor coalesced away by the queue;
 - withdraw: drops the waiting request with a key (its future resolves to ``None``).
+
+``owed_final_s`` (the audio of the waiting finals) is the live service's overload signal:
+past ``recognizer.overload_finals_s`` it asks for cheaper finals (see ``live.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from terra.audio import SAMPLE_RATE
 from terra.config import RecognizerConfig
 from terra.metrics import Metrics
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest
@@ -53,6 +57,12 @@ class WaitingQueue:
     @property
     def queued_finals(self) -> int:
         return sum(1 for e in self._entries if e.request.priority is Priority.FINAL)
+
+    @property
+    def owed_final_s(self) -> float:
+        """Seconds of audio in the waiting finals: the work owed to them."""
+        finals = (e.request for e in self._entries if e.request.priority is Priority.FINAL)
+        return sum(r.audio.size for r in finals) / SAMPLE_RATE
 
     def saturated(self, max_queued_finals: int, saturated_wait_s: float) -> bool:
         """Finals reach ``max_queued_finals``, or one has waited ``saturated_wait_s``."""
@@ -143,6 +153,11 @@ class QueuedRecognizer:
     @property
     def queued_finals(self) -> int:
         return self._waiting.queued_finals
+
+    @property
+    def owed_final_s(self) -> float:
+        """Seconds of audio in the finals waiting (not yet taken)."""
+        return self._waiting.owed_final_s
 
     @property
     def saturated(self) -> bool:

@@ -1,0 +1,97 @@
+"""The overload degrade of live finals (recognizer.overload_finals_s): a final asked for
+while the finals already waiting hold that much audio is decoded with the overload beam
+(greedy) instead of the finals' beam; it still gets all its audio, is never dropped, and
+once the owed finals drain, finals are beam finals again.
+
+LiveService on an injected clock (combinations closed by ``tick``), its scheduler started
+only once the finals are queued, so what is owed at each close is exact. The recognizer is
+FakeEngine (tests/fakes.py), a fake that records each request's beam: this is the live
+service's rule, not recognition."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from terra.audio import SAMPLE_RATE
+from terra.config import StreamConfig, load_config
+from terra.recognizer.types import Priority, Recognition, RecognitionRequest
+from tests.fakes import FakeEngine, fake_text
+from tests.test_live_clock import clocked_service, fragment
+from tests.test_overload import VOICED
+
+
+class Beams(FakeEngine):
+    """FakeEngine that records each final it decodes: (language, beam size, audio seconds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finals: list[tuple[str | None, int, float]] = []
+
+    def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
+        for r in requests:
+            if r.priority is Priority.FINAL:
+                self.finals.append((r.language, r.options.beam_size, r.audio.size / SAMPLE_RATE))
+        return super().recognize(requests)
+
+
+async def test_finals_past_the_owed_audio_bound_are_greedy_whole_and_all_delivered(
+    tmp_path: Path,
+) -> None:
+    engine = Beams()
+    overrides = {"recognizer": {"overload_finals_s": 5.0, "final_beam_size": 3}}
+    config = load_config(None, environ={}, overrides=overrides)
+    stream = StreamConfig(answer_wait_ms=0, idle_close_ms=4_000)
+    clocked = clocked_service(tmp_path, engine, config, stream)
+    live, scheduler, clock = clocked.live, clocked.scheduler, clocked.clock
+    # Each talker's language is its name, so the engine's record tells the talkers apart.
+    talkers = ["t0", "t1", "t2", "t3"]
+    said = fake_text(np.concatenate([VOICED] * 3)).split()
+    try:
+        for second in range(3):
+            for talker in talkers:
+                await live.process(fragment(second, VOICED, talker, language=talker))
+            clock.now += 1.0
+        # All four go quiet: their combinations close on this tick, one after the other,
+        # while nothing is decoded (the scheduler is not started), so each final is owed.
+        clock.now += 4.1
+        live.tick()
+        assert scheduler.queued_finals == 4
+        sessions = [live._sessions[("conf", t)] for t in talkers]
+        await scheduler.start()
+        await asyncio.gather(*(t for s in sessions for t in s.in_flight))
+        # Each final asked for while the finals before it held under 5 s of audio is a beam
+        # final; past that, greedy.
+        decoded = {language: (beam, seconds) for language, beam, seconds in engine.finals}
+        assert set(decoded) == set(talkers)
+        owed = 0.0
+        for talker in talkers:
+            beam, seconds = decoded[talker]
+            assert beam == (3 if owed < 5.0 else 1), (talker, owed)
+            assert seconds >= 2.5  # the whole combination, greedy or not
+            owed += seconds
+        beams = [decoded[t][0] for t in talkers]
+        assert beams[0] == 3 and beams[-1] == 1  # the bound was crossed
+        overloaded = clocked.metrics.registry.get_sample_value("terra_overload_finals_total")
+        assert overloaded == beams.count(1)
+        # Every final delivered, with the words of all its audio.
+        for session in sessions:
+            (final,) = [e for e in session.stream.take_answer() if e.status == "final"]
+            assert set(final.text.split()) == set(said)
+            assert len(said) - 2 <= len(final.text.split()) <= len(said)
+        assert scheduler.owed_final_s == 0.0
+        # Drained: the next final is a beam final again.
+        engine.finals.clear()
+        for second in range(10, 13):
+            await live.process(fragment(second, VOICED, "t0", language="t0"))
+            clock.now += 1.0
+        clock.now += 4.1
+        live.tick()
+        await asyncio.gather(*sessions[0].in_flight)
+        assert [(language, beam) for language, beam, _ in engine.finals] == [("t0", 3)]
+    finally:
+        await live.stop()
+        await scheduler.stop()
