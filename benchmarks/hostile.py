@@ -636,9 +636,18 @@ async def talk(
     log.settled_at.append(loop.time())
 
 
-async def talkers_row(folder: Path, count: int = 40, seconds: float = 60.0) -> dict[str, Any]:
-    """Row 13: ``count`` continuous talkers for ``seconds``, then the drain."""
-    server = Server(folder)
+async def talkers_row(
+    folder: Path, count: int = 40, seconds: float = 60.0, overload_finals_s: float | None = None
+) -> dict[str, Any]:
+    """Row 13: ``count`` continuous talkers for ``seconds``, then the drain. The server runs
+    with ``recognizer.overload_finals_s`` when given (e.g. 1e9: every final a beam final, as
+    before the overload degrade), else the default."""
+    extra = (
+        {}
+        if overload_finals_s is None
+        else {"recognizer": {"overload_finals_s": overload_finals_s}}
+    )
+    server = Server(folder, extra)
     talkers = make_talkers("continuous", count, seconds, spread=True)
     log = TalkLog()
     rss: list[float] = []
@@ -661,14 +670,23 @@ async def talkers_row(folder: Path, count: int = 40, seconds: float = 60.0) -> d
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as s:
             started = loop.time() + 0.5
-            queue: list[tuple[float, float]] = []  # (queue depth, pending finals) each second
+            # Each second: (when, queue depth, pending finals, audio seconds owed to the
+            # finals waiting).
+            queue: list[tuple[float, int, int, float]] = []
 
             async def watch() -> None:
                 while True:
                     await asyncio.sleep(1.0)
                     async with s.get(f"{server.url}/healthz") as r:
                         health = await r.json()
-                    queue.append((health["recognizer_queue_depth"], health["pending_finals"]))
+                    queue.append(
+                        (
+                            loop.time(),
+                            health["recognizer_queue_depth"],
+                            health["pending_finals"],
+                            health.get("owed_final_audio_s", 0.0),
+                        )
+                    )
 
             watcher = asyncio.create_task(watch())
             await asyncio.gather(*(talk(s, server.url, t, started, log) for t in talkers))
@@ -682,13 +700,17 @@ async def talkers_row(folder: Path, count: int = 40, seconds: float = 60.0) -> d
                 await asyncio.sleep(0.2)
             drained = loop.time()
             async with s.get(f"{server.url}/metrics") as r:
-                produced = int(metric(parse_metrics(await r.text()), "terra_finals_total"))
+                samples = parse_metrics(await r.text())
+            produced = int(metric(samples, "terra_finals_total"))
+            overloaded = int(metric(samples, "terra_overload_finals_total"))
         stop.set()
         sampler.join()
         rss_end = server.rss_mb()
     finally:
         server.stop()
     in_load = Counter(who for who, at in log.finals.values() if at <= load_end)
+    # What the load left owed: the first reading at or after its end.
+    at_stop = next((q for q in queue if q[0] >= load_end), (load_end, 0, 0, 0.0))
     in_load.update({t.participant: 0 for t in talkers})
     result = {
         "talkers": count,
@@ -706,8 +728,12 @@ async def talkers_row(folder: Path, count: int = 40, seconds: float = 60.0) -> d
         "finals_delivered": len(log.finals),
         "finals_lost": produced - len(log.finals),
         "spoken_never_final": len(log.spoken - set(log.finals)),
-        "queue_depth_max": max((q for q, _ in queue), default=0),
-        "pending_finals_max": max((f for _, f in queue), default=0),
+        "queue_depth_max": max((q[1] for q in queue), default=0),
+        "pending_finals_max": max((q[2] for q in queue), default=0),
+        "pending_finals_at_stop": at_stop[2],
+        "owed_final_audio_s_at_stop": at_stop[3],
+        "overload_finals_s": overload_finals_s,
+        "finals_overload_beam": overloaded,
         # finals each talker received while the load ran (the fairness of overload)
         "finals_in_load_min": min(in_load.values(), default=0),
         "finals_in_load_max": max(in_load.values(), default=0),
@@ -912,19 +938,24 @@ def markdown(rows: list[Row], info: dict[str, Any], talkers: dict[str, Any] | No
             "",
             "| POSTs (status) | slowest answer | answer p95 | RSS start / peak / end "
             "| drain | finals produced / delivered / lost | spoken, never final "
-            "| queue max / pending finals max | finals per talker during the load (min-max) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| queue max / pending finals max | finals per talker during the load (min-max) "
+            "| at load stop: pending finals / final audio owed | finals decoded greedy "
+            "(overload) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {t['posts']} ({t['statuses']}) | {t['slowest_answer_s']:.2f} s "
             f"| {t['answer_p95_s']:.2f} s | {t['rss_start_mb']} / {t['rss_peak_mb']} / "
             f"{t['rss_end_mb']} MB | {t['drain_s']:.1f} s | {t['finals_produced']} / "
             f"{t['finals_delivered']} / {t['finals_lost']} | {t['spoken_never_final']} "
             f"| {t.get('queue_depth_max', '?')} / {t.get('pending_finals_max', '?')} "
-            f"| {t.get('finals_in_load_min', '?')}-{t.get('finals_in_load_max', '?')} |",
+            f"| {t.get('finals_in_load_min', '?')}-{t.get('finals_in_load_max', '?')} "
+            f"| {t.get('pending_finals_at_stop', '?')} / "
+            f"{t.get('owed_final_audio_s_at_stop', '?')} s "
+            f"| {t.get('finals_overload_beam', '?')} |",
         ]
     return "\n".join(lines) + "\n"
 
 
-async def main(only: set[str], name: str) -> None:
+async def main(only: set[str], name: str, overload_finals_s: float | None = None) -> None:
     rows: list[Row] = []
     talkers: dict[str, Any] | None = None
     probes: list[tuple[str, Callable[[Path], Awaitable[list[Row]]]]] = [
@@ -944,7 +975,7 @@ async def main(only: set[str], name: str) -> None:
                     rows.append(r)
     if not only or "13" in only:
         with tempfile.TemporaryDirectory() as folder:
-            talkers = await talkers_row(Path(folder))
+            talkers = await talkers_row(Path(folder), overload_finals_s=overload_finals_s)
             talkers["at"] = time.strftime("%H:%M UTC", time.gmtime())
     if not only or "rest" in only:
         with tempfile.TemporaryDirectory() as folder:
@@ -967,5 +998,11 @@ if __name__ == "__main__":
         "--only", default="", help="comma-separated: 4, 5, 10, 13, rest (rows 0-3, 6-14)"
     )
     parser.add_argument("--name", default="hostile", help="results file name")
+    parser.add_argument(
+        "--overload-finals-s",
+        type=float,
+        default=None,
+        help="row 13's recognizer.overload_finals_s (1e9: no overload degrade); default: config",
+    )
     args = parser.parse_args()
-    asyncio.run(main(set(filter(None, args.only.split(","))), args.name))
+    asyncio.run(main(set(filter(None, args.only.split(","))), args.name, args.overload_finals_s))
