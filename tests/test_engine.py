@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from terra.audio import SAMPLE_RATE
-from terra.recognizer.engine import WhisperEngine, generation_limit
+from terra.recognizer.engine import Stage, WhisperEngine, generation_limit
 from terra.recognizer.options import DecodeOptions, DecodeRules
 from terra.recognizer.types import DropReason, Priority, RecognitionRequest
 
@@ -141,3 +141,19 @@ def test_decode_rules_are_per_request_within_one_call(engine: WhisperEngine) -> 
     assert kept.dropped_reason is None and kept.text.strip()
     assert dropped.dropped_reason is DropReason.NO_SPEECH
     assert (dropped.text, dropped.tokens, dropped.segments) == ("", (), ())
+
+
+def test_a_call_is_timed_by_stage(engine: WhisperEngine) -> None:
+    """recognize_timed splits each call's time into its stages (benchmarks.profile_pass reads
+    them): a progress pass with word times encodes, generates and aligns; one without word
+    times does not align; the stages add up to the call."""
+    audio = load_clip(clip("clips/faster_whisper/jfk.flac").path)[: 4 * SAMPLE_RATE]
+    words = DecodeOptions(word_timestamps=True)
+    for options, aligned in ((words, True), (DecodeOptions(), False)):
+        _, (timing,) = engine.recognize_timed(
+            [RecognitionRequest(audio, "en", Priority.PROGRESS, options)]
+        )
+        for stage in (Stage.FEATURES, Stage.ENCODE, Stage.GENERATE):
+            assert timing.wall[stage] > 0 and timing.cpu[stage] > 0, stage
+        assert (timing.wall[Stage.ALIGN] > 0) is aligned
+        assert sum(timing.wall.values()) == pytest.approx(timing.seconds, rel=1e-6)

@@ -14,8 +14,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import ctranslate2
@@ -82,13 +84,54 @@ def generation_limit(prompt_length: int, budget: int) -> int:
     return min(max(2 * budget, budget + prompt_length - 1), MAX_DECODER_TOKENS)
 
 
+class Stage(StrEnum):
+    """Where a model call's time goes (``EngineTimings.wall``/``cpu``)."""
+
+    FEATURES = "features"  # log-mel spectrogram (faster-whisper's FeatureExtractor)
+    ENCODE = "encode"  # the encoder over the window
+    DETECT = "detect"  # language detection (requests without a language)
+    GENERATE = "generate"  # the decoder: prompt, greedy or beam search
+    ALIGN = "align"  # word timestamps (faster-whisper's add_word_timestamps: DTW)
+    OTHER = "other"  # the rest: tokenizers, guards, segments (Python)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineTimings:
-    """One model call of :meth:`WhisperEngine.recognize_timed`."""
+    """One model call of :meth:`WhisperEngine.recognize_timed`: its wall time, and the wall
+    and process CPU seconds of each stage (CPU: of the whole process, so it means the
+    call's own cost only while no other call runs)."""
 
     batch_size: int
     window_s: float
     seconds: float
+    wall: Mapping[Stage, float] = field(default_factory=dict)
+    cpu: Mapping[Stage, float] = field(default_factory=dict)
+
+
+class _StageClock:
+    """Adds up the wall and process CPU time of each stage of one model call."""
+
+    def __init__(self) -> None:
+        self.wall: dict[Stage, float] = dict.fromkeys(Stage, 0.0)
+        self.cpu: dict[Stage, float] = dict.fromkeys(Stage, 0.0)
+        self._wall0 = time.perf_counter()
+        self._cpu0 = time.process_time()
+
+    @contextmanager
+    def stage(self, stage: Stage) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[stage] += time.perf_counter() - wall
+            self.cpu[stage] += time.process_time() - cpu
+
+    def timings(self, batch_size: int, window_s: float) -> EngineTimings:
+        seconds = time.perf_counter() - self._wall0
+        cpu = time.process_time() - self._cpu0
+        self.wall[Stage.OTHER] = max(0.0, seconds - sum(self.wall.values()))
+        self.cpu[Stage.OTHER] = max(0.0, cpu - sum(self.cpu.values()))
+        return EngineTimings(batch_size, window_s, seconds, dict(self.wall), dict(self.cpu))
 
 
 class WhisperEngine(WhisperVocabulary):
@@ -138,8 +181,8 @@ class WhisperEngine(WhisperVocabulary):
     def recognize_timed(
         self, requests: Sequence[RecognitionRequest]
     ) -> tuple[list[Recognition], list[EngineTimings]]:
-        """``recognize``, and the size, window and time of each model call it made (returned,
-        not kept: worker threads call the engine at once)."""
+        """``recognize``, and the size, window and time (by stage) of each model call it made
+        (returned, not kept: worker threads call the engine at once)."""
         results: list[Recognition | None] = [None] * len(requests)
         # CTranslate2 needs <|startoftranscript|> at one position across a batch: requests
         # with context share a call with their contexts cut to the shortest among them, and
@@ -160,21 +203,21 @@ class WhisperEngine(WhisperVocabulary):
             groups.setdefault(key, []).append(index)
         timings: list[EngineTimings] = []
         for (_, beam_size, _, _, timestamps), indices in groups.items():
-            started = time.perf_counter()
+            clock = _StageClock()
             batch = [requests[i] for i in indices]
             shortest = min(len(contexts[i]) for i in indices)
             batch_contexts = [contexts[i][len(contexts[i]) - shortest :] for i in indices]
             window_s = max(self.window_seconds(r.audio.size) for r in batch)
             recognized = self._recognize_group(
-                batch, batch_contexts, window_s, beam_size, timestamps
+                batch, batch_contexts, window_s, beam_size, timestamps, clock
             )
             if timestamps:
                 recognized = self._retry_loops(
-                    batch, batch_contexts, window_s, beam_size, recognized
+                    batch, batch_contexts, window_s, beam_size, recognized, clock
                 )
             for i, result in zip(indices, recognized):
                 results[i] = result
-            timings.append(EngineTimings(len(batch), window_s, time.perf_counter() - started))
+            timings.append(clock.timings(len(batch), window_s))
         return [r for r in results if r is not None], timings
 
     def _features(self, audio: Samples, window_s: float) -> NDArray[np.float32]:
@@ -224,9 +267,11 @@ class WhisperEngine(WhisperVocabulary):
         window_s: float,
         beam_size: int,
         timestamps: bool,
+        clock: _StageClock,
     ) -> list[Recognition]:
-        features = self._encode(batch, window_s)
-        detected = self._detect_languages(features, batch)
+        features = self._encode(batch, window_s, clock)
+        with clock.stage(Stage.DETECT):
+            detected = self._detect_languages(features, batch)
 
         prompts: list[list[int]] = []
         tokenizers: list[Tokenizer] = []
@@ -247,24 +292,26 @@ class WhisperEngine(WhisperVocabulary):
                 generation_limit(len(prompt), self.token_budget(request.audio.size)),
             )
 
-        generated = self._ct2.generate(
-            features,
-            prompts,
-            beam_size=beam_size,
-            num_hypotheses=batch[0].options.num_hypotheses,
-            max_length=max_length,
-            return_scores=True,
-            return_no_speech_prob=True,
-            suppress_blank=True,
-            suppress_tokens=[-1],
-            max_initial_timestamp_index=50,
-        )
+        with clock.stage(Stage.GENERATE):
+            generated = self._ct2.generate(
+                features,
+                prompts,
+                beam_size=beam_size,
+                num_hypotheses=batch[0].options.num_hypotheses,
+                max_length=max_length,
+                return_scores=True,
+                return_no_speech_prob=True,
+                suppress_blank=True,
+                suppress_tokens=[-1],
+                max_initial_timestamp_index=50,
+            )
         recognitions = [
             self._to_recognition(request, result, tokenizer, language, window_s)
             for request, result, tokenizer, language in zip(batch, generated, tokenizers, languages)
         ]
         if any(r.options.word_timestamps for r in batch):
-            recognitions = self._add_words(batch, recognitions, tokenizers, features)
+            with clock.stage(Stage.ALIGN):
+                recognitions = self._add_words(batch, recognitions, tokenizers, features)
         return recognitions
 
     def _retry_loops(
@@ -274,6 +321,7 @@ class WhisperEngine(WhisperVocabulary):
         window_s: float,
         beam_size: int,
         recognized: list[Recognition],
+        clock: _StageClock,
     ) -> list[Recognition]:
         """Decode again, in Whisper's full 30 s window, the items that came back as a
         repetition loop. Beam search with timestamps in a shorter window can restart the text
@@ -289,7 +337,12 @@ class WhisperEngine(WhisperVocabulary):
         if not loops or window_s >= MAX_WINDOW_S:
             return recognized
         retried = self._recognize_group(
-            [batch[j] for j in loops], [contexts[j] for j in loops], MAX_WINDOW_S, beam_size, True
+            [batch[j] for j in loops],
+            [contexts[j] for j in loops],
+            MAX_WINDOW_S,
+            beam_size,
+            True,
+            clock,
         )
         out = list(recognized)
         for j, again in zip(loops, retried):
@@ -297,21 +350,25 @@ class WhisperEngine(WhisperVocabulary):
                 out[j] = again
         return out
 
-    def _encode(self, batch: list[RecognitionRequest], window_s: float) -> ctranslate2.StorageView:
+    def _encode(
+        self, batch: list[RecognitionRequest], window_s: float, clock: _StageClock
+    ) -> ctranslate2.StorageView:
         """The encoder output of a batch; generation and alignment both read it.
 
         On the CPU the items are encoded one at a time and stacked: measured with base int8
         on one thread, a 10 s window costs 70 ms alone and 123 ms per item in a batch of 4.
         """
-        features = [self._features(r.audio, window_s) for r in batch]
-        if self._ct2.device != "cpu" or len(batch) == 1:
-            stacked = ctranslate2.StorageView.from_array(np.stack(features))
-            return self._ct2.encode(stacked, to_cpu=False)
-        encoded = [
-            np.asarray(self._ct2.encode(ctranslate2.StorageView.from_array(f[np.newaxis])))
-            for f in features
-        ]
-        return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.concatenate(encoded)))
+        with clock.stage(Stage.FEATURES):
+            features = [self._features(r.audio, window_s) for r in batch]
+        with clock.stage(Stage.ENCODE):
+            if self._ct2.device != "cpu" or len(batch) == 1:
+                stacked = ctranslate2.StorageView.from_array(np.stack(features))
+                return self._ct2.encode(stacked, to_cpu=False)
+            encoded = [
+                np.asarray(self._ct2.encode(ctranslate2.StorageView.from_array(f[np.newaxis])))
+                for f in features
+            ]
+            return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.concatenate(encoded)))
 
     def _to_recognition(
         self,
