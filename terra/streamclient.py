@@ -27,7 +27,7 @@ import numpy as np
 import soundfile as sf
 
 from terra.audio import SAMPLE_RATE, Samples, encode_wav, ms_to_samples, to_mono_16k
-from terra.params import is_safe_id
+from terra.params import ParamError, is_safe_id, validate_id
 
 TextElem = dict[str, Any]
 OnElems = Callable[[str, list[TextElem]], None]
@@ -149,10 +149,8 @@ def parse_participant(value: str) -> ParticipantSource:
         given_id, name = "", who
     if not name:
         raise argparse.ArgumentTypeError(f"the participant name is empty in {value!r}")
-    if given_id and not is_safe_id(given_id):
-        raise argparse.ArgumentTypeError(
-            f"participant id must match [A-Za-z0-9_-]{{1,128}}, got {given_id!r}"
-        )
+    if given_id:
+        _valid_id("participant id", given_id)
     path = Path(file).expanduser()
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"no such file: {file}")
@@ -418,12 +416,16 @@ def _speed(value: str) -> float:
     return number
 
 
+def _valid_id(name: str, value: str) -> str:
+    """``value`` when it is a valid id (the server's rule, ``params.validate_id``)."""
+    try:
+        return validate_id(name, value)
+    except ParamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def _conference_id(value: str) -> str:
-    if not is_safe_id(value):
-        raise argparse.ArgumentTypeError(
-            f"conference id must match [A-Za-z0-9_-]{{1,128}}, got {value!r}"
-        )
-    return value
+    return _valid_id("conference id", value)
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
