@@ -20,6 +20,7 @@ Variants (``--variants``) run the same progress passes with one setting changed,
 each candidate cut saves before it goes through the accuracy benchmarks.
 
     python -m benchmarks.profile_pass [--batches 1,4,8] [--variants] [--name profile_pass]
+    python -m benchmarks.profile_pass --layouts   # 2 workers x 1 or 2 threads
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import argparse
 import dataclasses
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from benchmarks.common import ROOT, SPEECH, machine, write_results
@@ -176,6 +179,71 @@ def shapes(config: Config, batches: list[int], variants: bool) -> list[Shape]:
     return out
 
 
+def layouts(config: Config, path: str) -> list[dict[str, Any]]:
+    """The thread layout: ``recognizer.workers: 2`` with 1 or 2 threads each, the progress
+    passes (4 s, no prompt) made one at a time (one talker) or two at once (load)."""
+    rows = []
+    for threads in (1, 2):
+        settings = dataclasses.replace(
+            engine_settings(config, path, workers=2), cpu_threads=threads
+        )
+        engine = WhisperEngine(load_whisper(settings), settings)
+        options = decode_passes(config).progress
+        requests = []
+        for file, language in FILES:
+            audio = load_audio(SPEECH / file)
+            for end_s in range(8, 57, 6):
+                piece = audio[(end_s - 4) * SAMPLE_RATE : end_s * SAMPLE_RATE]
+                requests.append(RecognitionRequest(piece, language, Priority.PROGRESS, options))
+        engine.recognize(requests[:2])  # warm-up
+        for concurrency in (1, 2):
+            with ThreadPoolExecutor(concurrency) as pool:
+                wall, cpu = time.perf_counter(), time.process_time()
+                calls = list(pool.map(partial(_timed_call, engine), requests * 2))
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            rows.append(
+                {
+                    "workers": 2,
+                    "threads": threads,
+                    "concurrent_calls": concurrency,
+                    "passes": len(calls),
+                    "call_wall_s": round(sum(calls) / len(calls), 3),
+                    "passes_per_s": round(len(calls) / wall, 2),
+                    "cpu_s_per_pass": round(cpu / len(calls), 3),
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _timed_call(engine: WhisperEngine, request: RecognitionRequest) -> float:
+    started = time.perf_counter()
+    engine.recognize([request])
+    return time.perf_counter() - started
+
+
+def layouts_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"# Thread layout ({report['name']}, {m['date']})",
+        "",
+        f"Machine: {m['cores']} cores, {m['cpu_model'] or m['cpu']}; model base "
+        f"{report['compute_type']}, 2 model workers with 1 or 2 threads each; 4 s progress "
+        "passes (greedy, word times) over the two long recordings, made one at a time (as "
+        "for one talker) or two at once (as under load).",
+        "",
+        "| threads per worker | calls at once | call wall s | passes / s | core-s / pass |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['threads']} | {row['concurrent_calls']} | {row['call_wall_s']} | "
+            f"{row['passes_per_s']} | {row['cpu_s_per_pass']} |"
+        )
+    lines += ["", f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     stages = [s.value for s in Stage]
@@ -216,11 +284,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--batches", default="1,4,8", help="batch sizes, comma-separated")
     parser.add_argument("--variants", action="store_true", help="also the candidate cuts")
-    parser.add_argument("--name", default="profile_pass")
+    parser.add_argument(
+        "--layouts", action="store_true", help="only the thread layouts (profile_layouts)"
+    )
+    parser.add_argument("--name", default=None)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
     config = load_config(ROOT / "config.yaml", environ={})
     path = resolve_model(config.model.name, ROOT / config.model.models_dir, allow_download=False)
+    if args.layouts:
+        name = args.name or "profile_layouts"
+        report = {
+            "name": name,
+            "machine": machine(),
+            "compute_type": config.model.compute_type,
+            "command": "python -m benchmarks.profile_pass --layouts",
+            "rows": layouts(config, path),
+        }
+        print(layouts_markdown(report))
+        print(f"written: {write_results(name, report, layouts_markdown(report))} (+ .md)")
+        return
+    args.name = args.name or "profile_pass"
     models: dict[int, Any] = {}
     rows = []
     previous: dict[tuple[str, int], str] = {}
