@@ -929,12 +929,17 @@ def markdown(rows: list[Row], info: dict[str, Any], talkers: dict[str, Any] | No
         t = talkers
         lines += [
             "",
-            f"## Row 13: {t['talkers']} continuous talkers for {t['seconds']:.0f} s",
+            f"## Row 13: {t['talkers']} continuous talkers for {t['seconds']:.0f} s "
+            f"(measured {t.get('at', '?')})",
             "",
             "Real-time 2 s fragments of the two 60 s recordings (spread clocks, "
             "`benchmarks.live`'s continuous load), then each talker sends silence until its "
             "answer has nothing in progress; drain = from the end of the load until every "
-            "talker settled and `/healthz` shows no queue and no pending finals.",
+            "talker settled and `/healthz` shows no queue and no pending finals. At load stop: "
+            "the first `/healthz` reading after the load's last second (finals waiting or being "
+            "decoded, and the audio of those waiting). Finals asked for while the finals "
+            "waiting hold `recognizer.overload_finals_s` of audio are decoded greedy "
+            f"(overload_finals_s here: {t.get('overload_finals_s') or 'the default, 30 s'}).",
             "",
             "| POSTs (status) | slowest answer | answer p95 | RSS start / peak / end "
             "| drain | finals produced / delivered / lost | spoken, never final "

@@ -174,6 +174,7 @@ async def test_overloaded_live_service_loses_no_final_and_starves_nobody(
         assert len(got) == 3
     health = await (await client.get("/healthz")).json()
     assert health["pending_finals"] == 0 and health["recognizer_queue_depth"] == 0
+    assert health["owed_final_audio_s"] == 0.0
 
 
 class Slow(FakeEngine):
