@@ -61,8 +61,11 @@ def load_whisper(settings: EngineSettings) -> WhisperModel:
             settings.model_path,
             device=settings.device,
             compute_type=settings.compute_type,
-            # 0: share the cores among the workers (oversubscribing them costs more than it gives)
-            cpu_threads=settings.cpu_threads or max(1, (os.cpu_count() or 1) // settings.workers),
+            # 0: every worker may use every core. A lone call then has them all, and workers
+            # busy at once share them: measured with 2 workers on 2 cores
+            # (benchmarks/results/profile_layouts.md), a lone 4 s pass 0.68 -> 0.50 s, two
+            # at once 2.62 -> 2.47 passes/s, against one thread each.
+            cpu_threads=settings.cpu_threads or max(1, os.cpu_count() or 1),
             num_workers=settings.workers,
             local_files_only=not settings.allow_download,
         )

@@ -47,7 +47,7 @@ class EngineSettings:
     model_path: str  # a folder holding a CTranslate2 Whisper model (or a hub name)
     device: str = "cpu"
     compute_type: str = "int8"
-    cpu_threads: int = 0  # per worker; 0: the cores shared among the workers
+    cpu_threads: int = 0  # per worker; 0: every core (the workers share them when busy)
     workers: int = 1  # model calls at once (CTranslate2 inter_threads)
     allow_download: bool = False
     window: WindowOptions = field(default_factory=WindowOptions)
