@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import ClientPayloadError, web
 
 from terra.audio import AudioDecodeError, AudioTooLong
+from terra.params import ParamError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def _status_and_detail(error: BaseException) -> tuple[int, str] | None:
         return error.status, error.detail
     if isinstance(error, AudioTooLong):
         return 413, str(error)
-    if isinstance(error, AudioDecodeError):
+    if isinstance(error, AudioDecodeError | ParamError):  # audio or a parameter: the client's
         return 400, str(error)
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return 507, "the server's disk is full: nothing was stored, try again later"

@@ -14,7 +14,7 @@ from terra.api.respond import json_response
 from terra.config import zone_of
 from terra.minutes.formats import CONTENT_TYPES, FORMATS, render
 from terra.minutes.service import MinutesService, State
-from terra.params import ParamError, validate_id
+from terra.params import validate_id
 
 # The spec's texts, word for word.
 NOT_FOUND = "Conference minutes status file not found"
@@ -37,10 +37,7 @@ async def minutes(request: web.Request) -> web.Response:
     # A server token, or a viewer's (a viewer token or this conference's signed link), as the
     # minutes viewer page passes on.
     require_viewer(request, request.match_info["conference_id"])
-    try:
-        conference_id = validate_id("conference_id", request.match_info["conference_id"])
-    except ParamError as e:
-        raise BadRequest(str(e)) from e
+    conference_id = validate_id("conference_id", request.match_info["conference_id"])
     fmt = (request.query.get("format") or "xml").strip().lower()
     if fmt not in FORMATS:
         raise BadRequest(f"format must be one of {', '.join(FORMATS)}, got {fmt[:20]!r}")

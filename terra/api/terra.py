@@ -17,7 +17,6 @@ from terra.audio import AudioLimits, decode_audio
 from terra.config import zone_of
 from terra.live import FragmentInput
 from terra.params import (
-    ParamError,
     clean_name,
     parse_bool,
     parse_filename,
@@ -48,29 +47,26 @@ async def process(request: web.Request) -> web.Response:
     if audio is None:
         raise BadRequest("audiofile is required (a multipart file part)")
     zone = zone_of(config.stream.timezone)
-    try:
-        from_name = parse_filename(audio.filename)
-        conference_id = validate_id(
-            "conference_id",
-            param("conference_id") or (from_name.conference_id if from_name else None),
-        )
-        participant_id = validate_id(
-            "participant_id",
-            param("participant_id") or (from_name.participant_id if from_name else None),
-        )
-        start_time = parse_timestamp(
-            param("timestamp_float"),
-            from_name,
-            zone,
-            now=time.time(),
-            max_skew_s=config.stream.max_clock_skew_s,
-        )
-        language = parse_language("lang1", param("lang1"))
-        participant_name = clean_name(param("participant_name"), "UNKNOWN")
-        online = parse_bool("online", param("online"), default=False)
-        offline = parse_bool("offline", param("offline"), default=True)
-    except ParamError as e:
-        raise BadRequest(str(e)) from e
+    from_name = parse_filename(audio.filename)
+    conference_id = validate_id(
+        "conference_id",
+        param("conference_id") or (from_name.conference_id if from_name else None),
+    )
+    participant_id = validate_id(
+        "participant_id",
+        param("participant_id") or (from_name.participant_id if from_name else None),
+    )
+    start_time = parse_timestamp(
+        param("timestamp_float"),
+        from_name,
+        zone,
+        now=time.time(),
+        max_skew_s=config.stream.max_clock_skew_s,
+    )
+    language = parse_language("lang1", param("lang1"))
+    participant_name = clean_name(param("participant_name"), "UNKNOWN")
+    online = parse_bool("online", param("online"), default=False)
+    offline = parse_bool("offline", param("offline"), default=True)
     post_id = param("post_id")
     if post_id is not None and len(post_id) > 256:
         raise BadRequest("post_id is longer than 256 characters")

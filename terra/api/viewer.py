@@ -16,9 +16,9 @@ from aiohttp_sse import EventSourceResponse
 
 from terra import keys
 from terra.api.auth import require_operator, require_viewer
-from terra.api.errors import BadRequest, NotFound
+from terra.api.errors import NotFound
 from terra.feed import FeedEvent
-from terra.params import ParamError, validate_id
+from terra.params import validate_id
 
 # The files of terra/web/ that /assets/{name} serves, with their content types.
 ASSETS = {
@@ -35,10 +35,7 @@ SEND_TIMEOUT_S = 30.0
 
 def _conference(request: web.Request) -> str:
     """The path's conference id, for a viewer allowed to see it, known to this server."""
-    try:
-        conference_id = validate_id("conference_id", request.match_info["conference_id"])
-    except ParamError as e:
-        raise BadRequest(str(e)) from e
+    conference_id = validate_id("conference_id", request.match_info["conference_id"])
     require_viewer(request, conference_id)
     known = request.app[keys.FEED].get(conference_id) is not None
     if not known and not (request.app[keys.SPOOL].root / conference_id).is_dir():
