@@ -107,11 +107,7 @@ class RayRecognizer(QueuedRecognizer):
                     log.exception("recognizer request failed")
                     self._fail(entry, e)
                     return
-            self._metrics.request_latency.labels(entry.request.priority.name.lower()).observe(
-                time.perf_counter() - entry.enqueued_at
-            )
-            if not entry.future.done():
-                entry.future.set_result(result)
+            self._answer(entry, result)
         finally:
             if not entry.future.done():  # cancelled by stop()
                 entry.future.cancel()

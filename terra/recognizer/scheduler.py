@@ -135,13 +135,7 @@ class RecognizerScheduler(QueuedRecognizer):
         audio_s = sum(r.audio.size for r in requests) / SAMPLE_RATE
         self._metrics.audio_seconds.inc(audio_s)
         for entry, result in zip(batch, results):
-            if entry.future.done():  # failed alone (its exception is set) or cancelled
-                continue
-            self._metrics.request_latency.labels(entry.request.priority.name.lower()).observe(
-                time.perf_counter() - entry.enqueued_at
-            )
-            if not entry.future.done():
-                entry.future.set_result(result)
+            self._answer(entry, result)  # not one that failed alone (its exception is set)
 
     async def _recognize_isolated(
         self, loop: asyncio.AbstractEventLoop, batch: Sequence[Waiting]

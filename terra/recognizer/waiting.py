@@ -181,6 +181,16 @@ class QueuedRecognizer:
         """Whether a request with this key is queued (not yet taken)."""
         return self._waiting.is_waiting(coalesce_key)
 
+    def _answer(self, entry: Waiting, result: Recognition | None) -> None:
+        """A taken request's result, set unless it already failed or was cancelled, and its
+        latency (queue wait plus recognition) observed."""
+        if entry.future.done():
+            return
+        self._metrics.request_latency.labels(entry.request.priority.name.lower()).observe(
+            time.perf_counter() - entry.enqueued_at
+        )
+        entry.future.set_result(result)
+
     def withdraw(self, coalesce_key: str) -> None:
         """Drop the waiting request with this key, if any (its future resolves to None)."""
         self._waiting.withdraw(coalesce_key)
