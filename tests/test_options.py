@@ -56,6 +56,10 @@ def test_bad_settings_are_refused() -> None:
         load_config(None, environ={}, overrides={"recognizer": {"window_buckets_s": [40]}})
     with pytest.raises(ConfigError, match="final_beam_size"):
         load_config(None, environ={}, overrides={"recognizer": {"final_beam_size": 0}})
+    with pytest.raises(ConfigError, match="overload_final_beam_size"):
+        load_config(None, environ={}, overrides={"recognizer": {"overload_final_beam_size": 0}})
+    with pytest.raises(ConfigError, match="overload_finals_s"):
+        load_config(None, environ={}, overrides={"recognizer": {"overload_finals_s": -1}})
     with pytest.raises(ConfigError, match="unknown setting"):
         load_config(None, environ={}, overrides={"recognizer": {"decoding": {"beam_size": 2}}})
 
@@ -65,7 +69,11 @@ def test_each_pass_gets_its_options_from_the_config() -> None:
         None,
         environ={},
         overrides={
-            "recognizer": {"progress_beam_size": 2, "final_beam_size": 4},
+            "recognizer": {
+                "progress_beam_size": 2,
+                "final_beam_size": 4,
+                "overload_final_beam_size": 2,
+            },
             "minutes": {"beam_size": 6, "word_timestamps": False},
             "files": {"beam_size": 3},
         },
@@ -79,6 +87,9 @@ def test_each_pass_gets_its_options_from_the_config() -> None:
     )
     assert passes.final == DecodeOptions(beam_size=4, rules=rules)
     assert passes.translate == DecodeOptions(beam_size=4, task="translate", rules=rules)
+    # Finals asked for past recognizer.overload_finals_s of owed audio, and their captions.
+    assert passes.overload_final == DecodeOptions(beam_size=2, rules=rules)
+    assert passes.overload_translate == DecodeOptions(beam_size=2, task="translate", rules=rules)
     assert passes.detect == DecodeOptions(beam_size=1, rules=rules)
     assert passes.minutes == DecodeOptions(beam_size=6, word_timestamps=False, rules=rules)
     assert passes.files == DecodeOptions(beam_size=3, rules=rules)
