@@ -89,9 +89,6 @@ class StreamConfig:
     max_clock_skew_s: float = 86_400.0
 
 
-_AGREEMENT = AgreementOptions()
-
-
 @dataclass(frozen=True, slots=True)
 class RecognizerConfig:
     mode: str = "terra"
@@ -119,14 +116,8 @@ class RecognizerConfig:
     # Live passes
     progress_beam_size: int = 1
     final_beam_size: int = 3
-    # The live agreement's settings: recognizer/options.AgreementOptions (its defaults and
-    # what each means), built from these by agreement_options.
-    commit: bool = _AGREEMENT.commit
-    commit_edge_guard_s: float = _AGREEMENT.edge_guard_s
-    commit_force_after_s: float = _AGREEMENT.force_after_s
-    commit_force_guard_s: float = _AGREEMENT.force_guard_s
-    prompt_max_words: int = _AGREEMENT.prompt_max_words
-    final_whole_max_s: float = _AGREEMENT.final_whole_max_s
+    # How the live agreement commits and prompts (recognizer/options.AgreementOptions).
+    agreement: AgreementOptions = field(default_factory=AgreementOptions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,24 +373,38 @@ def _build(cls: type[T], values: Mapping[str, Any], section: str) -> T:
     return dataclasses.replace(defaults, **kwargs)  # type: ignore[type-var]
 
 
+# Settings that moved into a nested section under another name: old key -> nested.key.
+RENAMED: dict[str, dict[str, str]] = {
+    "recognizer": {
+        "commit_edge_guard_s": "agreement.edge_guard_s",
+        "commit_force_after_s": "agreement.force_after_s",
+        "commit_force_guard_s": "agreement.force_guard_s",
+    },
+}
+
+
 def _move_flat_keys(defaults: Any, values: Mapping[str, Any], section: str) -> dict[str, Any]:
     """Settings that moved into a nested section (``minutes.max_chunk_s`` is now
-    ``minutes.chunking.max_chunk_s``) are still read at their old place, with a warning;
-    the new place wins when both are set."""
-    moved = dict(values)
+    ``minutes.chunking.max_chunk_s``; ``recognizer.commit_edge_guard_s`` is now
+    ``recognizer.agreement.edge_guard_s``) are still read at their old place, with a
+    warning; the new place wins when both are set."""
+    targets = dict(RENAMED.get(section, {}))
     for section_field in dataclasses.fields(defaults):
         nested = getattr(defaults, section_field.name)
-        if not dataclasses.is_dataclass(nested):
-            continue
-        names = {f.name for f in dataclasses.fields(nested)}
-        for key in sorted(names & set(values)):
-            new = f"{section}.{section_field.name}.{key}"
-            log.warning("config: %s.%s is deprecated: set %s instead", section, key, new)
-            inner = moved.get(section_field.name)
-            merged = {key: moved.pop(key)}
-            if isinstance(inner, Mapping):
-                merged.update(inner)
-            moved[section_field.name] = merged
+        if dataclasses.is_dataclass(nested):
+            for f in dataclasses.fields(nested):
+                targets[f.name] = f"{section_field.name}.{f.name}"
+    moved = dict(values)
+    for old in sorted(targets.keys() & values.keys()):
+        log.warning(
+            "config: %s.%s is deprecated: set %s.%s instead", section, old, section, targets[old]
+        )
+        nested_name, key = targets[old].split(".")
+        inner = moved.get(nested_name)
+        merged = {key: moved.pop(old)}
+        if isinstance(inner, Mapping):
+            merged.update(inner)
+        moved[nested_name] = merged
     return moved
 
 

@@ -19,7 +19,7 @@ from terra.config import RecognizerConfig, StreamConfig
 from terra.metrics import Metrics
 from terra.recognizer.agreement import Agreement
 from terra.recognizer.backend import Recognizer
-from terra.recognizer.options import DecodePasses, agreement_options
+from terra.recognizer.options import DecodePasses
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest, Vocabulary
 from terra.spool import Spool, post_key
 from terra.stream import (
@@ -146,7 +146,6 @@ class LiveService:
         scheduler. ``listener`` is told of joins, leaves and text (the viewers' feed).
         ``clock`` (seconds, monotonic) times everything here: ticks, waits, idle sessions."""
         self._clock = clock
-        self._agreement_options = agreement_options(recognizer_config)
         self._stream_config = stream_config
         self._recognizer_config = recognizer_config
         self._decode = decode
@@ -256,7 +255,7 @@ class LiveService:
 
     def _agreement(self, combination: Combination) -> Agreement:
         if combination.agreement is None:
-            combination.agreement = Agreement(self._agreement_options)
+            combination.agreement = Agreement(self._recognizer_config.agreement)
         return combination.agreement
 
     def _prompt(self, text: str) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """The engine's two kinds of settings: load-time (EngineSettings) and per call
 (DecodeOptions), built from the configuration in one place; the keys that moved into
-recognizer.window / recognizer.decoding still read at their old place."""
+recognizer.window / recognizer.decoding / recognizer.agreement still read at their old place."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from terra.config import Config, ConfigError, load_config
 from terra.recognizer.options import (
+    AgreementOptions,
     DecodeOptions,
     DecodeRules,
     WindowOptions,
@@ -23,6 +24,7 @@ def test_the_shipped_config_reads_the_nested_sections() -> None:
     config = load_config(ROOT / "config.yaml", environ={})
     assert config.recognizer.window == WindowOptions()
     assert config.recognizer.decoding == DecodeRules()
+    assert config.recognizer.agreement == AgreementOptions()
 
 
 def test_old_flat_keys_still_work_with_a_warning_naming_the_new_key(
@@ -34,6 +36,12 @@ def test_old_flat_keys_still_work_with_a_warning_naming_the_new_key(
         "detect_languages": ["ru", "en"],
         "language_confidence": 0.4,
         "decoding": {"language_confidence": 0.8},
+        # The agreement's keys; three of them were renamed as they moved.
+        "commit": False,
+        "commit_edge_guard_s": 0.5,
+        "commit_force_after_s": 4.0,
+        "prompt_max_words": 20,
+        "agreement": {"prompt_max_words": 30},
     }
     with caplog.at_level(logging.WARNING, logger="terra.config"):
         config = load_config(None, environ={}, overrides={"recognizer": old})
@@ -41,12 +49,19 @@ def test_old_flat_keys_still_work_with_a_warning_naming_the_new_key(
     assert config.recognizer.decoding.no_speech_threshold == 0.5
     assert config.recognizer.decoding.detect_languages == ("ru", "en")
     assert config.recognizer.decoding.language_confidence == 0.8  # the new place wins
+    assert config.recognizer.agreement == AgreementOptions(
+        commit=False, edge_guard_s=0.5, force_after_s=4.0, prompt_max_words=30
+    )
     messages = " ".join(r.getMessage() for r in caplog.records)
     for new in (
         "recognizer.window.window_buckets_s",
         "recognizer.decoding.no_speech_threshold",
         "recognizer.decoding.detect_languages",
         "recognizer.decoding.language_confidence",
+        "recognizer.agreement.commit",
+        "recognizer.agreement.edge_guard_s",
+        "recognizer.agreement.force_after_s",
+        "recognizer.agreement.prompt_max_words",
     ):
         assert f"set {new} instead" in messages
 
@@ -80,7 +95,7 @@ def test_each_pass_gets_its_options_from_the_config() -> None:
     )
     rules = config.recognizer.decoding
     passes = decode_passes(config)
-    # Word times for the agreement (recognizer.commit, on by default); a looping progress
+    # Word times for the agreement (recognizer.agreement.commit, on by default); a looping progress
     # pass is not decoded again (every other pass is).
     assert passes.progress == DecodeOptions(
         beam_size=2, word_timestamps=True, retry_loops=False, rules=rules

@@ -257,5 +257,5 @@ def test_an_old_config_with_the_removed_stable_prefix_still_loads(
 
     with caplog.at_level(logging.WARNING, logger="terra.config"):
         config = load_config(None, environ={}, overrides={"recognizer": {"stable_prefix": False}})
-    assert config.recognizer.commit
+    assert config.recognizer.agreement.commit
     assert "stable_prefix was removed" in " ".join(r.getMessage() for r in caplog.records)

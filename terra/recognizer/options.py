@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from terra.config import Config, RecognizerConfig
+    from terra.config import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +90,8 @@ class DecodeOptions:
 
 @dataclass(frozen=True, slots=True)
 class AgreementOptions:
-    """How the live agreement (``recognizer/agreement.py``) commits and prompts: what
-    ``recognizer.commit*``, ``prompt_max_words`` and ``final_whole_max_s`` configure (their
-    defaults are these)."""
+    """How the live agreement (``recognizer/agreement.py``) commits and prompts
+    (``recognizer.agreement``)."""
 
     commit: bool = True  # False: never commit (each pass decodes the whole combination)
     edge_guard_s: float = 1.0  # never commit a word ending this close to the live edge
@@ -140,18 +139,6 @@ def engine_settings(config: Config, model_path: str, workers: int | None = None)
     )
 
 
-def agreement_options(recognizer: RecognizerConfig) -> AgreementOptions:
-    """The live agreement's options, from the ``recognizer`` section."""
-    return AgreementOptions(
-        commit=recognizer.commit,
-        edge_guard_s=recognizer.commit_edge_guard_s,
-        force_after_s=recognizer.commit_force_after_s,
-        force_guard_s=recognizer.commit_force_guard_s,
-        prompt_max_words=recognizer.prompt_max_words,
-        final_whole_max_s=recognizer.final_whole_max_s,
-    )
-
-
 def decode_passes(config: Config) -> DecodePasses:
     """Each kind of pass's options, from the configuration."""
     base = DecodeOptions(rules=config.recognizer.decoding)
@@ -162,7 +149,7 @@ def decode_passes(config: Config) -> DecodePasses:
         progress=dataclasses.replace(
             base,
             beam_size=config.recognizer.progress_beam_size,
-            word_timestamps=config.recognizer.commit,
+            word_timestamps=config.recognizer.agreement.commit,
             retry_loops=False,
         ),
         final=final,
