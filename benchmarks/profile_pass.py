@@ -21,6 +21,7 @@ each candidate cut saves before it goes through the accuracy benchmarks.
 
     python -m benchmarks.profile_pass [--batches 1,4,8] [--variants] [--name profile_pass]
     python -m benchmarks.profile_pass --layouts   # 2 workers x 1 or 2 threads
+    python -m benchmarks.profile_pass --encoder   # windows encoded one at a time or stacked
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
+
+import ctranslate2
+import numpy as np
 
 from benchmarks.common import ROOT, SPEECH, machine, write_results
 from terra.audio import SAMPLE_RATE
@@ -216,6 +220,30 @@ def layouts(config: Config, path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def encoder_batching(config: Config, path: str) -> list[dict[str, Any]]:
+    """The encoder alone, one thread: 4 windows encoded one at a time (what the engine does
+    on the CPU) or stacked in one call, core-ms per window, two rounds each."""
+    settings = dataclasses.replace(engine_settings(config, path, workers=1), cpu_threads=1)
+    ct2 = load_whisper(settings).model
+    rng = np.random.default_rng(0)
+    rows = []
+    for window_s in (5, 8, 10):
+        features = rng.standard_normal((4, 80, window_s * 100)).astype(np.float32)
+        ct2.encode(ctranslate2.StorageView.from_array(features[:1]))  # warm-up
+        for _ in range(2):
+            for mode in ("one at a time", "stacked"):
+                cpu = time.process_time()
+                if mode == "stacked":
+                    ct2.encode(ctranslate2.StorageView.from_array(features))
+                else:
+                    for item in features:
+                        ct2.encode(ctranslate2.StorageView.from_array(item[np.newaxis]))
+                cpu_ms = (time.process_time() - cpu) / len(features) * 1000
+                rows.append({"window_s": window_s, "mode": mode, "core_ms_per_window": cpu_ms})
+                print(rows[-1], flush=True)
+    return rows
+
+
 def _timed_call(engine: WhisperEngine, request: RecognitionRequest) -> float:
     started = time.perf_counter()
     engine.recognize([request])
@@ -240,6 +268,34 @@ def layouts_markdown(report: dict[str, Any]) -> str:
             f"| {row['threads']} | {row['concurrent_calls']} | {row['call_wall_s']} | "
             f"{row['passes_per_s']} | {row['cpu_s_per_pass']} |"
         )
+
+    lines += ["", f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def encoder_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"# Encoder batching on the CPU ({report['name']}, {m['date']})",
+        "",
+        f"Machine: {m['cores']} cores, {m['cpu_model'] or m['cpu']}; model base "
+        f"{report['compute_type']}, one thread; 4 windows of random features, encoded one at "
+        "a time (what the engine does on the CPU) or stacked in one call; process CPU "
+        "core-ms per window, two rounds.",
+        "",
+        "| window | one at a time | stacked |",
+        "|---|---|---|",
+    ]
+    for window_s in sorted({r["window_s"] for r in report["rows"]}):
+        cells = [
+            " / ".join(
+                f"{r['core_ms_per_window']:.0f}"
+                for r in report["rows"]
+                if r["window_s"] == window_s and r["mode"] == mode
+            )
+            for mode in ("one at a time", "stacked")
+        ]
+        lines.append(f"| {window_s} s | {cells[0]} | {cells[1]} |")
     lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
 
@@ -287,6 +343,9 @@ def main() -> None:
     parser.add_argument(
         "--layouts", action="store_true", help="only the thread layouts (profile_layouts)"
     )
+    parser.add_argument(
+        "--encoder", action="store_true", help="only encoder batching (profile_encoder)"
+    )
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -303,6 +362,18 @@ def main() -> None:
         }
         print(layouts_markdown(report))
         print(f"written: {write_results(name, report, layouts_markdown(report))} (+ .md)")
+        return
+    if args.encoder:
+        name = args.name or "profile_encoder"
+        report = {
+            "name": name,
+            "machine": machine(),
+            "compute_type": config.model.compute_type,
+            "command": "python -m benchmarks.profile_pass --encoder",
+            "rows": encoder_batching(config, path),
+        }
+        print(encoder_markdown(report))
+        print(f"written: {write_results(name, report, encoder_markdown(report))} (+ .md)")
         return
     args.name = args.name or "profile_pass"
     models: dict[int, Any] = {}
