@@ -109,6 +109,9 @@ class RecognizerConfig:
     # decoded with overload_final_beam_size (greedy) instead of final_beam_size.
     overload_finals_s: float = 30.0
     overload_final_beam_size: int = 1
+    # The bound on owed finals: a final asked for while the finals waiting hold this many
+    # seconds of audio is settled at once from the progress text (no model call).
+    max_owed_final_s: float = 180.0
     # The engine: load-time window fitting, and the rules every pass decodes by
     # (terra.recognizer.options; the passes' own options: decode_passes).
     window: WindowOptions = field(default_factory=WindowOptions)
@@ -480,6 +483,8 @@ def _validate(config: Config) -> None:
         )
     if recognizer.overload_finals_s < 0:
         raise ConfigError("recognizer.overload_finals_s: at least 0")
+    if recognizer.max_owed_final_s <= 0:
+        raise ConfigError("recognizer.max_owed_final_s: more than 0")
     if config.stream.max_combination_ms > 30_000:
         raise ConfigError("stream.max_combination_ms: at most 30000 (Whisper's window)")
     feed = config.feed

@@ -97,6 +97,12 @@ async def _outcome(
         return None
 
 
+def _settled(result: Recognition | None) -> asyncio.Future[Recognition | None]:
+    future: asyncio.Future[Recognition | None] = asyncio.get_running_loop().create_future()
+    future.set_result(result)
+    return future
+
+
 @dataclass(slots=True)
 class Session:
     stream: ParticipantStream
@@ -345,7 +351,24 @@ class LiveService:
             # Overload: past overload_finals_s of audio owed to the finals waiting, this one
             # is decoded greedy (all its audio still, never dropped): the owed work drains
             # sooner once the load stops.
-            overloaded = self._scheduler.owed_final_s >= self._recognizer_config.overload_finals_s
+            owed = self._scheduler.owed_final_s
+            if owed >= self._recognizer_config.max_owed_final_s:
+                # The bound on owed finals: this one is settled now, from the text the live
+                # passes made, with no model call, so what an overload leaves owed (memory,
+                # and the drain once it stops) stays bounded. Its audio is in the spool.
+                self._metrics.unrecognized_finals.inc()
+                self._track(
+                    session,
+                    self._settle_final(
+                        session,
+                        combination,
+                        agreement,
+                        _settled(None),
+                        _settled(None) if session.captions == "en" else None,
+                    ),
+                )
+                continue
+            overloaded = owed >= self._recognizer_config.overload_finals_s
             if overloaded:
                 self._metrics.overload_finals.inc()
             request = RecognitionRequest(

@@ -29,6 +29,7 @@ class Metrics:
     resent_requests: Counter
     finals: Counter
     overload_finals: Counter
+    unrecognized_finals: Counter
     text_latency: Histogram
     active_participants: Gauge
     saturated: Gauge
@@ -86,6 +87,11 @@ def create_metrics() -> Metrics:
         overload_finals=counter(
             "terra_overload_finals",
             "Finals asked for past recognizer.overload_finals_s (decoded with the overload beam)",
+        ),
+        unrecognized_finals=counter(
+            "terra_unrecognized_finals",
+            "Finals settled from the progress text, without a model call, past "
+            "recognizer.max_owed_final_s",
         ),
         text_latency=histogram(
             "terra_text_latency_seconds",

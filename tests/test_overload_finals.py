@@ -95,3 +95,49 @@ async def test_finals_past_the_owed_audio_bound_are_greedy_whole_and_all_deliver
     finally:
         await live.stop()
         await scheduler.stop()
+
+
+async def test_finals_past_the_owed_bound_are_settled_from_the_live_text_without_a_model_call(
+    tmp_path: Path,
+) -> None:
+    """recognizer.max_owed_final_s: once the finals waiting hold that much audio, a final is
+    not queued; it is settled at once with the text its live passes made, so the owed work
+    (memory, and the drain after an overload) stays bounded. Every final is still delivered."""
+    engine = Beams()
+    overrides = {"recognizer": {"overload_finals_s": 100.0, "max_owed_final_s": 5.0}}
+    config = load_config(None, environ={}, overrides=overrides)
+    stream = StreamConfig(answer_wait_ms=0, idle_close_ms=4_000)
+    clocked = clocked_service(tmp_path, engine, config, stream)
+    live, scheduler, clock = clocked.live, clocked.scheduler, clocked.clock
+    talkers = ["t0", "t1", "t2", "t3"]
+    said = fake_text(np.concatenate([VOICED] * 3)).split()
+    try:
+        for second in range(3):
+            for talker in talkers:
+                await live.process(fragment(second, VOICED, talker, language=talker))
+            clock.now += 1.0
+        # Nothing was decoded (the scheduler is not started): no talker has live text yet.
+        clock.now += 4.1
+        live.tick()
+        # Two finals (2 x 3 s of audio) reach the 5 s bound; the others are not queued.
+        assert scheduler.queued_finals == 2
+        assert scheduler.owed_final_s < 5.0 + 3.5
+        sessions = [live._sessions[("conf", t)] for t in talkers]
+        await scheduler.start()
+        await asyncio.gather(*(t for s in sessions for t in s.in_flight))
+        decoded = sorted(str(language) for language, _, _ in engine.finals)
+        assert decoded == ["t0", "t1"]
+        unrecognized = clocked.metrics.registry.get_sample_value("terra_unrecognized_finals_total")
+        assert unrecognized == 2
+        for talker, session in zip(talkers, sessions):
+            finals = [e for e in session.stream.take_answer() if e.status == "final"]
+            assert session.stream.pending_finals == 0  # settled, none left owed
+            if talker in decoded:
+                (final,) = finals
+                assert set(final.text.split()) == set(said)
+            else:  # settled from the live text, which is empty (no pass ever ran for it)
+                assert all(not e.text.strip() for e in finals)
+        assert scheduler.owed_final_s == 0.0
+    finally:
+        await live.stop()
+        await scheduler.stop()
