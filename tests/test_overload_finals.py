@@ -141,3 +141,40 @@ async def test_finals_past_the_owed_bound_are_settled_from_the_live_text_without
     finally:
         await live.stop()
         await scheduler.stop()
+
+
+async def test_a_final_past_the_owed_bound_is_the_text_its_live_passes_made(
+    tmp_path: Path,
+) -> None:
+    """The same bound with the live passes running: the finals settled without a model call
+    carry the progress text their talkers already had (here all of their words)."""
+    engine = Beams()
+    overrides = {"recognizer": {"overload_finals_s": 100.0, "max_owed_final_s": 5.0}}
+    config = load_config(None, environ={}, overrides=overrides)
+    stream = StreamConfig(answer_wait_ms=0, idle_close_ms=4_000, progress_min_interval_ms=0)
+    clocked = clocked_service(tmp_path, engine, config, stream)
+    live, scheduler, clock = clocked.live, clocked.scheduler, clocked.clock
+    talkers = ["t0", "t1", "t2", "t3"]
+    await scheduler.start()
+    try:
+        for second in range(3):
+            for talker in talkers:
+                await live.process(fragment(second, VOICED, talker, language=talker))
+            sessions = [live._sessions[("conf", t)] for t in talkers]
+            await asyncio.gather(*(t for s in sessions for t in s.in_flight))
+            clock.now += 1.0
+        live_text = {t: s.stream.open.text for t, s in zip(talkers, sessions) if s.stream.open}
+        assert set(live_text) == set(talkers) and all(live_text.values())
+        # All four close on one tick: the finals are asked for one after the other before
+        # any is decoded, so t0 and t1 (0 s, then 3 s owed) are queued, t2 and t3 are not.
+        clock.now += 4.1
+        live.tick()
+        await asyncio.gather(*(t for s in sessions for t in s.in_flight))
+        assert sorted(str(language) for language, _, _ in engine.finals) == ["t0", "t1"]
+        for talker in ("t2", "t3"):
+            session = live._sessions[("conf", talker)]
+            (final,) = [e for e in session.stream.take_answer() if e.status == "final"]
+            assert final.text == live_text[talker]
+    finally:
+        await live.stop()
+        await scheduler.stop()
