@@ -348,14 +348,12 @@ class LiveService:
             # progress pass commits from now on.
             agreement = self._agreement(combination)
             start = agreement.close(combination.length)
-            # Overload: past overload_finals_s of audio owed to the finals waiting, this one
-            # is decoded greedy (all its audio still, never dropped): the owed work drains
-            # sooner once the load stops.
-            owed = self._scheduler.owed_final_s
+            owed = self._scheduler.owed_final_s  # the audio of the finals waiting
             if owed >= self._recognizer_config.max_owed_final_s:
                 # The bound on owed finals: this one is settled now, from the text the live
                 # passes made, with no model call, so what an overload leaves owed (memory,
-                # and the drain once it stops) stays bounded. Its audio is in the spool.
+                # and the drain once it stops) stays bounded. With `offline` on its audio is
+                # in the spool, for the minutes.
                 self._metrics.unrecognized_finals.inc()
                 self._track(
                     session,
@@ -368,6 +366,8 @@ class LiveService:
                     ),
                 )
                 continue
+            # Overload: past overload_finals_s owed, this one is decoded greedy (all its
+            # audio still): the owed work drains sooner once the load stops.
             overloaded = owed >= self._recognizer_config.overload_finals_s
             if overloaded:
                 self._metrics.overload_finals.inc()
