@@ -583,7 +583,6 @@ class TalkLog:
     statuses: Counter[int] = field(default_factory=Counter)
     finals: dict[str, tuple[str, float]] = field(default_factory=dict)  # id: talker, when
     spoken: set[str] = field(default_factory=set)  # ids seen with progress text
-    empty_finals: set[str] = field(default_factory=set)  # finals whose text is empty
     settled_at: list[float] = field(default_factory=list)
 
 
@@ -617,8 +616,6 @@ async def talk(
         for elem in elems:
             if elem["status"] == "final":
                 log.finals.setdefault(elem["id"], (talker.participant, loop.time()))
-                if not elem["text"].strip():
-                    log.empty_finals.add(elem["id"])
             elif elem["text"].strip():
                 log.spoken.add(elem["id"])
         return any(elem["status"] == "progress" for elem in elems)
@@ -729,9 +726,10 @@ async def talkers_row(
         "drain_s": round(drained - load_end, 1),
         "talkers_settled_s": round(max(log.settled_at) - load_end, 1),
         "finals_produced": produced,
-        # with text (terra_finals_total counts those only; empty ones: finals_empty)
-        "finals_delivered": len(set(log.finals) - log.empty_finals),
-        "finals_lost": produced - len(set(log.finals) - log.empty_finals),
+        # finals with text: terra_finals_total counts those only, and an empty final is never
+        # delivered (a final settled from empty live text leaves no final at all)
+        "finals_delivered": len(log.finals),
+        "finals_lost": produced - len(log.finals),
         "spoken_never_final": len(log.spoken - set(log.finals)),
         "queue_depth_max": max((q[1] for q in queue), default=0),
         "pending_finals_max": max((q[2] for q in queue), default=0),
@@ -741,7 +739,6 @@ async def talkers_row(
         "finals_overload_beam": overloaded,
         # finals past recognizer.max_owed_final_s: the live text, no model call
         "finals_unrecognized": unrecognized,
-        "finals_empty": len(log.empty_finals),
         # finals each talker received while the load ran (the fairness of overload)
         "finals_in_load_min": min(in_load.values(), default=0),
         "finals_in_load_max": max(in_load.values(), default=0),
@@ -949,15 +946,16 @@ def markdown(rows: list[Row], info: dict[str, Any], talkers: dict[str, Any] | No
             "waiting hold `recognizer.overload_finals_s` of audio are decoded greedy "
             f"(overload_finals_s here: {t.get('overload_finals_s') or 'the default, 30 s'}); "
             "past `recognizer.max_owed_final_s` a final is settled from the live text with no "
-            "model call. Finals produced / delivered count those with text.",
+            "model call. Finals produced / delivered count those with text: an empty final is "
+            "never delivered, so a final settled from empty live text leaves no final at all "
+            "(fewer finals produced for the same speech is the words missing).",
             "",
             "| POSTs (status) | slowest answer | answer p95 | RSS start / peak / end "
             "| drain | finals produced / delivered / lost | spoken, never final "
             "| queue max / pending finals max | finals per talker during the load (min-max) "
             "| at load stop: pending finals / final audio owed | finals decoded greedy "
-            "(overload) / from the live text, no model call (past max_owed_final_s) "
-            "| finals delivered empty |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "(overload) / from the live text, no model call (past max_owed_final_s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {t['posts']} ({t['statuses']}) | {t['slowest_answer_s']:.2f} s "
             f"| {t['answer_p95_s']:.2f} s | {t['rss_start_mb']} / {t['rss_peak_mb']} / "
             f"{t['rss_end_mb']} MB | {t['drain_s']:.1f} s | {t['finals_produced']} / "
@@ -966,8 +964,7 @@ def markdown(rows: list[Row], info: dict[str, Any], talkers: dict[str, Any] | No
             f"| {t.get('finals_in_load_min', '?')}-{t.get('finals_in_load_max', '?')} "
             f"| {t.get('pending_finals_at_stop', '?')} / "
             f"{t.get('owed_final_audio_s_at_stop', '?')} s "
-            f"| {t.get('finals_overload_beam', '?')} / {t.get('finals_unrecognized', '?')} "
-            f"| {t.get('finals_empty', '?')} |",
+            f"| {t.get('finals_overload_beam', '?')} / {t.get('finals_unrecognized', '?')} |",
         ]
     return "\n".join(lines) + "\n"
 
