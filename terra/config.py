@@ -109,9 +109,9 @@ class RecognizerConfig:
     # decoded with overload_final_beam_size (greedy) instead of final_beam_size.
     overload_finals_s: float = 30.0
     overload_final_beam_size: int = 1
-    # The bound on owed finals: a final asked for while the finals waiting hold this many
-    # seconds of audio is settled at once from the progress text (no model call).
-    max_owed_final_s: float = 180.0
+    # The bound on owed finals (a memory safety net): a final asked for while the finals
+    # waiting hold this many seconds of audio is settled at once from the progress text.
+    max_owed_final_s: float = 1800.0
     # The engine: load-time window fitting, and the rules every pass decodes by
     # (terra.recognizer.options; the passes' own options: decode_passes).
     window: WindowOptions = field(default_factory=WindowOptions)
