@@ -107,7 +107,7 @@ class RecognizerConfig:
     saturated_wait_s: float = 2.0  # a final waiting this long: saturated
     # Overload: a final asked for while the finals waiting hold this many seconds of audio is
     # decoded with overload_final_beam_size (greedy) instead of final_beam_size.
-    overload_finals_s: float = 30.0
+    overload_finals_s: float = 600.0
     overload_final_beam_size: int = 1
     # The bound on owed finals (a memory safety net): a final asked for while the finals
     # waiting hold this many seconds of audio is settled at once from the progress text.
