@@ -351,29 +351,24 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",") if b]
     config = load_config(ROOT / "config.yaml", environ={})
     path = resolve_model(config.model.name, ROOT / config.model.models_dir, allow_download=False)
-    if args.layouts:
-        name = args.name or "profile_layouts"
+    # The one-table modes: their default name, their rows and their markdown.
+    side_runs = {
+        "layouts": ("profile_layouts", layouts, layouts_markdown),
+        "encoder": ("profile_encoder", encoder_batching, encoder_markdown),
+    }
+    for mode, (default_name, rows_of, to_markdown) in side_runs.items():
+        if not getattr(args, mode):
+            continue
+        name = args.name or default_name
         report = {
             "name": name,
             "machine": machine(),
             "compute_type": config.model.compute_type,
-            "command": "python -m benchmarks.profile_pass --layouts",
-            "rows": layouts(config, path),
+            "command": f"python -m benchmarks.profile_pass --{mode}",
+            "rows": rows_of(config, path),
         }
-        print(layouts_markdown(report))
-        print(f"written: {write_results(name, report, layouts_markdown(report))} (+ .md)")
-        return
-    if args.encoder:
-        name = args.name or "profile_encoder"
-        report = {
-            "name": name,
-            "machine": machine(),
-            "compute_type": config.model.compute_type,
-            "command": "python -m benchmarks.profile_pass --encoder",
-            "rows": encoder_batching(config, path),
-        }
-        print(encoder_markdown(report))
-        print(f"written: {write_results(name, report, encoder_markdown(report))} (+ .md)")
+        print(to_markdown(report))
+        print(f"written: {write_results(name, report, to_markdown(report))} (+ .md)")
         return
     args.name = args.name or "profile_pass"
     models: dict[int, Any] = {}
