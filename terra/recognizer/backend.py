@@ -27,7 +27,8 @@ class Recognizer(Protocol):
     @property
     def owed_final_s(self) -> float:
         """Seconds of audio in the finals waiting: past ``recognizer.overload_finals_s`` live
-        finals are decoded cheaper (``recognizer.overload_final_beam_size``)."""
+        finals are decoded cheaper (``recognizer.overload_final_beam_size``), past
+        ``recognizer.max_owed_final_s`` settled from the live text without a model call."""
         ...
 
     @property

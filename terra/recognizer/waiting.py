@@ -12,7 +12,8 @@ requests here until they take them (into a model call, or to the cluster). The r
 - withdraw: drops the waiting request with a key (its future resolves to ``None``).
 
 ``owed_final_s`` (the audio of the waiting finals) is the live service's overload signal:
-past ``recognizer.overload_finals_s`` it asks for cheaper finals (see ``live.py``).
+past ``recognizer.overload_finals_s`` it asks for cheaper finals, past
+``recognizer.max_owed_final_s`` for none (see ``live.py``).
 """
 
 from __future__ import annotations
