@@ -400,16 +400,26 @@ async def test_a_notice_interrupted_by_a_restart_is_sent_again(
     calls = asyncio.Event()
     hold = asyncio.Event()
 
-    async def notify(job: Job) -> None:
-        calls.set()
-        await hold.wait()  # the receiver is slow: the server stops meanwhile
-        sent.append(job.id)
+    class SlowNotifier:
+        def wants(self, job: Job) -> bool:
+            return True
+
+        async def send(self, job: Job) -> None:
+            calls.set()
+            await hold.wait()  # the receiver is slow: the server stops meanwhile
+            sent.append(job.id)
 
     def runner(owner: str) -> JobRunner:
         config = JobsConfig(lease_s=LEASE_S, scan_interval_s=3600)
         store = JobStore(tmp_path, fsync=False)
         return JobRunner(
-            store, KIND, FakeWork(released=True), config, notify=notify, clock=clock, owner=owner
+            store,
+            KIND,
+            FakeWork(released=True),
+            config,
+            notifier=SlowNotifier(),
+            clock=clock,
+            owner=owner,
         )
 
     first = runner("A")

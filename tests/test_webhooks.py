@@ -97,8 +97,8 @@ async def test_a_huge_answer_is_read_only_up_to_the_limit(
     _, url = receiver
     service = service_for(tmp_path, webhook_timeout_s=5.0, webhook_max_response_bytes=4096)
     try:
-        assert await service.hooks.post_json(f"{url}/huge", {"id": "p1"}) == 200
-        assert service.hooks is not service.fetcher  # webhooks have their own pool
+        assert await service.webhooks.fetcher.post_json(f"{url}/huge", {"id": "p1"}) == 200
+        assert service.webhooks.fetcher is not service.fetcher  # webhooks have their own pool
     finally:
         await service.stop()
 
@@ -119,8 +119,8 @@ async def test_a_receiver_that_never_answers_times_out_and_is_retried(
     job = new_job(KIND, "p1", 1.0, webhook=f"{url}/silent").failed(2.0, "no audio")
     try:
         with pytest.raises(TimeoutError):
-            await service.hooks.post_json(f"{url}/silent", {"id": "p1"})
-        await service.send_webhook(job)  # gives up after its tries, raises nothing
+            await service.webhooks.fetcher.post_json(f"{url}/silent", {"id": "p1"})
+        await service.webhooks.send(job)  # gives up after its tries, raises nothing
         assert sleeps.delays == [0.5, 1.0, 1.0]
     finally:
         await service.stop()

@@ -3,10 +3,7 @@
 A prediction is a job of kind ``connecte`` on the shared job runner. Its phase while it
 runs (``starting`` while its audio is fetched and decoded, ``processing`` while it is
 recognized) is known to the front end running it. A prediction that ends with a
-``Webhook-URL`` is POSTed there under the job's lease, retried by the one retry policy
-(:mod:`terra.retry`) on connection errors, timeouts, 408, 429 and 5xx; a webhook a restart
-interrupted is sent again by whoever takes the job next. Webhooks have their own connection
-pool, timeout and answer-size limit, apart from the audio downloads.
+``Webhook-URL`` is POSTed there (:mod:`terra.files.webhooks`).
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from terra.audio import SAMPLE_RATE, AudioDecodeError, AudioLimits
@@ -23,17 +19,15 @@ from terra.files.codecs import decode_channels
 from terra.files.fetch import Fetcher, FetchError
 from terra.files.service import FileJobService
 from terra.files.transcribe import FileOptions, Utterance, transcribe
+from terra.files.webhooks import Payload, Webhooks
 from terra.jobs.runner import JobFailed
 from terra.jobs.store import Job
 from terra.recognizer.options import DecodeOptions
-from terra.retry import Backoff, Retryable, Sleep, Submit, retryable_status, retrying
+from terra.retry import Sleep, Submit
 
 log = logging.getLogger(__name__)
 
 KIND = "connecte"
-
-# The prediction as the webhook sends it (the API's serialisation).
-Payload = Callable[[Job], Awaitable[dict[str, Any]]]
 
 
 def file_options(
@@ -65,7 +59,7 @@ def segment_json(u: Utterance, diarize: bool, words: bool) -> dict[str, Any]:
 
 
 class ConnecteService:
-    """Predictions: the job service, the audio fetcher, the webhook client, phases."""
+    """Predictions: the job service, the audio fetcher, the webhooks, phases."""
 
     def __init__(
         self,
@@ -81,25 +75,11 @@ class ConnecteService:
         self._config = config
         self._decode = decode
         self._submit = submit
-        self._payload = payload
-        self._sleep = sleep
         self.phase: dict[str, str] = {}
         self.fetcher = Fetcher(config.url_allow, config.url_max_bytes, config.url_timeout_s)
-        # Webhooks: their own pool, a short timeout, and only the head of an answer read.
-        self.hooks = Fetcher(
-            config.url_allow, config.webhook_max_response_bytes, config.webhook_timeout_s
-        )
-        self.backoff = Backoff(
-            config.webhook_backoff_s, config.webhook_backoff_max_s, config.webhook_tries
-        )
+        self.webhooks = Webhooks(config, payload, sleep=sleep)
         self.jobs = FileJobService(
-            config,
-            jobs,
-            KIND,
-            self._recognize,
-            fsync=fsync,
-            notify=self.send_webhook,
-            wants_notice=lambda job: bool(job.params.get("webhook")),
+            config, jobs, KIND, self._recognize, fsync=fsync, notifier=self.webhooks
         )
 
     async def start(self) -> None:
@@ -108,7 +88,7 @@ class ConnecteService:
     async def stop(self) -> None:
         await self.jobs.stop()
         await self.fetcher.close()
-        await self.hooks.close()
+        await self.webhooks.close()
 
     async def _recognize(self, job: Job) -> dict[str, Any]:
         params = job.params["input"]
@@ -170,30 +150,3 @@ class ConnecteService:
             },
             "audio_s": round(audio_s, 3),
         }
-
-    async def send_webhook(self, job: Job) -> None:
-        """POST the ended prediction to its ``Webhook-URL`` until it is taken (any answer
-        :func:`terra.retry.retryable_status` does not retry) or the tries are spent."""
-        url = str(job.params["webhook"])
-        payload = await self._payload(job)
-        try:
-            async for attempt in retrying(self.backoff, sleep=self._sleep):
-                with attempt:
-                    try:
-                        status = await self.hooks.post_json(url, payload)
-                    except FetchError:
-                        raise  # refused by the address guard: never retried
-                    except Exception as e:  # connection errors and timeouts are retried
-                        raise Retryable(f"{type(e).__name__}: {e}") from e
-                    if retryable_status(status):
-                        raise Retryable(f"HTTP {status}")
-                    log.info(
-                        "webhook for %s: HTTP %d (try %d)",
-                        job.id,
-                        status,
-                        attempt.retry_state.attempt_number,
-                    )
-        except FetchError as e:
-            log.warning("webhook for %s refused: %s", job.id, e)
-        except Retryable as e:
-            log.warning("webhook for %s given up after %d tries: %s", job.id, self.backoff.tries, e)

@@ -19,7 +19,7 @@ from typing import Any
 
 from terra.config import FilesConfig, JobsConfig
 from terra.files.upload import save_stream
-from terra.jobs.runner import Done, JobRunner, Notify, Progress
+from terra.jobs.runner import Done, JobRunner, Notifier, Progress
 from terra.jobs.store import Job, JobStore
 from terra.spool import write_atomic
 
@@ -38,8 +38,7 @@ class FileJobService:
         recognize: Recognize,
         *,
         fsync: bool = True,
-        notify: Notify | None = None,
-        wants_notice: Callable[[Job], bool] = lambda job: True,
+        notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
@@ -55,8 +54,7 @@ class FileJobService:
             jobs,
             workers=config.workers,
             max_queued=config.max_queued,
-            notify=notify,
-            wants_notice=wants_notice,
+            notifier=notifier,
             clock=clock,
         )
         self._sweeper_task: asyncio.Task[None] | None = None

@@ -15,7 +15,7 @@ queued on another front end that is busy) and takes them up. A job started
 with that reason instead of being taken again. Stopping the server puts a running job back
 in the queue without counting the attempt, and lets its lease go at once.
 
-A kind may have a ``notify`` coroutine (connecte's webhook): a job that reaches a terminal
+A kind may have a :class:`Notifier` (connecte's webhooks): a job that reaches a terminal
 state with a notice to send is written with ``notify_pending``, and the notice is sent
 under the job's lease; a notice a restart interrupted is sent by whoever takes the lease
 next. Times come from the injected ``clock`` (unix seconds).
@@ -29,9 +29,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from terra.config import JobsConfig
 from terra.jobs.store import Job, JobStatus, JobStore, Lease, new_job
@@ -52,8 +52,18 @@ class Done:
 
 # The work for a job: a Done, or an exception (the job fails with its message).
 Work = Callable[[Job, Progress], Coroutine[Any, Any, Done]]
-# The terminal notice of a job (e.g. a webhook); returns when it is delivered or given up.
-Notify = Callable[[Job], Awaitable[None]]
+
+
+class Notifier(Protocol):
+    """A kind's terminal notices (e.g. webhooks)."""
+
+    def wants(self, job: Job) -> bool:
+        """Whether this ended job has a notice to send."""
+        ...
+
+    async def send(self, job: Job) -> None:
+        """Send it; return when it is delivered or given up."""
+        ...
 
 
 class QueueFull(RuntimeError):
@@ -81,8 +91,7 @@ class JobRunner:
         *,
         workers: int = 1,
         max_queued: int = 0,
-        notify: Notify | None = None,
-        wants_notice: Callable[[Job], bool] = lambda job: True,
+        notifier: Notifier | None = None,
         clock: Clock = time.time,
         owner: str | None = None,
     ) -> None:
@@ -92,8 +101,7 @@ class JobRunner:
         self._config = config
         self._workers_count = workers
         self._max_queued = max_queued
-        self._notify = notify
-        self._wants_notice = wants_notice
+        self._notifier = notifier
         self._clock = clock
         self.owner = owner or node_id(config)
         self._active: dict[str, Job] = {}  # queued here, or running here
@@ -448,7 +456,7 @@ class JobRunner:
 
     async def _finish(self, job: Job) -> None:
         """Write a terminal state, wake waiters, start the notice."""
-        notice = self._notify is not None and self._wants_notice(job)
+        notice = self._notifier is not None and self._notifier.wants(job)
         job = job.with_notice(notice)
         async with self._writes:
             await asyncio.to_thread(self.store.put, job)
@@ -470,7 +478,7 @@ class JobRunner:
         task.add_done_callback(self._notices.discard)
 
     async def _deliver(self, job: Job) -> None:
-        assert self._notify is not None
+        assert self._notifier is not None
         if job.id not in self._leases:
             if await self._claim(job.id) is None:
                 return  # another front end sends it
@@ -480,7 +488,7 @@ class JobRunner:
                 return  # sent meanwhile
             job = stored
         try:
-            await self._notify(job)
+            await self._notifier.send(job)
         except Exception:  # a task boundary: a notice must not break the job flow
             log.exception("%s job %s: notice failed", self.kind, job.id)
         current = await asyncio.to_thread(self.store.get, self.kind, job.id)
