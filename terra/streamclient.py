@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,6 +55,8 @@ class ParticipantSource:
 
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
+    """How to stream; ``terra stream``'s options have these names (``stream_settings``)."""
+
     url: str
     conference_id: str
     chunk_ms: int
@@ -428,6 +431,10 @@ def _conference_id(value: str) -> str:
     return _valid_id("conference id", value)
 
 
+def _token(value: str) -> str:
+    return value or os.environ.get(TOKEN_ENV) or DEFAULT_TOKEN
+
+
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``terra stream``."""
     parser.add_argument("--url", default=DEFAULT_URL, help=f"server base URL ({DEFAULT_URL})")
@@ -435,6 +442,7 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
         "--conference",
         required=True,
         type=_conference_id,
+        dest="conference_id",
         metavar="ID",
         help="conference_id sent with every fragment",
     )
@@ -459,7 +467,10 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
         help="1 = real time, 2 = twice as fast, 0 or 'max' = no waiting (1)",
     )
     parser.add_argument(
-        "--token", default=None, help=f"API token (${TOKEN_ENV}, else '{DEFAULT_TOKEN}')"
+        "--token",
+        type=_token,
+        default="",
+        help=f"API token (${TOKEN_ENV}, else '{DEFAULT_TOKEN}')",
     )
     parser.add_argument("--lang", default=None, help="lang1 language hint (ru, en, ...)")
     parser.add_argument(
@@ -527,6 +538,13 @@ class Printer:
         print(f"terra stream: {name} stopped: {message}", file=sys.stderr, flush=True)
 
 
+def stream_settings(args: argparse.Namespace) -> StreamSettings:
+    """The settings ``add_stream_arguments``'s options parsed to (named as the fields)."""
+    return StreamSettings(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(StreamSettings)}
+    )
+
+
 def run_stream_command(args: argparse.Namespace) -> int:
     """Run ``terra stream``: 0 when every participant played to the end, 1 if one stopped."""
     participants: list[ParticipantSource] = args.participants
@@ -535,23 +553,12 @@ def run_stream_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"terra stream: {e}", file=sys.stderr)
         return 2
-    token = args.token or os.environ.get(TOKEN_ENV) or DEFAULT_TOKEN
     session_start = time.time()
     printer = Printer(participants, session_start, args.json)
     try:
         asyncio.run(
             stream_participants(
-                StreamSettings(
-                    url=args.url,
-                    conference_id=args.conference,
-                    chunk_ms=args.chunk_ms,
-                    speed=args.speed,
-                    token=token,
-                    lang=args.lang,
-                    offline=args.offline,
-                    tail_silence_ms=args.tail_silence_ms,
-                    settle_fragments=args.settle_fragments,
-                ),
+                stream_settings(args),
                 participants,
                 on_elems=printer.elems,
                 on_error=printer.error,

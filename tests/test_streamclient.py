@@ -33,6 +33,7 @@ from terra.streamclient import (
     plan_fragments,
     run_stream_command,
     stream_participants,
+    stream_settings,
 )
 
 CLIP = Path("/work/shared/data/speech/clips/pisets/test_sound_ru.wav")
@@ -111,17 +112,39 @@ def test_change_tracker_reports_new_finals_once_and_changed_progress() -> None:
 
 
 def test_parser_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TERRA_TOKEN", raising=False)
     parser = argparse.ArgumentParser()
     add_stream_arguments(parser)
     args = parser.parse_args(["--conference", "c1", "--participant", f"alice={CLIP}"])
-    assert args.url == "http://127.0.0.1:9001"
-    assert args.chunk_ms == 2000 and args.speed == 1.0 and args.tail_silence_ms == 2000
-    assert args.offline is True and args.json is False and args.lang is None
+    assert args.json is False
     assert args.participants == [ParticipantSource("alice", "alice", CLIP)]
+    assert stream_settings(args) == StreamSettings(
+        url="http://127.0.0.1:9001",
+        conference_id="c1",
+        chunk_ms=2000,
+        speed=1.0,
+        token="ivcs",
+        lang=None,
+        offline=True,
+        tail_silence_ms=2000,
+        settle_fragments=10,
+    )
     args = parser.parse_args(
         ["--conference", "c1", "--participant", f"a={CLIP}", "--speed", "max", "--no-offline"]
     )
     assert args.speed == 0.0 and args.offline is False
+
+
+def test_token_option_then_environment_then_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = argparse.ArgumentParser()
+    add_stream_arguments(parser)
+    base = ["--conference", "c1", "--participant", f"alice={CLIP}"]
+    monkeypatch.setenv("TERRA_TOKEN", "from-env")
+    assert stream_settings(parser.parse_args(base)).token == "from-env"
+    assert stream_settings(parser.parse_args([*base, "--token", "given"])).token == "given"
+    assert stream_settings(parser.parse_args([*base, "--token", ""])).token == "from-env"
+    monkeypatch.delenv("TERRA_TOKEN")
+    assert stream_settings(parser.parse_args(base)).token == "ivcs"
 
 
 # --- loopback against a stand-in server ---------------------------------------------------
