@@ -112,6 +112,7 @@ class LevelResult:
     progress_request_p50_s: float  # a progress request's queue wait plus its model call
     mean_request_audio_s: float  # audio per recognition request
     recognizer_busy: float  # model-call seconds per second (at most recognizer.workers)
+    final_share: float  # the finals' share of the model-call seconds (the rest: progress)
     server_cpu_percent: float
     server_peak_rss_mb: float
     errors: int
@@ -385,6 +386,11 @@ async def run_level(mode: str, load: str, level: int, seconds: float, spread: bo
         recognizer_busy=round(
             metric(samples, "terra_recognizer_batch_seconds_sum") / max(elapsed, 1e-9), 2
         ),
+        final_share=round(
+            metric(samples, "terra_recognizer_model_seconds_total", priority="final")
+            / max(metric(samples, "terra_recognizer_batch_seconds_sum"), 1e-9),
+            2,
+        ),
         server_cpu_percent=round(100 * cpu / max(elapsed, 1e-9), 1),
         server_peak_rss_mb=round(server.peak_rss / 1e6, 1),
         errors=len(client.errors),
@@ -538,7 +544,7 @@ async def sweep(
             f"p95 {result.progress_p95_s:.2f} s  final p95 {result.final_p95_s:.2f} s  "
             f"queue max {result.queue_depth_max:.0f}  batch {result.mean_batch_size:.1f} "
             f"({result.mean_batch_s:.2f} s, busy {result.recognizer_busy:.2f}, "
-            f"{result.mean_request_audio_s:.1f} s audio)  "
+            f"{result.mean_request_audio_s:.1f} s audio, finals {result.final_share:.0%})  "
             f"cpu {result.server_cpu_percent:.0f}%  {'ok' if result.ok else 'OVER'}",
             flush=True,
         )
@@ -613,9 +619,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "| mode | load | clocks | N | people | client p50 | client p95 | client max | listed "
-        "| progress p95 | final p95 | POST p95 | queue max | batch | audio/req | CPU % "
-        "| RSS MB | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| progress p95 | final p95 | POST p95 | queue max | batch | audio/req "
+        "| finals' share | CPU % | RSS MB | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["levels"]:
         lines.append(
@@ -624,7 +630,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['client_max_s']:.2f} | {r['fragments_covered']}/{r['fragments_sent']} "
             f"| {r['progress_p95_s']:.2f} | {r['final_p95_s']:.2f} | {r['post_p95_s']:.2f} "
             f"| {r['queue_depth_max']:.0f} | {r['mean_batch_size']:.1f} "
-            f"| {r['mean_request_audio_s']:.1f} | {r['server_cpu_percent']:.0f} "
+            f"| {r['mean_request_audio_s']:.1f} | {r['final_share']:.0%} "
+            f"| {r['server_cpu_percent']:.0f} "
             f"| {r['server_peak_rss_mb']:.0f} | {'yes' if r['ok'] else 'no'} |"
         )
     if report.get("ratios"):

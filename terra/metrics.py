@@ -23,6 +23,7 @@ class Metrics:
     queue_depth: Gauge
     batch_size: Histogram
     batch_seconds: Histogram
+    model_seconds: Counter
     request_latency: Histogram
     audio_seconds: Counter
     dropped_requests: Counter
@@ -68,6 +69,12 @@ def create_metrics() -> Metrics:
         ),
         batch_seconds=histogram(
             "terra_recognizer_batch_seconds", "Time of one recognizer call", buckets=LATENCY_BUCKETS
+        ),
+        model_seconds=counter(
+            "terra_recognizer_model_seconds",
+            "Seconds of model calls, shared among the kinds of request each call served "
+            "(where the recognizer's time goes: finals or progress)",
+            ["priority"],
         ),
         request_latency=histogram(
             "terra_recognizer_latency_seconds",

@@ -76,3 +76,34 @@ async def test_a_withdrawn_request_is_never_recognized(engine: WhisperEngine) ->
         assert await waiting is None
         assert await first is not None
     assert calls == [1]
+
+
+async def test_model_seconds_say_which_kind_of_request_took_the_time(
+    engine: WhisperEngine,
+) -> None:
+    audio = load_clip(clip("clips/faster_whisper/jfk.flac").path)[: 4 * SAMPLE_RATE]
+    metrics = create_metrics()
+    config = dataclasses.replace(RecognizerConfig(), workers=1)
+    scheduler = RecognizerScheduler(engine, config, metrics)
+    await scheduler.start()
+    try:
+        # A beam-3 final and a greedy progress pass never share a call (batch_key).
+        final = scheduler.submit(
+            RecognitionRequest(audio, "en", Priority.FINAL, DecodeOptions(beam_size=3))
+        )
+        progress = scheduler.submit(
+            RecognitionRequest(audio, "en", Priority.PROGRESS, DecodeOptions())
+        )
+        assert await final is not None and await progress is not None
+    finally:
+        await scheduler.stop()
+
+    def seconds(priority: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "terra_recognizer_model_seconds_total", {"priority": priority}
+        )
+        return value or 0.0
+
+    calls = metrics.registry.get_sample_value("terra_recognizer_batch_seconds_sum") or 0.0
+    assert seconds("final") > 0 and seconds("progress") > 0
+    assert seconds("final") + seconds("progress") == pytest.approx(calls)

@@ -132,6 +132,10 @@ class RecognizerScheduler(QueuedRecognizer):
             )
         self._metrics.batch_size.observe(len(batch))
         self._metrics.batch_seconds.observe(elapsed)
+        for request in requests:
+            self._metrics.model_seconds.labels(request.priority.name.lower()).inc(
+                elapsed / len(requests)
+            )
         audio_s = sum(r.audio.size for r in requests) / SAMPLE_RATE
         self._metrics.audio_seconds.inc(audio_s)
         for entry, result in zip(batch, results):
