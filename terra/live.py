@@ -362,7 +362,10 @@ class LiveService:
                         combination,
                         agreement,
                         _settled(None),
-                        _settled(None) if session.captions == "en" else None,
+                        # No translation either; an English speaker's caption is its text.
+                        _settled(None)
+                        if session.captions == "en" and session.language != "en"
+                        else None,
                     ),
                 )
                 continue

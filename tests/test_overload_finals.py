@@ -11,6 +11,7 @@ service's rule, not recognition."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -194,4 +195,42 @@ async def test_a_final_past_the_owed_bound_is_the_text_its_live_passes_made(
                 assert final_of(session) == texts[talker]
     finally:
         await clocked.live.stop()
+        await clocked.scheduler.stop()
+
+
+async def test_an_english_speakers_caption_past_the_owed_bound_is_its_text(
+    tmp_path: Path,
+) -> None:
+    """Live captions (lang2=en) of an English speaker are the final's text itself; a final
+    settled from the live text past recognizer.max_owed_final_s keeps that rule (its caption
+    was empty: the bound's caption stand-in was taken for a failed translation)."""
+    engine = Beams()
+    bound = {"overload_finals_s": 100.0, "max_owed_final_s": 2.0}
+    clocked = owed_finals_service(tmp_path, engine, bound, progress_min_interval_ms=0)
+    live = clocked.live
+    await clocked.scheduler.start()
+    talkers = ("a", "b")
+    try:
+        for second in range(3):
+            for talker in talkers:
+                english = dataclasses.replace(fragment(second, VOICED, talker), captions="en")
+                await live.process(english)
+            await asyncio.gather(
+                *(t for p in talkers for t in live._sessions[("conf", p)].in_flight)
+            )
+            clocked.clock.now += 1.0
+        go_quiet(clocked)
+        # a's final is queued (nothing owed yet); b's is past the 2 s bound: not decoded.
+        await asyncio.gather(*(t for p in talkers for t in live._sessions[("conf", p)].in_flight))
+        assert len(engine.finals) == 1
+        for talker in talkers:
+            (final,) = [
+                e
+                for e in live._sessions[("conf", talker)].stream.take_answer()
+                if e.status == "final"
+            ]
+            assert final.text.strip(), talker
+            assert final.translation == final.text, talker
+    finally:
+        await live.stop()
         await clocked.scheduler.stop()
