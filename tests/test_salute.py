@@ -342,6 +342,28 @@ async def test_error_codes(make_fast_server: ServerFactory, tmp_path: Path) -> N
     assert message == "Payload too large"
 
 
+async def test_a_duration_out_of_range_is_400(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A duration option that overflows (JSON's 1e999 and Infinity, a digit string past a
+    float's range) or is not a number (NaN) is the client's error, not a 500."""
+    client = await make_fast_server(files=files_section(tmp_path))
+    for value in ("1e999", "-1e999", "Infinity", "NaN", "1" + "0" * 400, '"' + "9" * 400 + 's"'):
+        for option in ('"max_speech_timeout"', '"no_speech_timeout"'):
+            body = '{"request_file_id": "x", "options": {' + option + ": " + value + "}}"
+            response = await client.post(
+                "/rest/v1/speech:async_recognize", data=body.encode(), headers=AUTH
+            )
+            answer = await response.json()
+            assert response.status == 400, (option, value, answer)
+            assert "timeout" in answer["message"], answer
+        hints = '{"request_file_id": "x", "options": {"hints": {"eou_timeout": ' + value + "}}}"
+        response = await client.post(
+            "/rest/v1/speech:async_recognize", data=hints.encode(), headers=AUTH
+        )
+        assert response.status == 400, (value, await response.text())
+
+
 async def test_queue_full_is_429(make_fast_server: ServerFactory, tmp_path: Path) -> None:
     client = await make_fast_server(files=files_section(tmp_path, max_queued=1))
     file_id = await upload(client, to_pcm16(np.zeros(SAMPLE_RATE, np.float32)))

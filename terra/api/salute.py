@@ -25,6 +25,7 @@ separation is on.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -72,13 +73,21 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 def _duration_ms(value: Any, name: str) -> int:
     if isinstance(value, bool):
         raise BadRequest(f'options.{name} must be a duration such as "7s"')
+    number: int | float | str
     if isinstance(value, int | float):
-        return int(value * 1000)
-    match = _DURATION.fullmatch(str(value).strip())
-    if not match:
-        raise BadRequest(f'options.{name} must be a duration such as "7s", got {value!r}')
-    number, unit = float(match.group(1)), match.group(2) or "s"
-    return int(number * {"ms": 1, "s": 1000, "m": 60_000}[unit])
+        number, unit = value, "s"
+    else:
+        match = _DURATION.fullmatch(str(value).strip())
+        if not match:
+            raise BadRequest(f'options.{name} must be a duration such as "7s", got {value!r}')
+        number, unit = match.group(1), match.group(2) or "s"
+    try:
+        ms = float(number) * {"ms": 1, "s": 1000, "m": 60_000}[unit]
+    except OverflowError:  # an integer past a float's range
+        ms = math.inf
+    if not math.isfinite(ms):  # 1e999, Infinity, NaN, a digit string past a float's range
+        raise BadRequest(f"options.{name} must be a finite duration, got {str(value)[:20]!r}")
+    return int(ms)
 
 
 def _int(options: dict[str, Any], name: str, default: int | None, low: int, high: int) -> Any:
