@@ -75,8 +75,19 @@ async def transcribe(
             result = await until_taken(submit, request)
         return utterances_of(result, channel, start, end)
 
-    jobs = [one(c, s, e) for c, ranges in enumerate(plans) for s, e in ranges]
-    found = [u for part in await asyncio.gather(*jobs) for u in part]
+    jobs = [
+        asyncio.ensure_future(one(c, s, e)) for c, ranges in enumerate(plans) for s, e in ranges
+    ]
+    try:
+        parts = await asyncio.gather(*jobs)
+    except BaseException:
+        # gather leaves the others running when one fails: the rest of the file would go on
+        # being recognized for a job that has failed.
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        raise
+    found = [u for part in parts for u in part]
     return sorted(found, key=lambda u: (u.start_s, u.channel))
 
 
