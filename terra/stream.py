@@ -177,12 +177,12 @@ class ParticipantStream:
     # -- fragments -----------------------------------------------------------------------
     def add(self, fragment: Fragment, now: float) -> StreamUpdate:
         """Feed one fragment. ``now`` is a monotonic clock reading, used only for holding."""
-        self.last_fragment_at = now
         if self._origin is None:
             self._origin = fragment.start_time
         position = self._position(fragment.start_time)
         if position < self._timeline_end - self._gap_samples:
-            return StreamUpdate(late=True)
+            return StreamUpdate(late=True)  # not the open combination's audio: no reason to wait
+        self.last_fragment_at = now
         jumped: list[Combination] = []
         if position > self._timeline_end + self._max_jump:
             # One fragment stamped far ahead (a bad clock, a hostile client) must not move the

@@ -125,6 +125,24 @@ def test_idle_sender_closes_the_open_combination() -> None:
     assert [c.close_reason for c in closed] == [CloseReason.IDLE]
 
 
+def test_late_fragments_do_not_keep_a_combination_open() -> None:
+    """A sender whose clock stepped back keeps posting, but every fragment is behind the
+    timeline (spooled only): the combination open at the step gets no more audio, and
+    closes idle_close_ms after the last fragment that reached it (it used to stay open, its
+    final never asked for, as long as late fragments kept coming)."""
+    speech = load_clip(clip("clips/faster_whisper/jfk.flac").path)[: 4 * SAMPLE_RATE]
+    stream = ParticipantStream(StreamConfig(idle_close_ms=3_000), "c", "p")
+    feed(stream, speech)  # fed at now 0.0 and 2.0
+    assert stream.open is not None
+    closed = []
+    for k in range(2, 6):
+        now = 2.0 * k
+        assert stream.add(Fragment(f"late{k}", T0 - 100.0 + now, speech[:SAMPLE_RATE]), now).late
+        closed += stream.tick(now=now + 0.1, reorder_ms=400)
+    assert [c.close_reason for c in closed] == [CloseReason.IDLE]
+    assert stream.open is None
+
+
 def test_answer_lists_undelivered_finals_in_order_then_progress() -> None:
     speech = load_clip(clip("clips/speechbrain/spk1_snt1.wav").path)
     gap = np.zeros(SAMPLE_RATE, np.float32)
