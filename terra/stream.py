@@ -325,12 +325,17 @@ class ParticipantStream:
         return [combination]
 
     def _split_at_max(self) -> list[Combination]:
-        """Close at the maximum length, cutting at the latest pause in its last 5 s if any."""
+        """Close at the maximum length, cutting at the latest pause in its last 5 s if any (not
+        before its committed words)."""
         combination = self.open
         assert combination is not None
         cut = combination.length
         if self._last_pause_end > combination.length - ms_to_samples(5_000):
             cut = self._last_pause_end
+        if combination.agreement is not None:
+            # Never before committed words: they are this combination's text (its final keeps
+            # them), so their audio must not go on into the next one to be said again.
+            cut = max(cut, combination.agreement.committed_samples)
         carry = combination.buffer[cut : combination.length].copy()
         carry_post = combination.post_ids[-1] if combination.post_ids else None
         combination.length = cut

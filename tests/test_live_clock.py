@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from terra.audio import SAMPLE_RATE
 from terra.config import Config, StreamConfig, load_config
 from terra.live import FragmentInput, LiveListener, LiveService
 from terra.metrics import Metrics, create_metrics
@@ -126,3 +127,52 @@ async def test_a_moved_clock_closes_a_quiet_talker_and_expires_the_session(
     finally:
         await live.stop()
         await scheduler.stop()
+
+
+async def test_words_committed_past_a_max_length_cut_are_said_once(tmp_path: Path) -> None:
+    """A combination that reaches stream.max_combination_ms is cut at its last pause, and what
+    follows goes on in the next one. Progress passes may already have committed words past
+    that pause; the cut never goes back before them (they were in both finals: the first
+    said more words than its audio held, the second said them again)."""
+    half = SAMPLE_RATE // 2
+    # A level per half second (FakeEngine says one word per half second, chosen by level),
+    # and a 0.3 s pause at 12 s: the last pause before the 16 s maximum.
+    levels = [((j % 12) + 3.5) / 100 * np.sqrt(2) for j in range(40)]
+    speech = (np.repeat(levels, half) * np.sin(np.arange(20 * SAMPLE_RATE) * 0.05)).astype(
+        np.float32
+    )
+    speech[12 * SAMPLE_RATE : int(12.3 * SAMPLE_RATE)] = 0
+    stream = StreamConfig(
+        answer_wait_ms=0,
+        idle_close_ms=4_000,
+        progress_min_interval_ms=0,
+        max_combination_ms=16_000,
+        pause_ms=2_000,
+    )
+    clocked = clocked_service(tmp_path, FakeEngine(), load_config(None, environ={}), stream)
+    live, clock = clocked.live, clocked.clock
+    await clocked.scheduler.start()
+    finals = []
+    try:
+        for second in range(20):
+            samples = speech[second * SAMPLE_RATE : (second + 1) * SAMPLE_RATE]
+            finals += [
+                e for e in await live.process(fragment(second, samples)) if e.status == "final"
+            ]
+            await asyncio.gather(*live._sessions[("conf", "p")].in_flight)  # each pass settles
+            clock.now += 1.0
+        clock.now += 4.1
+        live.tick()
+        session = live._sessions[("conf", "p")]
+        await asyncio.gather(*session.in_flight)
+        finals += [e for e in session.stream.take_answer() if e.status == "final"]
+    finally:
+        await live.stop()
+        await clocked.scheduler.stop()
+    assert len(finals) == 2
+    windows = [e.duration * SAMPLE_RATE // 1000 // half for e in finals]
+    words = [e.text.split() for e in finals]
+    # No final says more words than its audio has half seconds, and together they say each
+    # half second of the 20 s (less the pause's) at most once.
+    assert all(len(w) <= n for w, n in zip(words, windows)), (words, windows)
+    assert len(words[0]) + len(words[1]) <= 40
