@@ -4,6 +4,8 @@ order, coalescing that keeps the replaced request's place, shedding at ``max_que
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from terra.metrics import Metrics, create_metrics
@@ -127,3 +129,23 @@ async def test_owed_final_seconds_are_the_audio_of_the_waiting_finals_only() -> 
     assert queue.owed_final_s == 4.0
     queue.take([e for e in queue.in_order() if e.request is final])
     assert queue.owed_final_s == 1.0  # a taken final is the backend's, no longer waiting
+
+
+async def test_a_request_its_caller_cancelled_leaves_the_queue() -> None:
+    """A cancelled future (its job canceled or failed, the server stopping) takes its
+    request out of the queue: no model time for a result nobody waits for, and the counts
+    (finals, owed audio) do not keep it."""
+    queue = WaitingQueue(max_queue=10, metrics=create_metrics())
+    gone = queue.submit(request("gone", Priority.FINAL))
+    queue.submit(request("kept", Priority.FINAL))
+    keyed = queue.submit(request("keyed"), coalesce_key="k")
+    gone.cancel()
+    keyed.cancel()
+    # The queue hears of a cancel through the future's callback, on the loop's next round.
+    loop = asyncio.get_running_loop()
+    next_round = loop.create_future()
+    loop.call_soon(next_round.set_result, None)
+    await next_round
+    assert order(queue) == ["kept"]
+    assert queue.queued_finals == 1 and queue.owed_final_s == SILENCE.size / 16_000
+    assert not queue.is_waiting("k")

@@ -9,7 +9,8 @@ requests here until they take them (into a model call, or to the cluster). The r
   so a talker whose requests keep being replaced is never pushed behind everybody;
 - shedding: at ``max_queue`` waiting requests, a new non-final request resolves to
   ``None`` at once; finals are never shed nor coalesced away by the queue;
-- withdraw: drops the waiting request with a key (its future resolves to ``None``).
+- withdraw: drops the waiting request with a key (its future resolves to ``None``);
+- a request whose future its caller cancelled leaves the queue.
 
 ``owed_final_s`` (the audio of the waiting finals) is the live service's overload signal:
 past ``recognizer.overload_finals_s`` it asks for cheaper finals, past
@@ -93,6 +94,7 @@ class WaitingQueue:
         self._entries.append(entry)
         if coalesce_key is not None:
             self._by_key[coalesce_key] = entry
+        future.add_done_callback(lambda done: self._abandoned(entry) if done.cancelled() else None)
         return future
 
     def is_waiting(self, coalesce_key: str) -> bool:
@@ -127,6 +129,12 @@ class WaitingQueue:
                 entry.future.cancel()
         self._entries.clear()
         self._by_key.clear()
+
+    def _abandoned(self, entry: Waiting) -> None:
+        """Its caller went away while it waited (its future was cancelled: a job canceled or
+        failed, a server stopping): nobody wants its result, so no model time goes to it."""
+        if any(e is entry for e in self._entries):
+            self.take([entry])
 
     def _drop(self, entry: Waiting) -> None:
         self._entries.remove(entry)
