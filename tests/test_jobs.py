@@ -9,6 +9,7 @@ releases it, so every step is synchronised by events, never by sleeping. Time th
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from terra.config import JobsConfig
 from terra.jobs.runner import Done, JobFailed, JobRunner, Progress, QueueFull
-from terra.jobs.store import Job, JobStatus, JobStore, new_job
+from terra.jobs.store import Job, JobStatus, JobStore, Lease, new_job
 
 KIND = "demo"
 LEASE_S = 30.0
@@ -439,3 +440,67 @@ async def test_a_notice_interrupted_by_a_restart_is_sent_again(
     delivered = second.store.get(KIND, job.id)
     assert delivered is not None and not delivered.notify_pending
     assert delivered.status is JobStatus.SUCCEEDED
+
+
+# -- races inside one front end -------------------------------------------------------------
+
+
+class ClaimsWait(JobStore):
+    """Test double: each lease claim waits in its thread for the test (the first for
+    ``first``, any later one for ``later``), so the test, not thread timing, orders two
+    claims of one job."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, fsync=False)
+        self._loop = asyncio.get_running_loop()
+        self._count = 0
+        self._counting = threading.Lock()
+        self.first_waits = asyncio.Event()
+        self.first = threading.Event()
+        self.later = threading.Event()
+
+    def claim(self, kind: str, job_id: str, owner: str, now: float, lease_s: float) -> Lease | None:
+        with self._counting:
+            self._count += 1
+            first = self._count == 1
+        if first:
+            self._loop.call_soon_threadsafe(self.first_waits.set)
+        (self.first if first else self.later).wait()
+        return super().claim(kind, job_id, owner, now, lease_s)
+
+
+async def test_a_notice_and_a_worker_claiming_one_job_share_the_lease(tmp_path: Path) -> None:
+    """A queued job with a notice is canceled while a worker claims it: the notice's claim
+    lost to the worker's, as if another front end held the job, and the notice was not sent
+    (the worker leaves it to the notice under way): it waited for a scan or a restart."""
+    sent: list[str] = []
+
+    class Notices:
+        def wants(self, job: Job) -> bool:
+            return True
+
+        async def send(self, job: Job) -> None:
+            sent.append(job.id)
+
+    store = ClaimsWait(tmp_path)
+    config = JobsConfig(lease_s=LEASE_S, scan_interval_s=3600)
+    clock = Clock()
+    runner = JobRunner(store, KIND, FakeWork(), config, notifier=Notices(), clock=clock, owner="A")
+    job = await runner.create()  # not started: the test is the worker
+    try:
+        worker = asyncio.create_task(runner.run_one(job.id))
+        await store.first_waits.wait()  # the worker's claim is in its thread
+        canceled, ok = await runner.cancel(job.id, running_too=False)
+        assert ok and canceled is not None and canceled.status is JobStatus.CANCELED
+        store.first.set()  # the worker's claim wins; the notice's (if it claims) comes later
+        await worker
+        store.later.set()
+        await runner.notices_sent()
+    finally:
+        store.first.set()
+        store.later.set()
+    assert sent == [job.id]
+    stored = store.get(KIND, job.id)
+    assert stored is not None and stored.status is JobStatus.CANCELED and not stored.notify_pending
+    lease = store.lease(KIND, job.id)
+    assert lease is not None and not lease.live(clock())

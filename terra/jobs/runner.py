@@ -106,6 +106,7 @@ class JobRunner:
         self.owner = owner or node_id(config)
         self._active: dict[str, Job] = {}  # queued here, or running here
         self._leases: dict[str, Lease] = {}  # held by this process
+        self._claims: dict[str, asyncio.Future[Lease | None]] = {}  # under way here
         self._running: dict[str, asyncio.Task[Done]] = {}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._lock = asyncio.Lock()
@@ -219,10 +220,22 @@ class JobRunner:
 
     async def _claim(self, job_id: str) -> Lease | None:
         """The job's lease, claimed for this process and kept until let go; None when
-        another process holds it."""
-        lease = await asyncio.to_thread(
-            self.store.claim, self.kind, job_id, self.owner, self._clock(), self._config.lease_s
+        another process holds it. A claim here while another of this process's claims of
+        the job is under way (a worker and a notice at once) shares that one's answer: the
+        process must not lose its own job to itself."""
+        under_way = self._claims.get(job_id)
+        if under_way is not None:
+            return await asyncio.shield(under_way)
+        claim = asyncio.ensure_future(
+            asyncio.to_thread(
+                self.store.claim, self.kind, job_id, self.owner, self._clock(), self._config.lease_s
+            )
         )
+        self._claims[job_id] = claim
+        try:
+            lease = await claim
+        finally:
+            self._claims.pop(job_id, None)
         if lease is not None:
             self._leases[job_id] = lease
         return lease
