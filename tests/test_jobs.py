@@ -504,3 +504,64 @@ async def test_a_notice_and_a_worker_claiming_one_job_share_the_lease(tmp_path: 
     assert stored is not None and stored.status is JobStatus.CANCELED and not stored.notify_pending
     lease = store.lease(KIND, job.id)
     assert lease is not None and not lease.live(clock())
+
+
+class RunningWriteWaits(JobStore):
+    """Test double: the write that marks a job running waits in its thread until the test
+    lets it go (``go``), so a cancel can be asked while that write is in progress."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, fsync=False)
+        self._loop = asyncio.get_running_loop()
+        self.waits = asyncio.Event()
+        self.go = threading.Event()
+
+    def put(self, job: Job) -> None:
+        if job.status is JobStatus.RUNNING and not self.go.is_set():
+            self._loop.call_soon_threadsafe(self.waits.set)
+            self.go.wait()
+        super().put(job)
+
+
+async def test_a_cancel_while_running_is_written_stands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel asked while the worker's "running" write was in its thread read the job as
+    queued, wrote it canceled and let the lease go; "running" then landed over the cancel:
+    the job stood running with no lease, and the next scan ran it again."""
+    store, work, clock = RunningWriteWaits(tmp_path), FakeWork(), Clock()
+    config = JobsConfig(lease_s=LEASE_S, scan_interval_s=3600)
+    runner = JobRunner(store, KIND, work, config, clock=clock, owner="A")
+    job = await runner.create()  # not started: the test is the worker
+    read, read_during_write = runner.get, []
+
+    async def noted_read(job_id: str) -> Job | None:  # the cancel's first step
+        if not store.go.is_set():
+            read_during_write.append(job_id)
+        return await read(job_id)
+
+    monkeypatch.setattr(runner, "get", noted_read)
+    try:
+        worker = asyncio.create_task(runner.run_one(job.id))
+        await store.waits.wait()  # "running" is being written
+        canceling = asyncio.create_task(runner.cancel(job.id, running_too=True))
+
+        def after_the_cancels_first_step() -> None:  # call_soon: runs after that step
+            if read_during_write:  # it did not wait for the start: it answers first
+                canceling.add_done_callback(lambda _: store.go.set())
+            else:  # it waits for the worker: the write lands
+                store.go.set()
+
+        asyncio.get_running_loop().call_soon(after_the_cancels_first_step)
+        canceled, ok = await canceling
+        work.release.set()
+        await worker
+    finally:
+        store.go.set()
+        work.release.set()
+    assert ok and canceled is not None and canceled.status is JobStatus.CANCELED
+    stored = store.get(KIND, job.id)
+    assert stored is not None and stored.status is JobStatus.CANCELED
+    assert await runner.scan() == 0  # nothing to run again
+    lease = store.lease(KIND, job.id)
+    assert lease is not None and not lease.live(clock())

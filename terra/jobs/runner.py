@@ -424,18 +424,25 @@ class JobRunner:
             log.warning("%s job %s: %s", self.kind, job_id, failed.error)
             await self._finish(failed)
             return failed
-        job = stored.started(self._clock())
-        self._active[job_id] = job
-        await asyncio.to_thread(self.store.put, job)
-        log.info("%s job %s started (attempt %d)", self.kind, job_id, job.attempts)
 
         def progress(fraction: float) -> None:
             current = self._active.get(job_id)
             if current is not None and current.status is JobStatus.RUNNING:
                 self._active[job_id] = current.progressed(fraction)
 
-        task = asyncio.create_task(self._work(job, progress), name=f"{self.kind}-{job_id}")
-        self._running[job_id] = task
+        # Under cancel()'s lock: a cancel comes before the "running" write (and this sees
+        # it), or after the work is registered (and stops it); never while "running" is
+        # being written, which would land over the cancel.
+        async with self._lock:
+            queued = self._active.get(job_id)
+            if queued is None or queued.status.is_terminal():
+                return queued  # canceled while it was claimed: cancel() wrote that
+            job = stored.started(self._clock())
+            self._active[job_id] = job
+            await asyncio.to_thread(self.store.put, job)
+            task = asyncio.create_task(self._work(job, progress), name=f"{self.kind}-{job_id}")
+            self._running[job_id] = task
+        log.info("%s job %s started (attempt %d)", self.kind, job_id, job.attempts)
         try:
             done = await asyncio.shield(task)
         except asyncio.CancelledError:
