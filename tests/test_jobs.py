@@ -565,3 +565,52 @@ async def test_a_cancel_while_running_is_written_stands(
     assert await runner.scan() == 0  # nothing to run again
     lease = store.lease(KIND, job.id)
     assert lease is not None and not lease.live(clock())
+
+
+class ResultWriteWaits(JobStore):
+    """Test double: a job's result write waits in its thread until the test lets it go
+    (``go``); a later write putting the job back in the queue lands after it, as it would
+    after a write already under way in its thread."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, fsync=False)
+        self._loop = asyncio.get_running_loop()
+        self.waits = asyncio.Event()
+        self.go = threading.Event()
+        self._under_way = threading.Event()
+        self._landed = threading.Event()
+
+    def put(self, job: Job) -> None:
+        if job.status is JobStatus.SUCCEEDED and not self._under_way.is_set():
+            self._under_way.set()
+            self._loop.call_soon_threadsafe(self.waits.set)
+            self.go.wait()
+            super().put(job)
+            self._landed.set()
+            return
+        if job.status is JobStatus.QUEUED and self._under_way.is_set():
+            self._landed.wait()
+        super().put(job)
+
+
+async def test_a_stop_while_the_result_is_written_keeps_the_result(tmp_path: Path) -> None:
+    """stop() cancelled the worker while its result write was in its thread, then found the
+    job running here and wrote it back in the queue over the result: the job ran again
+    after the restart."""
+    store, work, clock = ResultWriteWaits(tmp_path), FakeWork(released=True), Clock()
+    config = JobsConfig(lease_s=LEASE_S, scan_interval_s=3600)
+    runner = JobRunner(store, KIND, work, config, clock=clock, owner="A")
+    await runner.start()
+    job = await runner.create()
+    try:
+        await store.waits.wait()  # the result is being written
+        # stop() cancels the workers before its first wait; the write goes on after that.
+        asyncio.get_running_loop().call_soon(store.go.set)
+        await runner.stop()
+    finally:
+        store.go.set()
+    stored = store.get(KIND, job.id)
+    assert stored is not None and stored.status is JobStatus.SUCCEEDED
+    assert stored.result_path == f"/results/{job.id}.json"
+    lease = store.lease(KIND, job.id)
+    assert lease is not None and not lease.live(clock())

@@ -479,7 +479,16 @@ class JobRunner:
         notice = self._notifier is not None and self._notifier.wants(job)
         job = job.with_notice(notice)
         async with self._writes:
-            await asyncio.to_thread(self.store.put, job)
+            write = asyncio.ensure_future(asyncio.to_thread(self.store.put, job))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # The server stops: the write goes on in its thread, so it is waited for
+                # and stop() finds the job ended (it would write "queued" over the result).
+                await write
+                if self._stopping:
+                    self._active[job.id] = job
+                raise
         if notice:
             self._active[job.id] = job  # until the notice is sent
         else:
