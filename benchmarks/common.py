@@ -107,6 +107,11 @@ def machine() -> dict[str, Any]:
     }
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """A ``machine()`` record as the reports name it: cores and CPU model."""
+    return f"{m['cores']} cores, {m.get('cpu_model') or m['cpu']}"
+
+
 def write_results(name: str, data: dict[str, Any], markdown: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

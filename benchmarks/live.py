@@ -58,7 +58,7 @@ import numpy as np
 import psutil
 import yaml
 
-from benchmarks.common import ROOT, SPEECH, free_port, machine, write_results
+from benchmarks.common import ROOT, SPEECH, free_port, machine, machine_line, write_results
 from benchmarks.metrics import histogram_quantile, metric, parse_metrics
 from benchmarks.minutes import MEETINGS as SHARED_MEETINGS
 from benchmarks.minutes import compare, participants_of, reference_turns, texts_by_speaker
@@ -600,7 +600,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Live capacity ({report['name']}, {m['date']})",
         "",
-        f"Machine: {m['cores']} cores, {m.get('cpu_model') or m['cpu']}; model "
+        f"Machine: {machine_line(m)}; model "
         f"{report['model']} int8; {report['seconds_per_level']} s per level; 2 s fragments "
         "at real-time pace.",
         "",

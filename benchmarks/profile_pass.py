@@ -38,7 +38,7 @@ from typing import Any
 import ctranslate2
 import numpy as np
 
-from benchmarks.common import ROOT, SPEECH, machine, write_results
+from benchmarks.common import ROOT, SPEECH, machine, machine_line, write_results
 from terra.audio import SAMPLE_RATE
 from terra.config import Config, load_config
 from terra.models import resolve_model
@@ -255,7 +255,7 @@ def layouts_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Thread layout ({report['name']}, {m['date']})",
         "",
-        f"Machine: {m['cores']} cores, {m['cpu_model'] or m['cpu']}; model base "
+        f"Machine: {machine_line(m)}; model base "
         f"{report['compute_type']}, 2 model workers with 1 or 2 threads each; 4 s progress "
         "passes (greedy, word times) over the two long recordings, made one at a time (as "
         "for one talker) or two at once (as under load).",
@@ -278,7 +278,7 @@ def encoder_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Encoder batching on the CPU ({report['name']}, {m['date']})",
         "",
-        f"Machine: {m['cores']} cores, {m['cpu_model'] or m['cpu']}; model base "
+        f"Machine: {machine_line(m)}; model base "
         f"{report['compute_type']}, one thread; 4 windows of random features, encoded one at "
         "a time (what the engine does on the CPU) or stacked in one call; process CPU "
         "core-ms per window, two rounds.",
@@ -306,7 +306,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Where a pass's time goes ({report['name']}, {m['date']})",
         "",
-        f"Machine: {m['cores']} cores, {m['cpu_model'] or m['cpu']}; model base "
+        f"Machine: {machine_line(m)}; model base "
         f"{report['compute_type']}; one model worker, one thread unless the row says 2 (live "
         "runs 2 workers x 1 thread). Requests: the live service's pass shapes over "
         "`long/ru_60s.wav` and `long/en_60s.wav` (progress: greedy, word times, 2/4/6 s of "
