@@ -149,6 +149,7 @@ class MinutesConfig:
     dir: str = "var/minutes"
     jobs_dir: str = "var/jobs"
     workers: int = 1
+    max_queued: int = 64
     max_in_flight: int = 1
     beam_size: int = 5
     word_timestamps: bool = True
@@ -491,8 +492,8 @@ def _validate(config: Config) -> None:
     if min(feed.history_events, feed.viewer_queue, feed.max_finals, feed.max_conferences) < 1:
         raise ConfigError("feed: history_events, viewer_queue, max_finals, max_conferences >= 1")
     minutes = config.minutes
-    if minutes.workers < 1 or minutes.max_in_flight < 1 or minutes.beam_size < 1:
-        raise ConfigError("minutes.workers, max_in_flight and beam_size must be at least 1")
+    if min(minutes.workers, minutes.max_queued, minutes.max_in_flight, minutes.beam_size) < 1:
+        raise ConfigError("minutes.workers, max_queued, max_in_flight and beam_size: at least 1")
     for problem in minutes.chunking.problems():
         raise ConfigError(f"minutes.chunking.{problem}")
     files = config.files

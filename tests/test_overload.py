@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import pathlib
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -18,15 +19,18 @@ import aiohttp
 import numpy as np
 import pytest
 
+from terra import keys
 from terra.audio import SAMPLE_RATE, encode_wav
 from terra.config import RecognizerConfig
+from terra.jobs import JobStatus
 from terra.metrics import create_metrics
 from terra.recognizer.options import DecodeOptions
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest
-from tests.conftest import TOKEN, ServerFactory, _servers, post_fragment
+from tests.conftest import SPEECH, TOKEN, ServerFactory, _servers, load_clip, post_fragment
 from tests.fakes import FakeEngine, fake_text
 
+MEETING = SPEECH / "meetings" / "standup_en"
 VOICED = (0.1 * np.sin(np.arange(SAMPLE_RATE) * 0.05)).astype(np.float32)
 
 
@@ -259,3 +263,58 @@ def test_an_old_config_with_the_removed_stable_prefix_still_loads(
         config = load_config(None, environ={}, overrides={"recognizer": {"stable_prefix": False}})
     assert config.recognizer.agreement.commit
     assert "stable_prefix was removed" in " ".join(r.getMessage() for r in caplog.records)
+
+
+class Held(FakeEngine):
+    """FakeEngine whose model calls wait until the test lets them go, so a minutes compile
+    stays running (threading events: the engine runs in the recognizer's worker thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
+        self.entered.set()
+        self.go.wait(60)
+        return super().recognize(requests)
+
+
+async def test_minutes_compiles_past_max_queued_answer_429_and_store_nothing(
+    tmp_path: pathlib.Path,
+) -> None:
+    """One compile runs, `minutes.max_queued` (1) waits: a third conference's GET /minutes
+    is a 429 with Retry-After, queues nothing, and is taken once the queue has room."""
+    engine = Held()
+    speech = load_clip(MEETING / "maria.flac")[: 4 * SAMPLE_RATE]
+    async with _servers(engine, tmp_path) as start:
+        client = await start(minutes={"workers": 1, "max_queued": 1})
+        try:
+            for conference in ("c1", "c2", "c3"):
+                status, body = await post_fragment(
+                    client, speech, conference_id=conference, online=False
+                )
+                assert status == 200, body
+
+            async def minutes(conference: str) -> aiohttp.ClientResponse:
+                response = await client.get(f"/minutes/{conference}", params={"token": TOKEN})
+                await response.read()
+                return response
+
+            assert (await (await minutes("c1")).json())["status"] == "queueplacing"
+            assert await asyncio.to_thread(engine.entered.wait, 30)  # c1 is running
+            assert (await (await minutes("c2")).json())["status"] == "queueplacing"
+            refused = await minutes("c3")
+            assert refused.status == 429
+            assert refused.headers["Retry-After"] == "30"
+            assert "1 minutes jobs are waiting" in (await refused.json())["detail"]
+            assert not (tmp_path / "jobs" / "minutes" / "c3.json").exists()
+            assert (await minutes("c3")).status == 429  # still nothing queued for it
+
+            engine.go.set()
+            for conference in ("c1", "c2"):
+                done = await client.app[keys.MINUTES].runner.wait(conference, 60)
+                assert done is not None and done.status is JobStatus.SUCCEEDED
+            assert (await (await minutes("c3")).json())["status"] == "queueplacing"
+        finally:
+            engine.go.set()

@@ -26,6 +26,7 @@ class ApiError(Exception):
     its status in its header: ``class NotFound(ApiError, status=404)``."""
 
     status = 400
+    retry_after_s = 0  # when more than 0: a Retry-After header (come back later)
 
     def __init_subclass__(cls, status: int | None = None, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -68,6 +69,12 @@ class ParticipantsFull(Unavailable):
     retry_after_s = 30
 
 
+class MinutesBusy(TooManyRequests):
+    """``minutes.max_queued`` compiles wait here: a new one must be asked for later."""
+
+    retry_after_s = 30
+
+
 def _status_and_detail(error: BaseException) -> tuple[int, str] | None:
     if isinstance(error, ApiError):
         return error.status, error.detail
@@ -106,9 +113,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # The client went away mid-request (its body cut short): nobody is left to answer.
         log.debug("client disconnected during %s %s: %s", request.method, request.path, e)
         return web.Response(status=400)
-    except ParticipantsFull as e:
+    except ApiError as e:
         response = _error_json(request, e.status, e.detail)
-        response.headers["Retry-After"] = str(e.retry_after_s)
+        if e.retry_after_s > 0:
+            response.headers["Retry-After"] = str(e.retry_after_s)
         return response
     except Exception as e:
         mapped = _status_and_detail(e)

@@ -9,9 +9,10 @@ from aiohttp import web
 
 from terra import keys
 from terra.api.auth import require_viewer
-from terra.api.errors import BadRequest, NotFound, ServerError
+from terra.api.errors import BadRequest, MinutesBusy, NotFound, ServerError
 from terra.api.respond import json_response
 from terra.config import zone_of
+from terra.jobs.runner import QueueFull
 from terra.minutes.formats import CONTENT_TYPES, FORMATS, render
 from terra.minutes.service import MinutesService, State
 from terra.params import validate_id
@@ -42,7 +43,10 @@ async def minutes(request: web.Request) -> web.Response:
     if fmt not in FORMATS:
         raise BadRequest(f"format must be one of {', '.join(FORMATS)}, got {fmt[:20]!r}")
 
-    answer = await request.app[keys.MINUTES].request(conference_id)
+    try:
+        answer = await request.app[keys.MINUTES].request(conference_id)
+    except QueueFull as e:
+        raise MinutesBusy(f"{e}: ask for these minutes again later") from e
     if answer.state is State.NOT_FOUND:
         raise NotFound(NOT_FOUND)
     if answer.state is State.QUEUED_NOW:

@@ -20,7 +20,7 @@ from typing import Any
 from terra.config import FilesConfig, JobsConfig
 from terra.files.upload import save_stream
 from terra.jobs.runner import Done, JobRunner, Notifier, Progress
-from terra.jobs.store import Job, JobStore
+from terra.jobs.store import Job
 from terra.spool import write_atomic
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,8 @@ class FileJobService:
         self._fsync = fsync
         self.uploads = Path(config.dir) / kind / "uploads"
         self.results = Path(config.dir) / kind / "results"
-        self.runner = JobRunner(
-            JobStore(Path(config.jobs_dir), fsync=fsync),
-            kind,
-            self._work,
-            jobs,
-            workers=config.workers,
-            max_queued=config.max_queued,
-            notifier=notifier,
-            clock=clock,
+        self.runner = JobRunner.for_section(
+            config, kind, self._work, jobs, fsync=fsync, notifier=notifier, clock=clock
         )
         self._sweeper_task: asyncio.Task[None] | None = None
 

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from terra.config import JobsConfig
@@ -64,6 +65,20 @@ class Notifier(Protocol):
     async def send(self, job: Job) -> None:
         """Send it; return when it is delivered or given up."""
         ...
+
+
+class QueueSection(Protocol):
+    """The config section of a kind's queue (``minutes``, ``files``): where its jobs are
+    kept, how many run at once here, how many may wait here."""
+
+    @property
+    def jobs_dir(self) -> str: ...
+
+    @property
+    def workers(self) -> int: ...
+
+    @property
+    def max_queued(self) -> int: ...
 
 
 class QueueFull(RuntimeError):
@@ -115,6 +130,31 @@ class JobRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self._notices: set[asyncio.Task[None]] = set()
         self._stopping = False
+
+    @classmethod
+    def for_section(
+        cls,
+        section: QueueSection,
+        kind: str,
+        work: Work,
+        config: JobsConfig,
+        *,
+        fsync: bool = True,
+        notifier: Notifier | None = None,
+        clock: Clock = time.time,
+    ) -> JobRunner:
+        """The runner of ``kind`` as its config section sets it up, its store in the
+        section's ``jobs_dir``."""
+        return cls(
+            JobStore(Path(section.jobs_dir), fsync=fsync),
+            kind,
+            work,
+            config,
+            workers=section.workers,
+            max_queued=section.max_queued,
+            notifier=notifier,
+            clock=clock,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 
 from terra.config import JobsConfig, MinutesConfig
 from terra.jobs.runner import Clock, Done, JobRunner, Progress
-from terra.jobs.store import Job, JobStatus, JobStore, new_job
+from terra.jobs.store import Job, JobStatus, new_job
 from terra.minutes.compiler import CompileResult, MinutesCompiler
 from terra.minutes.formats import to_xml
 from terra.minutes.types import Minutes
@@ -74,13 +74,8 @@ class MinutesService:
         self._fsync = fsync
         self._clock = clock
         self.results_dir = Path(config.dir)
-        self.runner = JobRunner(
-            JobStore(Path(config.jobs_dir), fsync=fsync),
-            KIND,
-            self._compile,
-            jobs,
-            workers=config.workers,
-            clock=clock,
+        self.runner = JobRunner.for_section(
+            config, KIND, self._compile, jobs, fsync=fsync, clock=clock
         )
         self.store = self.runner.store
         self._lock = asyncio.Lock()

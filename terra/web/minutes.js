@@ -45,7 +45,7 @@
       const detail = body && typeof body === "object" ? body.detail : body;
       message(response.status === 404 ? "Nothing was recorded for this conference." :
         "The minutes are not available: " + (detail || response.status));
-      if (response.status >= 500) setTimeout(poll, 5000);
+      if (response.status >= 500 || response.status === 429) setTimeout(poll, 5000);
       return;
     }
     if (body.status === "queueplacing" || body.status === "running") {
