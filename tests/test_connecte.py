@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from terra.audio import encode_wav
 from terra.files.fetch import FetchError, check_address, decode_data_uri, parse_networks
+from terra.jobs.store import JobStore
 
 from .conftest import SPEECH, TOKEN, ServerFactory, cer, clip
 
@@ -324,6 +325,40 @@ async def test_errors(make_fast_server: ServerFactory, tmp_path: Path) -> None:
     assert await expect(
         400, "POST", "/api/v1/openai/whisper", json=ok, headers={**AUTH, "Webhook-URL": "x"}
     )
+
+
+async def test_bad_data_uris_are_refused_at_create(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A data: URI that is not well-formed base64, holds no data or declares a type that is
+    no audio is a 400 on the create request: no prediction and no upload are kept."""
+    client = await make_fast_server(files=files_section(tmp_path))
+    wav = base64.b64encode(encode_wav(np.zeros(1600, np.float32))).decode()
+    for uri, detail in (
+        ("data:audio/wav;base64,!!!", "base64"),
+        ("data:audio/wav;base64,UklG!!Rg==", "base64"),
+        ("data:audio/wav;base64,UklGRg=", "base64"),
+        ("data:,", "no data"),
+        ("data:audio/wav;base64,", "no data"),
+        ("data:audio/wav;base64,====", "base64"),
+        ("data:text/plain;base64," + wav, "not audio"),
+        ("data:image/png;base64," + wav, "not audio"),
+        ("data:application/json,%7B%7D", "not audio"),
+        ("data:text/plain;charset=utf-8,hello", "not audio"),
+    ):
+        response = await client.post("/api/v1/openai/whisper", json={"audio": uri}, headers=AUTH)
+        body = await response.json()
+        assert response.status == 400 and detail in body["detail"], (uri, body)
+    assert JobStore(tmp_path / "file-jobs").jobs("connecte") == []
+    uploads = tmp_path / "files/connecte/uploads"
+    assert not uploads.exists() or not any(uploads.iterdir())
+    # What is audio, or may be, is still taken: no type, audio/*, octet-stream, and base64
+    # wrapped in lines as MIME writes it.
+    wrapped = "\n".join(wav[i : i + 76] for i in range(0, len(wav), 76))
+    for header in ("data:audio/wav;base64", "data:;base64", "data:application/octet-stream;base64",
+                   "data:audio/x-wav;rate=16000;base64"):  # fmt: skip
+        await predict(client, {"audio": f"{header},{wrapped}"})
+    assert len(JobStore(tmp_path / "file-jobs").jobs("connecte")) == 4
 
 
 async def test_model_names_map_to_the_served_model(

@@ -90,20 +90,35 @@ def check_url(url: URL, allow: Sequence[Network]) -> None:
     check_address(host, allow)
 
 
+# What a data: URI may declare: no type, or one that can carry audio.
+_AUDIO_TYPES = ("", "application/octet-stream", "application/ogg")
+_AUDIO_FAMILIES = ("audio/", "video/")
+
+
 def decode_data_uri(uri: str, max_bytes: int) -> bytes:
-    """The bytes of ``data:[<type>][;base64],<data>``."""
+    """The bytes of ``data:[<type>][;<parameter>]...[;base64],<data>``, read as WHATWG's
+    data: URL processor does (the data percent-decoded, ASCII white space in base64 ignored)
+    but strictly: base64 that is not well-formed, no data, more than ``max_bytes``, or a
+    type that cannot be audio (``text/plain``, ``image/png``, a ``charset``) is refused."""
     header, comma, payload = uri.partition(",")
     if not comma or not header.startswith("data:"):
         raise FetchError("a data: URI needs a comma between its header and its data")
+    media_type, *parameters = (part.strip() for part in header[5:].lower().split(";"))
+    is_base64 = parameters[-1:] == ["base64"]
+    if not (media_type in _AUDIO_TYPES or media_type.startswith(_AUDIO_FAMILIES)) or any(
+        p.startswith("charset=") for p in parameters
+    ):
+        raise FetchError(f"the data: URI's type {header[5:80]!r} is not audio")
     if len(payload) > max_bytes * 4 // 3 + 4:
         raise FetchError(f"the data: URI is larger than {max_bytes} bytes")
-    try:
-        if header.endswith(";base64"):
-            data = base64.b64decode(payload, validate=False)
-        else:
-            data = unquote_to_bytes(payload)
-    except (binascii.Error, ValueError) as e:
-        raise FetchError(f"the data: URI is not valid base64: {e}") from e
+    data = unquote_to_bytes(payload)
+    if is_base64:
+        try:
+            data = base64.b64decode(data.translate(None, b" \t\n\f\r"), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise FetchError(f"the data: URI is not valid base64: {e}") from e
+    if not data:
+        raise FetchError("the data: URI holds no data")
     if len(data) > max_bytes:
         raise FetchError(f"the data: URI is larger than {max_bytes} bytes")
     return data
