@@ -54,9 +54,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path, fsync: bool = True) -> None:
+    """``mkdir -p``; with ``fsync``, the parent of each folder it creates is fsync'd, since
+    a new folder's entry lives there (a folder another writer is creating at the same time
+    counts as created here too, as its parent may not be fsync'd yet)."""
+    missing = []
+    folder = path
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+        if fsync:
+            fsync_dir(folder.parent)
+
+
 def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename; the
+    folders it creates are durable too."""
+    make_dirs(path.parent, fsync)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -108,7 +128,7 @@ class Spool:
         name = f"{int(round(start_time * 1_000_000)):017d}_{post_key(post_id)}.wav"
         if post_id is not None and (folder / name).exists():
             return None
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder, self.fsync)
         self._write_participant(folder, participant_id, participant_name, language)
         write_atomic(folder / name, wav, self.fsync)
         record = SpooledFragment(

@@ -15,7 +15,7 @@ import aiofiles
 import aiofiles.os
 from aiohttp import StreamReader
 
-from terra.spool import fsync_dir
+from terra.spool import fsync_dir, make_dirs
 
 CHUNK_BYTES = 256 * 1024
 
@@ -56,7 +56,7 @@ async def save_stream(
 ) -> int:
     """Write ``chunks`` to ``path`` atomically and return their size in bytes;
     :class:`UploadTooLarge` as soon as they pass ``limit``."""
-    await aiofiles.os.makedirs(path.parent, exist_ok=True)
+    await asyncio.to_thread(make_dirs, path.parent, fsync)
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
     size = 0
     try:

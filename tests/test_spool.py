@@ -1,0 +1,69 @@
+"""The spool on real files: what is durable when a write returns, and what a crash can leave
+behind for the next write or the minutes to read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from terra.audio import encode_wav
+from terra.files.upload import in_memory, save_stream
+from terra.spool import Spool, write_atomic
+
+WAV = encode_wav(np.zeros(1600, dtype=np.float32))
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths os.fsync was called on, in order (the real fsync still runs)."""
+    paths: list[Path] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        paths.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return paths
+
+
+def test_a_first_fragment_makes_every_new_folder_durable(
+    tmp_path: Path, fsynced: list[Path]
+) -> None:
+    """A new conference and participant are new folders: the entry of each lives in its
+    parent, so the parent is fsync'd too, or a power cut after the 200 can lose the folder
+    and every fragment in it."""
+    root = tmp_path / "spool"
+    root.mkdir()
+    stored = Spool(root).write("conf", "anna", "Anna", 1_700_000_000.0, 100, "p1", "en", WAV)
+    assert stored is not None
+    conference = root / "conf"
+    participant = conference / "anna"
+    assert (participant / stored.file).is_file()
+    # Each folder that holds an entry this write created: the root (conf/), the
+    # conference (anna/), the participant (the WAV, participant.json).
+    for folder in (root, conference, participant):
+        assert folder in fsynced, f"{folder} was not fsync'd"
+
+
+def test_write_atomic_makes_the_folders_it_creates_durable(
+    tmp_path: Path, fsynced: list[Path]
+) -> None:
+    path = tmp_path / "jobs" / "minutes" / "c.json"
+    write_atomic(path, b"{}")
+    for folder in (tmp_path, tmp_path / "jobs", tmp_path / "jobs" / "minutes"):
+        assert folder in fsynced, f"{folder} was not fsync'd"
+
+
+async def test_an_upload_makes_the_folders_it_creates_durable(
+    tmp_path: Path, fsynced: list[Path]
+) -> None:
+    """An uploaded file (SaluteSpeech, connecte) is acknowledged with its id: the first
+    upload of a kind creates its folders, which must outlive a power cut as well."""
+    path = tmp_path / "salute" / "uploads" / "f"
+    assert await save_stream(in_memory(b"abc"), path, limit=10) == 3
+    for folder in (tmp_path, tmp_path / "salute", tmp_path / "salute" / "uploads"):
+        assert folder in fsynced, f"{folder} was not fsync'd"
