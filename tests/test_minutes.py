@@ -426,6 +426,53 @@ async def test_service_reports_a_failed_compile(tmp_path: Path) -> None:
         await service.stop()
 
 
+async def test_a_failed_request_fails_the_compile_with_none_of_its_siblings_left(
+    tmp_path: Path,
+) -> None:
+    """A compile sends up to ``minutes.max_in_flight`` requests at once: when one fails,
+    the others are cancelled before the job fails (they used to stay queued at the
+    recognizer, awaited by nobody). The fake submit's futures are resolved by the test."""
+    spool = Spool(tmp_path / "spool", fsync=False)
+    for name, start_s in (("maria", 0), ("peter", 9), ("john", 20)):  # a turn each
+        turn = load_clip(MEETING / f"{name}.flac")[start_s * SAMPLE_RATE :][: 6 * SAMPLE_RATE]
+        spool_track(spool, "c1", name, turn, T0)
+    loop = asyncio.get_running_loop()
+    sent: list[asyncio.Future[Recognition | None]] = []
+    three = asyncio.Event()
+
+    def submit(request: RecognitionRequest) -> asyncio.Future[Recognition | None]:
+        sent.append(loop.create_future())
+        if len(sent) == 3:
+            three.set()
+        return sent[-1]
+
+    config = MinutesConfig(
+        dir=str(tmp_path / "minutes"), jobs_dir=str(tmp_path / "jobs"), max_in_flight=3
+    )
+    service = MinutesService(
+        config,
+        JobsConfig(),
+        tmp_path / "spool",
+        submit,
+        decode=decode_passes(Config()),
+        fsync=False,
+    )
+    await service.start()
+    try:
+        assert (await service.request("c1")).state is State.QUEUED_NOW
+        await asyncio.wait_for(three.wait(), 30)  # the three participants' language requests
+        sent[0].set_exception(RuntimeError("recognizer failed: a poison request"))
+        failed = await service.runner.wait("c1", 30)
+        assert failed is not None and failed.status is JobStatus.FAILED
+        assert "poison request" in str(failed.error)
+        assert len(sent) == 3 and all(f.cancelled() for f in sent[1:])
+        # and no task still runs a request (they used to wait on, awaited by nobody)
+        running = [getattr(t.get_coro(), "__name__", "") for t in asyncio.all_tasks()]
+        assert "until_taken" not in running
+    finally:
+        await service.stop()
+
+
 async def test_a_failing_minutes_write_fails_the_job_once(tmp_path: Path) -> None:
     """Row 7 of the hardening issue: the write after a compile failed (there, a name the XML
     writer refused) and the job stayed running, compiled again at every poll. Whatever

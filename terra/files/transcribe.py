@@ -23,6 +23,7 @@ from terra.recognizer.types import (
     Word,
 )
 from terra.retry import Submit, until_taken
+from terra.tasks import gather_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +76,11 @@ async def transcribe(
             result = await until_taken(submit, request)
         return utterances_of(result, channel, start, end)
 
-    jobs = [
-        asyncio.ensure_future(one(c, s, e)) for c, ranges in enumerate(plans) for s, e in ranges
-    ]
-    try:
-        parts = await asyncio.gather(*jobs)
-    except BaseException:
-        # gather leaves the others running when one fails: the rest of the file would go on
-        # being recognized for a job that has failed.
-        for job in jobs:
-            job.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
-        raise
+    # One failed chunk fails the file with none of the others left running (they would go
+    # on sending the rest of the file to the recognizer for a job that has failed).
+    parts = await gather_or_cancel(
+        one(c, s, e) for c, ranges in enumerate(plans) for s, e in ranges
+    )
     found = [u for part in parts for u in part]
     return sorted(found, key=lambda u: (u.start_s, u.channel))
 

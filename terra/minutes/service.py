@@ -32,6 +32,7 @@ from terra.recognizer.options import DecodePasses
 from terra.recognizer.types import Recognition, RecognitionRequest
 from terra.retry import Submit, until_taken
 from terra.spool import conference_digest, read_conference, write_atomic
+from terra.tasks import gather_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,9 @@ class MinutesService:
         )
 
     async def _recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
-        """Through the scheduler; a request dropped because its queue is full is sent again."""
-        return list(await asyncio.gather(*(until_taken(self._submit, r) for r in requests)))
+        """Through the scheduler; a request dropped because its queue is full is sent again.
+        One that fails fails them all, with none of the others left waiting."""
+        return await gather_or_cancel(until_taken(self._submit, r) for r in requests)
 
     def _save(self, result: CompileResult) -> Path:
         minutes = result.minutes
