@@ -77,6 +77,32 @@ async def test_a_request_that_fails_in_a_batch_fails_alone() -> None:
     assert sorted(map(tuple, engine.log[1:])) == [("en",), ("ru",), ("zz",)]
 
 
+class ShortChanging(FakeEngine):
+    """A deliberately broken FakeEngine (an engine bug, not a failing request): a call of
+    more than one request answers one result fewer than it was given."""
+
+    def recognize(self, requests: Sequence[RecognitionRequest]) -> list[Recognition]:
+        results = super().recognize(requests)
+        return results[:-1] if len(results) > 1 else results
+
+
+async def test_an_engine_answering_fewer_results_than_requests_fails_the_whole_batch() -> None:
+    engine = ShortChanging()
+    async with scheduler_of(engine, workers=1) as scheduler:
+        batch = [scheduler.submit(request("en", Priority.FINAL)) for _ in range(3)]
+        # Beam 2 never shares a call with beam 1 (batch_key), and it comes after the finals:
+        # once it is answered, the finals' call is over.
+        after = scheduler.submit(
+            RecognitionRequest(VOICED, "en", Priority.PROGRESS, DecodeOptions(beam_size=2))
+        )
+        await scheduler.start()
+        assert isinstance(await after, Recognition)
+        assert all(f.done() for f in batch), "a request of the short call was never answered"
+        errors = [f.exception() for f in batch]
+    assert all(isinstance(e, RuntimeError) and "2 results for 3" in str(e) for e in errors)
+    assert engine.calls == 2  # no request of it was given someone else's text, nor retried
+
+
 async def test_a_replaced_progress_request_keeps_its_place_in_line() -> None:
     """Coalescing must not push a talker behind everybody who asked after it: the newer
     request of talker a takes the older one's place, before talker b's."""

@@ -33,14 +33,27 @@ async def recognize_isolated(
     requests: Sequence[RecognitionRequest],
 ) -> list[Recognition | Exception]:
     """One model call for ``requests`` in ``executor``; when it fails, each request is tried
-    again alone, so a request that fails fails alone: the error stands in its place."""
+    again alone, so a request that fails fails alone: the error stands in its place. An
+    engine that answers another number of results than it was given requests (an engine
+    bug: which result is whose is unknown) fails every request of the call."""
     try:
-        return list(await loop.run_in_executor(executor, engine.recognize, requests))
+        results: list[Recognition | Exception] = list(
+            await loop.run_in_executor(executor, engine.recognize, requests)
+        )
     except Exception as e:  # a task boundary: isolate the failure, keep serving
         if len(requests) == 1:
             log.exception("recognizer request failed")
             return [RuntimeError(f"recognizer failed: {e}")]
         log.warning("recognizer batch of %d failed (%s): retrying each alone", len(requests), e)
+    else:
+        if len(results) == len(requests):
+            return results
+        message = (
+            f"recognizer failed: the engine answered {len(results)} results "
+            f"for {len(requests)} requests"
+        )
+        log.error(message)
+        return [RuntimeError(message) for _ in requests]
     out: list[Recognition | Exception] = []
     for request in requests:
         out.extend(await recognize_isolated(loop, executor, engine, [request]))
