@@ -109,6 +109,7 @@ class Session:
     name: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     seen_posts: set[str] = field(default_factory=set)
+    unspooled_posts: set[str] = field(default_factory=set)  # seen with offline=false only
     language: str | None = None
     captions: str | None = None
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
@@ -213,12 +214,18 @@ class LiveService:
         async with session.lock:
             key = post_key(fragment.post_id) if fragment.post_id is not None else None
             duplicate = key is not None and key in session.seen_posts
-            if not duplicate and fragment.offline:
+            # A post seen live only (offline=false) and sent again with offline=true is
+            # spooled now: a 200 with offline on means the fragment is on disk.
+            if fragment.offline and (not duplicate or key in session.unspooled_posts):
                 # The spool is shared by every front end: a post another one stored (affinity
                 # lost, a client's retry) is on disk, and not counted twice.
-                duplicate = not await asyncio.to_thread(self._spool_fragment, fragment)
-                if not duplicate:
+                if await asyncio.to_thread(self._spool_fragment, fragment):
                     self._metrics.spooled_fragments.inc()
+                else:
+                    duplicate = True
+                session.unspooled_posts.discard(key or "")
+            elif key is not None and not duplicate and not fragment.offline:
+                session.unspooled_posts.add(key)
             if key is not None:
                 session.seen_posts.add(key)
             if duplicate:

@@ -13,6 +13,8 @@ from terra.audio import encode_wav
 from terra.files.upload import in_memory, save_stream
 from terra.spool import Spool, write_atomic
 
+from .conftest import ServerFactory, post_fragment
+
 WAV = encode_wav(np.zeros(1600, dtype=np.float32))
 
 
@@ -67,3 +69,22 @@ async def test_an_upload_makes_the_folders_it_creates_durable(
     assert await save_stream(in_memory(b"abc"), path, limit=10) == 3
     for folder in (tmp_path, tmp_path / "salute", tmp_path / "salute" / "uploads"):
         assert folder in fsynced, f"{folder} was not fsync'd"
+
+
+async def test_a_post_sent_again_with_offline_on_is_spooled(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A post first sent live only (offline=false), then again with offline=true: the
+    second 200 says it is stored, so it must be on disk, though its post_id was seen.
+    FakeEngine: the text is beside the point."""
+    client = await make_fast_server()
+    status, _ = await post_fragment(client, post_id="p-7", offline=False)
+    assert status == 200
+    status, _ = await post_fragment(client, post_id="p-7", offline=True)
+    assert status == 200
+    folder = tmp_path / "spool" / "conf-1" / "p-1"
+    assert [p.name.split("_", 1)[1] for p in folder.glob("*.wav")] == ["p-7.wav"]
+    # and a third time is a duplicate: still one file
+    status, _ = await post_fragment(client, post_id="p-7", offline=True)
+    assert status == 200
+    assert len(list(folder.glob("*.wav"))) == 1
