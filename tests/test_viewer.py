@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -353,6 +354,19 @@ async def test_pages_and_assets_are_served_from_the_package(
         assert "EventSource" in await asset.text() or name != "live.js"
     assert (await client.get("/assets/..%2Fapp.py")).status == 404
     assert (await client.get("/assets/missing.js")).status == 404
+
+
+async def test_every_asset_a_page_names_is_served(make_fast_server: ServerFactory) -> None:
+    # The pages share viewer.js: a script or stylesheet a page names and /assets/ does not
+    # serve would leave that page blank.
+    client = await viewer_server(make_fast_server)
+    await join(client, "c1")
+    for page in ("/live/c1", "/minutes/c1/view"):
+        html = await (await client.get(page, params={"token": VIEWER_TOKEN})).text()
+        names = re.findall(r'(?:src|href)="/assets/([^"]+)"', html)
+        assert "viewer.js" in names, page
+        for name in names:
+            assert (await client.get(f"/assets/{name}")).status == 200, (page, name)
 
 
 @pytest.mark.parametrize("bad", ["", "12.", "abc.def", "9999999999.zz", "1.2.3"])

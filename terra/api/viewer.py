@@ -25,6 +25,7 @@ ASSETS = {
     "live.js": "text/javascript; charset=utf-8",
     "live.css": "text/css; charset=utf-8",
     "minutes.js": "text/javascript; charset=utf-8",
+    "viewer.js": "text/javascript; charset=utf-8",
 }
 _PAGE = "text/html; charset=utf-8"
 # The browser reconnects this soon after the feed closes (a viewer that fell behind).

@@ -4,9 +4,7 @@
 "use strict";
 
 (function () {
-  const conferenceId = decodeURIComponent(location.pathname.split("/").filter(Boolean)[1] || "");
-  const token = new URLSearchParams(location.search).get("token") || "";
-  const $ = (id) => document.getElementById(id);
+  const { conferenceId, $, hue } = viewer;
   const list = $("lines"), scroller = $("scroller"), status = $("status");
   const speakers = new Map(); // participant_id -> {name, chip, active}
   const lines = new Map(); // combination id -> {li, start}
@@ -16,11 +14,6 @@
   $("conference").textContent = conferenceId;
   document.title = "Live captions · " + conferenceId;
 
-  const hues = new Map(); // participant_id -> hue: the golden angle apart, in order of arrival
-  function hue(id) {
-    if (!hues.has(id)) hues.set(id, Math.round((hues.size * 137.508 + 210) % 360));
-    return hues.get(id);
-  }
   function clock(seconds) {
     const d = new Date(seconds * 1000);
     return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
@@ -120,9 +113,8 @@
 
   // -- the feed ------------------------------------------------------------------------
   function connect() {
-    const url = "/conferences/" + encodeURIComponent(conferenceId) + "/events" +
-      (token ? "?token=" + encodeURIComponent(token) : "");
-    source = new EventSource(url);
+    const path = "/conferences/" + encodeURIComponent(conferenceId) + "/events";
+    source = new EventSource(viewer.url(path));
     source.addEventListener("open", () => setStatus("live", "live"));
     source.addEventListener("snapshot", (e) => reset(JSON.parse(e.data)));
     source.addEventListener("progress", (e) => queue(JSON.parse(e.data)));

@@ -4,9 +4,7 @@
 "use strict";
 
 (function () {
-  const conferenceId = decodeURIComponent(location.pathname.split("/").filter(Boolean)[1] || "");
-  const token = new URLSearchParams(location.search).get("token") || "";
-  const $ = (id) => document.getElementById(id);
+  const { conferenceId, $, hue } = viewer;
   const FORMATS = ["xml", "json", "srt", "vtt", "md"];
   let phrases = [];
 
@@ -14,14 +12,7 @@
   document.title = "Minutes · " + conferenceId;
 
   function url(format) {
-    const query = new URLSearchParams({ format });
-    if (token) query.set("token", token);
-    return "/minutes/" + encodeURIComponent(conferenceId) + "?" + query;
-  }
-  const hues = new Map(); // participant_id -> hue: the golden angle apart, in order of arrival
-  function hue(id) {
-    if (!hues.has(id)) hues.set(id, Math.round((hues.size * 137.508 + 210) % 360));
-    return hues.get(id);
+    return viewer.url("/minutes/" + encodeURIComponent(conferenceId), { format });
   }
   function offset(seconds) {
     const s = Math.floor(seconds), h = Math.floor(s / 3600), m = Math.floor(s / 60) % 60;
