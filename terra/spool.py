@@ -141,8 +141,14 @@ class Spool:
             language,
             name,
         )
-        with open(folder / "index.jsonl", "a", encoding="utf-8") as index:
-            index.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+        line = (json.dumps(asdict(record), ensure_ascii=False) + "\n").encode("utf-8")
+        with open(folder / "index.jsonl", "a+b") as index:
+            # A line torn by a crash or a full disk is ended first, so it takes only itself.
+            if index.seek(0, os.SEEK_END) > 0:
+                index.seek(-1, os.SEEK_END)
+                if index.read(1) != b"\n":
+                    line = b"\n" + line
+            index.write(line)
             index.flush()
             if self.fsync:
                 os.fsync(index.fileno())

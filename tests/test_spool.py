@@ -3,6 +3,7 @@ behind for the next write or the minutes to read."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -88,3 +89,18 @@ async def test_a_post_sent_again_with_offline_on_is_spooled(
     status, _ = await post_fragment(client, post_id="p-7", offline=True)
     assert status == 200
     assert len(list(folder.glob("*.wav"))) == 1
+
+
+def test_a_torn_index_line_does_not_take_the_next_record_with_it(tmp_path: Path) -> None:
+    """A crash or a full disk in the middle of an index append leaves a line without its
+    end: the next fragment's record starts on a line of its own, readable."""
+    spool = Spool(tmp_path)
+    spool.write("conf", "anna", "Anna", 1_700_000_000.0, 100, "p1", "en", WAV)
+    index = tmp_path / "conf" / "anna" / "index.jsonl"
+    with open(index, "ab") as f:
+        f.write(b'{"conference_id": "conf", "partic')  # the torn append
+    spool.write("conf", "anna", "Anna", 1_700_000_002.0, 100, "p2", "en", WAV)
+    lines = index.read_text(encoding="utf-8").splitlines()
+    assert json.loads(lines[0])["post_id"] == "p1"
+    assert json.loads(lines[-1])["post_id"] == "p2"
+    assert len(lines) == 3
