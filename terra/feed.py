@@ -244,6 +244,7 @@ class FeedHub:
 
     # -- the viewer side -----------------------------------------------------------------
     def get(self, conference_id: str) -> ConferenceFeed | None:
+        self._prune(self._clock())
         return self._feeds.get(conference_id)
 
     def conferences(self) -> list[dict[str, object]]:
@@ -275,6 +276,11 @@ class FeedHub:
     # -- bookkeeping ---------------------------------------------------------------------
     def _feed(self, conference_id: str, now: float) -> ConferenceFeed:
         feed = self._feeds.get(conference_id)
+        if feed is None or feed.ended_at is not None:
+            # Not on the path of a conference in session (its every text): a new or ended
+            # one, whose feed may have outlived retention_s with nobody leaving since.
+            self._prune(now)
+            feed = self._feeds.get(conference_id)
         if feed is None:
             feed = ConferenceFeed(
                 conference_id,
@@ -290,7 +296,9 @@ class FeedHub:
 
     def _prune(self, now: float) -> None:
         """Forget ended conferences nobody watches, after ``retention_s`` (their minutes stay
-        on disk), and the oldest ended ones beyond ``max_conferences``."""
+        on disk), and the oldest ended ones beyond ``max_conferences``. Run where a
+        participant leaves, a viewer detaches, a feed is looked up (``get``) and a new or
+        ended conference's feed is fed or attached to: no timer of its own."""
         ended = [f for f in self._feeds.values() if f.ended_at is not None and not f.viewers]
         for feed in ended:
             assert feed.ended_at is not None

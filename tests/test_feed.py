@@ -182,6 +182,29 @@ def test_ended_conferences_are_forgotten_after_retention() -> None:
     assert feed.get("c2") is not None
 
 
+def test_an_ended_conference_goes_after_retention_with_nobody_else_leaving() -> None:
+    """No participant leaves and no viewer detaches after it ended: the feed is still
+    forgotten once ``retention_s`` has passed on the hub's clock, when it is looked up or
+    a viewer asks for it (it used to stay until one of those events)."""
+    clock = Clock()
+    feed = FeedHub(FeedConfig(retention_s=60), clock=clock)
+    feed.participant_joined("c1", "p1", "Anna")
+    feed.participant_joined("c2", "p2", "Boris")
+    feed.text(elem("k1", "the first meeting", "final", conference="c1"), "Anna")
+    feed.text(elem("k2", "the second meeting", "final", participant="p2", conference="c2"), "Boris")
+    feed.participant_left("c1", "p1")
+    clock.now += 30
+    assert feed.get("c1") is not None  # within retention
+    clock.now += 60
+    assert feed.get("c1") is None
+    assert feed.get("c2") is not None  # in session: kept
+    feed.participant_left("c2", "p2")
+    clock.now += 120
+    _, first = feed.attach("c2", None, lambda: None)
+    assert [e.kind for e in first] == [EventKind.SNAPSHOT]
+    assert data(first[0])["finals"] == []  # a fresh feed, not the one that had expired
+
+
 def test_a_viewer_is_woken_at_its_first_event_at_half_full_and_at_overflow() -> None:
     feed = hub(viewer_queue=10)
     woken: list[int] = []
