@@ -233,7 +233,7 @@ class LiveService:
                 log.info("duplicate post_id %s ignored", fragment.post_id, extra=session.ids)
             else:
                 self._metrics.fragments.inc()
-                self._metrics.fragment_audio_seconds.inc(fragment.samples.size / 16_000)
+                self._metrics.fragment_audio_seconds.inc(fragment.samples.size / SAMPLE_RATE)
                 if fragment.online:  # online=false: store only, no recognizer time
                     self._feed(session, fragment)
         if not fragment.online:
