@@ -4,6 +4,7 @@ XSD, the compiler on real speech with a stand-in recognizer, and the service's d
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,6 +194,20 @@ def test_xsd_rejects_a_phrase_of_an_unknown_participant() -> None:
     root = etree.fromstring(to_xml(sample_minutes()))
     root.find("phrases/phrase").set("start", "yesterday")
     assert validate_xml(etree.tostring(root))
+
+
+def test_xml_takes_text_with_characters_xml_cannot_carry() -> None:
+    """Whisper's byte-level tokens can decode to control characters (or U+FFFE): the
+    protocol still renders, valid, without them. Before, lxml refused such text, so the
+    compile's result write (XML first, all or nothing) failed the minutes job for good."""
+    minutes = dataclasses.replace(
+        sample_minutes(),
+        phrases=(Phrase("p-1", 0.35, 2.35, "bell\x07 form\x0cfeed\x00 \ufffe end\tok", "ru"),),
+    )
+    data = to_xml(minutes)
+    assert validate_xml(data) == []
+    text = etree.fromstring(data).find("phrases/phrase").text
+    assert text == "bell formfeed  end\tok"
 
 
 def test_text_formats_name_the_speakers() -> None:

@@ -22,6 +22,9 @@ from terra.minutes.types import FORMAT_VERSION, Minutes, Phrase
 
 XSD_PATH = Path(__file__).with_name("minutes.xsd")
 _LANGUAGE = re.compile(r"^[a-z]{2,8}$")
+# What XML 1.0 cannot carry (lxml refuses it): C0 controls but tab, newline and carriage
+# return, surrogates, U+FFFE and U+FFFF. Recognized text may hold them (byte-level tokens).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 CONTENT_TYPES = {
     "xml": "application/xml; charset=utf-8",
@@ -89,7 +92,7 @@ def to_xml(minutes: Minutes, zone: ZoneInfo | None = None) -> bytes:
         element = etree.SubElement(
             phrases, "phrase", id=str(number), **_phrase_fields(minutes, phrase, zone)
         )
-        element.text = phrase.text
+        element.text = _NOT_XML.sub("", phrase.text)
     data: bytes = etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
     return data
 
