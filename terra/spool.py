@@ -106,6 +106,10 @@ class Spool:
         folder = self.participant_dir(conference_id, participant_id)
         if not folder.is_dir():
             return set()
+        # These posts will count as stored: a writer killed between its rename and its
+        # fsync left names that are not durable yet.
+        if self.fsync:
+            fsync_dir(folder)
         return {p.stem.split("_", 1)[1] for p in folder.glob("*.wav") if "_" in p.stem}
 
     def write(
@@ -127,6 +131,8 @@ class Spool:
         folder = self.participant_dir(conference_id, participant_id)
         name = f"{int(round(start_time * 1_000_000)):017d}_{post_key(post_id)}.wav"
         if post_id is not None and (folder / name).exists():
+            if self.fsync:  # its writer may have died, or be, between its rename and fsync
+                fsync_dir(folder)
             return None
         make_dirs(folder, self.fsync)
         self._write_participant(folder, participant_id, participant_name, language)

@@ -104,3 +104,22 @@ def test_a_torn_index_line_does_not_take_the_next_record_with_it(tmp_path: Path)
     assert json.loads(lines[0])["post_id"] == "p1"
     assert json.loads(lines[-1])["post_id"] == "p2"
     assert len(lines) == 3
+
+
+def test_a_post_found_on_disk_is_durable_before_it_counts_as_stored(
+    tmp_path: Path, fsynced: list[Path]
+) -> None:
+    """A writer killed after its rename but before the folder's fsync leaves a WAV whose
+    name is not durable yet (the spool is also shared by front ends, one may be between the
+    two). Whoever answers a retry of that post as "stored" (a duplicate) makes the name
+    durable first: when the write finds the file, and when a new session loads the post
+    keys it will answer duplicates from."""
+    Spool(tmp_path, fsync=False).write("conf", "anna", "Anna", 1e9, 100, "p1", "en", WAV)
+    assert fsynced == []
+    folder = tmp_path / "conf" / "anna"
+    spool = Spool(tmp_path)
+    assert spool.write("conf", "anna", "Anna", 1e9, 100, "p1", "en", WAV) is None
+    assert folder in fsynced
+    fsynced.clear()
+    assert spool.known_post_keys("conf", "anna") == {"p1"}
+    assert folder in fsynced
