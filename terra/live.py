@@ -8,6 +8,7 @@ post_id sent twice is counted once, and two participants never share state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -162,6 +163,9 @@ class LiveService:
         self._vocabulary = vocabulary
         self._listener: LiveListener = listener if listener is not None else _NoListener()
         self._sessions: dict[tuple[str, str], Session] = {}
+        # New participants holding a place (``admit``) until their session exists: the
+        # number of their requests under way.
+        self._joining: dict[tuple[str, str], int] = {}
         self._ticker: asyncio.Task[None] | None = None
 
     # -- sessions ------------------------------------------------------------------------
@@ -179,6 +183,7 @@ class LiveService:
                     stream=stream, name=name, seen_posts=seen, last_seen=self._clock()
                 )
                 self._sessions[key] = session
+                self._joining.pop(key, None)  # its place is the session now
                 self._metrics.active_participants.set(len(self._sessions))
                 self._listener.participant_joined(conference_id, participant_id, name)
         if name and session.name != name:  # a renamed participant
@@ -186,12 +191,32 @@ class LiveService:
             self._listener.participant_joined(conference_id, participant_id, name)
         return session
 
-    def admits(self, conference_id: str, participant_id: str) -> bool:
-        """Whether a fragment of this participant is taken: a known one always, a new one
-        while there are fewer than ``stream.max_participants``."""
-        return (conference_id, participant_id) in self._sessions or len(
-            self._sessions
-        ) < self._stream_config.max_participants
+    def admit(
+        self, conference_id: str, participant_id: str
+    ) -> contextlib.AbstractContextManager[object] | None:
+        """A place for a fragment of this participant, held for its request (``with``), or
+        None when there is none. A known participant always has one; a new one while the
+        participants and the new ones holding a place are fewer than
+        ``stream.max_participants``. A new one holds its place from here until its session
+        exists, so first requests under way at once never pass the bound, and gives it back
+        if its request ends before (a fragment refused, a client gone)."""
+        key = (conference_id, participant_id)
+        if key in self._sessions:
+            return contextlib.nullcontext()
+        if (
+            key not in self._joining
+            and len(self._sessions) + len(self._joining) >= self._stream_config.max_participants
+        ):
+            return None
+        self._joining[key] = self._joining.get(key, 0) + 1
+        place = contextlib.ExitStack()
+        place.callback(self._give_back_place, key)
+        return place
+
+    def _give_back_place(self, key: tuple[str, str]) -> None:
+        count = self._joining.pop(key, 0) - 1  # absent once its session exists
+        if count > 0:
+            self._joining[key] = count
 
     @property
     def saturated(self) -> bool:

@@ -14,12 +14,15 @@ import pathlib
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from terra import keys
+from terra.app import create_app
 from terra.audio import SAMPLE_RATE, encode_wav
 from terra.config import RecognizerConfig
 from terra.jobs import JobStatus
@@ -27,7 +30,16 @@ from terra.metrics import create_metrics
 from terra.recognizer.options import DecodeOptions
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest
-from tests.conftest import SPEECH, TOKEN, ServerFactory, _servers, load_clip, post_fragment
+from terra.spool import Spool
+from tests.conftest import (
+    SPEECH,
+    TOKEN,
+    ServerFactory,
+    _servers,
+    load_clip,
+    make_config,
+    post_fragment,
+)
 from tests.fakes import FakeEngine, fake_text
 
 MEETING = SPEECH / "meetings" / "standup_en"
@@ -154,6 +166,58 @@ async def test_new_participants_beyond_the_bound_get_503_with_retry_after(
     # A known participant is still served.
     status, _ = await post_fragment(client, VOICED, participant_id="p-1", lang="en")
     assert status == 200
+
+
+async def test_concurrent_first_posts_of_new_participants_never_pass_the_bound(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Three new participants post at once to a server of two places: each first POST waits
+    between the bound's check and its session (in the spool's read of its known posts,
+    held here until every POST is decided), so nothing but the check can refuse one. A new
+    participant whose request fails before its session exists takes no place."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+    reached: list[str] = []  # participants whose first POST was let through to the spool
+    release = threading.Event()
+
+    class HeldSpool(Spool):
+        """The real spool; its read of a new participant's posts waits for the test."""
+
+        def known_post_keys(self, conference_id: str, participant_id: str) -> set[str]:
+            def arrived() -> None:
+                reached.append(participant_id)
+                changed.set()
+
+            loop.call_soon_threadsafe(arrived)
+            release.wait()
+            return super().known_post_keys(conference_id, participant_id)
+
+    config = make_config(tmp_path, stream={"max_participants": 2})
+    app = create_app(config, engine=FakeEngine())
+    app[keys.SPOOL] = HeldSpool(pathlib.Path(config.spool.dir), fsync=False)
+    client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        status, _ = await post_fragment(client, audio_bytes=b"not audio", participant_id="p-0")
+        assert status == 400
+        posts = [
+            asyncio.create_task(post_fragment(client, VOICED, participant_id=f"p-{i}"))
+            for i in (1, 2, 3)
+        ]
+        for post in posts:
+            post.add_done_callback(lambda _: changed.set())
+        # A POST is decided when it reached the spool (let through) or was answered.
+        while len(reached) + sum(post.done() for post in posts) < len(posts):
+            changed.clear()
+            await changed.wait()
+        release.set()
+        statuses = sorted([status for status, _ in await asyncio.gather(*posts)])
+        health = await (await client.get("/healthz")).json()
+    finally:
+        release.set()
+        await client.close()
+    assert statuses == [200, 200, 503]
+    assert len(reached) == 2 and health["participants"] == 2
 
 
 @pytest.mark.parametrize("talkers", [6])

@@ -75,27 +75,29 @@ async def process(request: web.Request) -> web.Response:
         raise BadRequest("lang2 (live captions) supports only en: Whisper translates to English")
 
     live = request.app[keys.LIVE]
-    if not live.admits(conference_id, participant_id):  # before any work on the audio
+    place = live.admit(conference_id, participant_id)  # before any work on the audio
+    if place is None:
         raise ParticipantsFull(
             f"this server has its {config.stream.max_participants} live participants: "
             "try again later or another server"
         )
-    limits = AudioLimits(max_seconds=config.stream.max_fragment_ms / 1000)
-    samples = await asyncio.to_thread(decode_audio, audio.data, limits)
+    with place:  # a new participant's, until its session exists
+        limits = AudioLimits(max_seconds=config.stream.max_fragment_ms / 1000)
+        samples = await asyncio.to_thread(decode_audio, audio.data, limits)
 
-    fragment = FragmentInput(
-        conference_id=conference_id,
-        participant_id=participant_id,
-        participant_name=participant_name,
-        start_time=start_time,
-        post_id=post_id,
-        language=language,
-        captions=captions,
-        online=online,
-        offline=offline,
-        samples=samples,
-    )
-    elems = await live.process(fragment)
+        fragment = FragmentInput(
+            conference_id=conference_id,
+            participant_id=participant_id,
+            participant_name=participant_name,
+            start_time=start_time,
+            post_id=post_id,
+            language=language,
+            captions=captions,
+            online=online,
+            offline=offline,
+            samples=samples,
+        )
+        elems = await live.process(fragment)
     return json_response([e.to_json() for e in elems])
 
 
