@@ -110,7 +110,9 @@ class Spool:
         # fsync left names that are not durable yet.
         if self.fsync:
             fsync_dir(folder)
-        return {p.stem.split("_", 1)[1] for p in folder.glob("*.wav") if "_" in p.stem}
+        # By the fragments' own name rule: a temp file a kill left (".tmp-ab_7.wav") is no post.
+        names = (_FRAGMENT_NAME.fullmatch(p.name) for p in folder.iterdir())
+        return {match["key"] for match in names if match is not None}
 
     def write(
         self,

@@ -123,3 +123,20 @@ def test_a_post_found_on_disk_is_durable_before_it_counts_as_stored(
     fsynced.clear()
     assert spool.known_post_keys("conf", "anna") == {"p1"}
     assert folder in fsynced
+
+
+async def test_a_temp_file_left_by_a_kill_is_no_post(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    """kill -9 during a write leaves its temp file (``.tmp-`` + random letters, digits and
+    ``_`` + ``.wav``). Its name is no post: a post whose key matches the part after its
+    ``_`` is stored like any other, not answered as a duplicate. FakeEngine: the text is
+    beside the point."""
+    folder = tmp_path / "spool" / "conf-1" / "p-1"
+    folder.mkdir(parents=True)
+    (folder / ".tmp-x4k_7.wav").write_bytes(WAV[:100])  # torn, as the kill left it
+    assert Spool(tmp_path / "spool").known_post_keys("conf-1", "p-1") == set()
+    client = await make_fast_server()
+    status, _ = await post_fragment(client, post_id="7")
+    assert status == 200
+    assert [p.name.split("_", 1)[1] for p in folder.glob("[0-9]*.wav")] == ["7.wav"]
