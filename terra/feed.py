@@ -189,6 +189,7 @@ class FeedHub:
         self._config = config
         self._clock = clock
         self._epoch = format(int(clock() * 1000), "x")  # a restarted server starts a new one
+        self._feeds_made = 0  # and a feed made again (after retention) a new one of its own
         self._feeds: OrderedDict[str, ConferenceFeed] = OrderedDict()
 
     # -- the LiveListener side -----------------------------------------------------------
@@ -282,9 +283,10 @@ class FeedHub:
             self._prune(now)
             feed = self._feeds.get(conference_id)
         if feed is None:
+            self._feeds_made += 1
             feed = ConferenceFeed(
                 conference_id,
-                self._epoch,
+                f"{self._epoch}.{self._feeds_made}",
                 self._config.history_events,
                 self._config.max_finals,
                 started_at=now,

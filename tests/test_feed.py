@@ -213,3 +213,26 @@ def test_a_viewer_is_woken_at_its_first_event_at_half_full_and_at_overflow() -> 
         feed.text(elem(f"k{n}", f"text {n}", "final"), "Anna")
     assert woken == [1, 5, 0]  # first event, half full, overflowed (queue dropped)
     assert viewer.overflowed
+
+
+def test_a_viewer_resuming_into_a_feed_made_again_after_retention_gets_a_snapshot() -> None:
+    """A conference whose feed was forgotten (ended past retention_s) and then started
+    again gets a feed whose ids cannot be taken for the old one's: a viewer coming back with
+    the old feed's last id gets a snapshot, not the new feed's events after that number."""
+    clock = Clock()
+    feed = FeedHub(FeedConfig(retention_s=60), clock=clock)
+    viewer, _ = feed.attach("c1", None, lambda: None)
+    feed.participant_joined("c1", "p1", "Anna")
+    for n in range(5):
+        feed.text(elem(f"k{n}", f"old {n}", "final"), "Anna")
+    last_seen = viewer.take()[-1].id
+    feed.detach("c1", viewer)
+    feed.participant_left("c1", "p1")
+    clock.now += 120
+    assert feed.get("c1") is None  # forgotten
+    feed.participant_joined("c1", "p1", "Anna")  # the same conference id, again
+    for n in range(9):
+        feed.text(elem(f"n{n}", f"new {n}", "final"), "Anna")
+    _, first = feed.attach("c1", last_seen, lambda: None)
+    assert [e.kind for e in first] == [EventKind.SNAPSHOT]
+    assert [f["text"] for f in data(first[0])["finals"]] == [f"new {n}" for n in range(9)]
