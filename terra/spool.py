@@ -21,7 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from terra.params import clean_name, is_safe_id
+from terra.params import LANGUAGES, clean_name, is_safe_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +225,9 @@ def read_conference(root: Path, conference_id: str) -> list[StoredParticipant]:
         try:
             info = json.loads((entry / "participant.json").read_text(encoding="utf-8"))
             name = clean_name(str(info.get("participant_name") or ""), entry.name)
-            language = info.get("language") or None
+            language = info.get("language")
+            if language not in LANGUAGES:  # a spool from before lang1 was checked: detect
+                language = None
         except (OSError, ValueError, AttributeError):
             pass
         participants.append(StoredParticipant(entry.name, name, language, tuple(fragments)))

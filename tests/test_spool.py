@@ -12,7 +12,7 @@ import pytest
 
 from terra.audio import encode_wav
 from terra.files.upload import in_memory, save_stream
-from terra.spool import Spool, write_atomic
+from terra.spool import Spool, read_conference, write_atomic
 
 from .conftest import ServerFactory, post_fragment
 
@@ -140,3 +140,16 @@ async def test_a_temp_file_left_by_a_kill_is_no_post(
     status, _ = await post_fragment(client, post_id="7")
     assert status == 200
     assert [p.name.split("_", 1)[1] for p in folder.glob("[0-9]*.wav")] == ["7.wav"]
+
+
+def test_a_spooled_language_the_model_does_not_know_is_read_as_none(tmp_path: Path) -> None:
+    """A spool outlives releases: one written before lang1 was checked can say "zz" (or
+    "auto"). The minutes would ask the recognizer for that language, which fails the
+    request and so the compile, for good; read as unknown, it is detected instead."""
+    spool = Spool(tmp_path)
+    spool.write("conf", "anna", "Anna", 1e9, 100, "p1", "zz", WAV)
+    spool.write("conf", "boris", "Boris", 1e9, 100, "p1", "ru", WAV)
+    spool.write("conf", "clara", "", 1e9, 100, "p1", None, WAV)
+    (tmp_path / "conf" / "clara" / "participant.json").write_text('{"language": 5}')
+    languages = {p.participant_id: p.language for p in read_conference(tmp_path, "conf")}
+    assert languages == {"anna": None, "boris": "ru", "clara": None}
