@@ -90,9 +90,17 @@ async def _outcome(
     future: asyncio.Future[Recognition | None], failure: str, session: Session
 ) -> Recognition | None:
     """The recognition, or None when it failed (logged with ``failure``): a failed pass
-    keeps the text the participant already has."""
+    keeps the text the participant already has. A request the recognizer cancelled (both
+    backends cancel those still queued when they stop) failed too; only a cancellation of
+    the task awaiting it (the live service stopping) goes on."""
     try:
         return await future
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.error("%s: its request was cancelled", failure, extra=session.ids)
+        return None
     except Exception:
         log.exception(failure, extra=session.ids)
         return None

@@ -129,6 +129,38 @@ async def test_a_moved_clock_closes_a_quiet_talker_and_expires_the_session(
         await scheduler.stop()
 
 
+async def test_a_final_whose_request_was_cancelled_is_settled_with_the_live_text(
+    tmp_path: Path,
+) -> None:
+    """Both recognizer backends cancel the requests still queued when they stop. Here the
+    real scheduler stops while the live service still runs (the app stops the live service
+    first: this is a defence), with a final queued: the final is settled with the progress
+    text the talker had. It stayed unsettled, so pending_finals stayed 1 and every later
+    answer of that participant was held back (finals are delivered in order)."""
+    stream = StreamConfig(answer_wait_ms=0, idle_close_ms=4_000, progress_min_interval_ms=0)
+    clocked = clocked_service(tmp_path, FakeEngine(), load_config(None, environ={}), stream)
+    live, scheduler, clock = clocked.live, clocked.scheduler, clocked.clock
+    await scheduler.start()
+    try:
+        for second in range(3):
+            await live.process(fragment(second, VOICED))
+            await asyncio.gather(*live._sessions[("conf", "p")].in_flight)  # each pass settles
+            clock.now += 1.0
+        session = live._sessions[("conf", "p")]
+        assert session.stream.open is not None
+        said = session.stream.open.text
+        assert said.strip()
+        clock.now += 4.1
+        live.tick()  # the talker went quiet: its final is queued
+        await scheduler.stop()  # ... and cancelled
+        await asyncio.gather(*session.in_flight, return_exceptions=True)
+        assert live.snapshot()["pending_finals"] == 0
+        assert [(e.status, e.text) for e in session.stream.take_answer()] == [("final", said)]
+    finally:
+        await live.stop()
+        await scheduler.stop()
+
+
 async def test_words_committed_past_a_max_length_cut_are_said_once(tmp_path: Path) -> None:
     """A combination that reaches stream.max_combination_ms is cut at its last pause, and what
     follows goes on in the next one. Progress passes may already have committed words past
