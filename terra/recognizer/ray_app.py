@@ -30,11 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import serve
 
 from terra.config import ClusterConfig, Config
 from terra.metrics import create_metrics
+from terra.recognizer.ray_client import join
 from terra.recognizer.scheduler import RecognizerScheduler, recognize_isolated
 from terra.recognizer.types import Recognition, RecognitionEngine, RecognitionRequest
 
@@ -158,8 +158,7 @@ def deploy(config: Config) -> None:
     """Deploy (or update) the recognizer app on the configured cluster and wait until its
     replicas are running. Serve keeps it there after this process exits."""
     cluster = config.cluster
-    if not ray.is_initialized():
-        ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=False)
+    join(cluster)
     serve.start(proxy_location="Disabled")  # requests come through handles, not HTTP
     serve.run(recognizer_app(config), name=cluster.app_name, route_prefix=None)
     log.info("recognizer app %r running on %s", cluster.app_name, cluster.address)
@@ -167,6 +166,5 @@ def deploy(config: Config) -> None:
 
 def undeploy(config: Config) -> None:
     cluster = config.cluster
-    if not ray.is_initialized():
-        ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=False)
+    join(cluster)
     serve.delete(cluster.app_name)

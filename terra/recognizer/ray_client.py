@@ -34,11 +34,17 @@ log = logging.getLogger(__name__)
 _RESEND_DELAY_S = (0.1, 0.25, 0.5, 1.0, 2.0)  # then 2 s until retry_s has passed
 
 
+def join(config: ClusterConfig) -> None:
+    """Join the configured Ray cluster as a driver, in its namespace (once per process; the
+    cluster's own logs stay on the cluster). Blocking."""
+    if not ray.is_initialized():
+        ray.init(address=config.address, namespace=config.namespace, log_to_driver=False)
+
+
 def connect(config: ClusterConfig) -> Any:
     """Join the Ray cluster as a driver and return the recognizer app's DeploymentHandle
     (blocking; the app must have been deployed by ``terra recognizer``)."""
-    if not ray.is_initialized():
-        ray.init(address=config.address, namespace=config.namespace, log_to_driver=False)
+    join(config)
     try:
         return serve.get_app_handle(config.app_name)
     except Exception as e:  # Serve raises a bare RayServeException for a missing app
