@@ -153,3 +153,20 @@ def test_a_spooled_language_the_model_does_not_know_is_read_as_none(tmp_path: Pa
     (tmp_path / "conf" / "clara" / "participant.json").write_text('{"language": 5}')
     languages = {p.participant_id: p.language for p in read_conference(tmp_path, "conf")}
     assert languages == {"anna": None, "boris": "ru", "clara": None}
+
+
+async def test_an_empty_post_id_is_no_post_id(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    """``post_id=`` (empty, as a client without ids may send it) is no id: each fragment is
+    its own. It was one id shared by all of them, so every fragment after the first was
+    answered 200 as a duplicate and neither stored nor recognized. FakeEngine: the text is
+    beside the point."""
+    client = await make_fast_server()
+    for second in (0, 1, 2):
+        status, _ = await post_fragment(
+            client, start_time=1_719_512_467.0 + second, extra={"post_id": ""}
+        )
+        assert status == 200
+    folder = tmp_path / "spool" / "conf-1" / "p-1"
+    assert len(list(folder.glob("[0-9]*.wav"))) == 3

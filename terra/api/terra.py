@@ -67,7 +67,7 @@ async def process(request: web.Request) -> web.Response:
     participant_name = clean_name(param("participant_name"), "UNKNOWN")
     online = parse_bool("online", param("online"), default=False)
     offline = parse_bool("offline", param("offline"), default=True)
-    post_id = param("post_id")
+    post_id = param("post_id") or None  # empty: no id (not one id shared by every fragment)
     if post_id is not None and len(post_id) > 256:
         raise BadRequest("post_id is longer than 256 characters")
     captions = (param("lang2") or config.stream.captions or "").strip().lower() or None
