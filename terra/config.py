@@ -261,7 +261,8 @@ class ClusterConfig:
     # Front end: requests sent and not answered at most; more wait here, where a newer
     # progress request still replaces an older one.
     max_in_flight: int = 16
-    # A request whose replica died is sent again for this long (finals are never dropped).
+    # A request the cluster could not take (its replica died, Serve's queue full, no replica)
+    # is sent again for this long (finals are never dropped).
     retry_s: float = 60.0
 
 

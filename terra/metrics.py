@@ -88,7 +88,7 @@ def create_metrics() -> Metrics:
         ),
         resent_requests=counter(
             "terra_recognizer_resent",
-            "Requests sent again because their recognizer replica died (backend ray)",
+            "Requests sent again because the cluster could not take them (backend ray)",
         ),
         finals=counter("terra_finals", "Final TextElems produced"),
         overload_finals=counter(

@@ -1,11 +1,13 @@
 """The one retry policy: exponential backoff (the delay doubles from ``first_s`` up to
-``max_s``) over a number of tries, on failures marked :class:`Retryable`. Built on
+``max_s``) over a number of tries or a span of time, on failures marked :class:`Retryable`. Built on
 ``tenacity`` (its ``AsyncRetrying``); the sleep is injectable so tests count delays instead
 of waiting them.
 
-Used by the webhooks, the HTTP translator and every resubmit of a recognition request the
-scheduler dropped because its queue was full. HTTP answers worth another try are the ones
-:func:`retryable_status` names (408, 429 and 5xx); any other answer is final.
+Used by the webhooks, the HTTP translator, every resubmit of a recognition request the
+scheduler dropped because its queue was full, and the resend of a request the Ray cluster
+could not take (``recognizer/ray_client.py``, for ``cluster.retry_s``). HTTP answers worth
+another try are the ones :func:`retryable_status` names (408, 429 and 5xx); any other answer
+is final.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_after_delay,
     stop_never,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 
 from terra.recognizer.types import Recognition, RecognitionRequest
 
@@ -35,11 +39,12 @@ class Retryable(Exception):
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Wait ``first_s``, then twice as long each time, at most ``max_s``; ``tries``
-    attempts in all (0: until it succeeds)."""
+    attempts in all, and none after ``within_s`` seconds from the first (0: no bound)."""
 
     first_s: float
     max_s: float
     tries: int = 0
+    within_s: float = 0.0
 
 
 # A request the recognizer dropped (queue full) is sent again, for as long as it takes.
@@ -54,8 +59,11 @@ def retryable_status(status: int) -> bool:
 def retrying(policy: Backoff, *, sleep: Sleep = asyncio.sleep) -> AsyncRetrying:
     """``async for attempt in retrying(policy): with attempt: ...``; the last
     :class:`Retryable` is raised when the tries are spent, anything else at once."""
+    stop: stop_base = stop_after_attempt(policy.tries) if policy.tries > 0 else stop_never
+    if policy.within_s > 0:
+        stop = stop | stop_after_delay(policy.within_s)
     return AsyncRetrying(
-        stop=stop_after_attempt(policy.tries) if policy.tries > 0 else stop_never,
+        stop=stop,
         wait=wait_exponential(multiplier=policy.first_s, max=policy.max_s),
         retry=retry_if_exception_type(Retryable),
         sleep=sleep,

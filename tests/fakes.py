@@ -143,6 +143,20 @@ class FakeEngine:
         )
 
 
+def recognition_of(text: str) -> Recognition:
+    """A Recognition of ``text`` and nothing else, for tests that only pass one along."""
+    return Recognition(
+        text=text,
+        tokens=(),
+        language="en",
+        language_probability=1.0,
+        no_speech_prob=0.0,
+        avg_logprob=0.0,
+        compression_ratio=1.0,
+        window_s=1.0,
+    )
+
+
 class RecordedSleeps:
     """A fake ``asyncio.sleep`` for retry tests: records each delay and returns at once, so
     a test checks the backoff's delays without waiting them."""

@@ -1,5 +1,6 @@
-"""The one retry policy (terra.retry): which answers retry, the doubling, the cap, the tries.
-Delays are recorded by an injected sleep, never waited."""
+"""The one retry policy (terra.retry): which answers retry, the doubling, the cap, the tries,
+the time bound. Delays are recorded by an injected sleep, never waited (the time bound's
+test waits its tenth of a second: tenacity reads the clock itself)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from terra.recognizer.options import DecodeOptions
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest
 from terra.retry import Backoff, Retryable, retryable_status, retrying, until_taken
 
-from .fakes import RecordedSleeps
+from .fakes import RecordedSleeps, recognition_of
 
 
 def test_which_http_answers_retry() -> None:
@@ -30,6 +31,16 @@ async def test_delays_double_up_to_the_cap_and_the_tries_are_counted() -> None:
                 raise Retryable("still down")
     assert calls == 7
     assert sleeps.delays == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+async def test_a_time_bound_ends_the_tries() -> None:
+    calls = 0
+    with pytest.raises(Retryable, match="still down"):
+        async for attempt in retrying(Backoff(0.01, 0.02, within_s=0.1)):
+            with attempt:
+                calls += 1
+                raise Retryable("still down")
+    assert 2 <= calls <= 11  # tried again while 0.1 s lasted (at least 0.01 s apart), then not
 
 
 async def test_other_failures_are_not_retried_and_success_ends_it() -> None:
@@ -59,16 +70,7 @@ async def test_a_dropped_recognition_is_sent_again_until_taken() -> None:
         priority=Priority.BACKGROUND,
         options=DecodeOptions(),
     )
-    recognition = Recognition(
-        text="ok",
-        tokens=(),
-        language="en",
-        language_probability=1.0,
-        no_speech_prob=0.0,
-        avg_logprob=0.0,
-        compression_ratio=1.0,
-        window_s=1.0,
-    )
+    recognition = recognition_of("ok")
     answers: list[Recognition | None] = [None] * 6 + [recognition]
     sent: list[RecognitionRequest] = []
 

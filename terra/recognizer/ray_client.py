@@ -5,9 +5,12 @@ Requests wait here, most urgent first (final, progress, background), until fewer
 replaces an older one with the same key and ``withdraw`` drops one: the same
 ``waiting.WaitingQueue`` as the local scheduler's. Sent requests go to the Serve app
 (``ray_app``) through a DeploymentHandle; Serve routes each to a replica, whose own
-scheduler batches it with others. A request whose replica died (kill -9, a lost node) is
-sent again, to whichever replica Serve picks, for ``cluster.retry_s``: no final is lost,
-and live text resumes once a replica answers.
+scheduler batches it with others. A request the cluster could not take (:data:`RESENDABLE`:
+its replica died or is unreachable, Serve's queue for the app is full, the app has no
+replica to take it, being deleted or failed) is sent again, to whichever replica Serve
+picks, by the one retry policy (:mod:`terra.retry`) for ``cluster.retry_s``: no final is
+lost, and live text resumes once a replica answers. An error the recognizer raised on the
+request (Ray's ``RayTaskError``) fails it at once: sent again, it would fail again.
 
 Audio travels as float32 numpy arrays inside the pickled request (Ray serializes numpy
 buffers out of band, without copying them into the pickle).
@@ -17,21 +20,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import ray
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 
 from terra.config import ClusterConfig, RecognizerConfig
 from terra.metrics import Metrics
 from terra.recognizer.types import Recognition
 from terra.recognizer.waiting import QueuedRecognizer, Waiting
+from terra.retry import Backoff, Retryable, retrying
 
 log = logging.getLogger(__name__)
 
-_RESEND_DELAY_S = (0.1, 0.25, 0.5, 1.0, 2.0)  # then 2 s until retry_s has passed
+# The cluster's "not now" answers: the request was not recognized, and another try may be.
+# RayActorError covers ActorDiedError (the replica died with the request, or before it) and
+# ActorUnavailableError (its node is unreachable for now); BackPressureError: the app's
+# router holds max_queued_requests already; DeploymentUnavailableError: the app has no
+# running replica (it failed to deploy, or is being deleted); ReplicaUnavailableError: the
+# replica Serve picked left. Anything else (the recognizer's own error, a cancellation, a
+# request that does not pickle) is the request's answer, and final.
+RESENDABLE: tuple[type[BaseException], ...] = (
+    RayActorError,
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+
+
+def resend_policy(config: ClusterConfig) -> Backoff:
+    """0.1 s, doubling up to 2 s, for ``cluster.retry_s``."""
+    return Backoff(first_s=0.1, max_s=2.0, within_s=config.retry_s)
 
 
 def join(config: ClusterConfig) -> None:
@@ -67,6 +92,7 @@ class RayRecognizer(QueuedRecognizer):
         super().__init__(recognizer_config, metrics)
         self._handle = handle
         self._config = config
+        self._resend = resend_policy(config)
         self._in_flight = 0
         self._dispatcher: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
@@ -89,37 +115,39 @@ class RayRecognizer(QueuedRecognizer):
             task.add_done_callback(self._sends.discard)
 
     async def _send(self, entry: Waiting) -> None:
-        deadline = time.monotonic() + self._config.retry_s
-        attempts = 0
         try:
-            while True:
-                attempts += 1
-                try:
-                    result: Recognition | None = await self._handle.recognize.remote(entry.request)
-                    break
-                except RayActorError as e:  # the replica died with the request, or before it
-                    if time.monotonic() >= deadline:
-                        self._fail(entry, e)
-                        return
-                    self._metrics.resent_requests.inc()
-                    delay = _RESEND_DELAY_S[min(attempts, len(_RESEND_DELAY_S)) - 1]
-                    log.warning(
-                        "recognizer replica lost a %s request (attempt %d); sending it again",
-                        entry.request.priority.name.lower(),
-                        attempts,
-                    )
-                    await asyncio.sleep(delay)
-                except Exception as e:  # the recognizer failed on it: fail it, keep serving
-                    log.exception("recognizer request failed")
-                    self._fail(entry, e)
+            async for attempt in retrying(self._resend):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        if entry.future.done():  # its caller gave up: not sent again
+                            return
+                        self._metrics.resent_requests.inc()
+                    result = await self._call(entry)
+                    self._answer(entry, result)
                     return
-            self._answer(entry, result)
+        except Exception as e:  # the recognizer failed on it, or retry_s is spent: keep serving
+            log.exception("recognizer request failed")
+            self._fail(entry, e)
         finally:
             if not entry.future.done():  # cancelled by stop()
                 entry.future.cancel()
             self._in_flight -= 1
             self._metrics.queue_depth.set(self.depth)
             self._wakeup.set()
+
+    async def _call(self, entry: Waiting) -> Recognition | None:
+        """One try at the cluster; its "not now" answers raise :class:`Retryable`."""
+        try:
+            result: Recognition | None = await self._handle.recognize.remote(entry.request)
+        except RESENDABLE as e:
+            log.warning(
+                "the cluster did not take a %s request (%s: %s); trying again",
+                entry.request.priority.name.lower(),
+                type(e).__name__,
+                e,
+            )
+            raise Retryable(f"{type(e).__name__}: {e}") from e
+        return result
 
     @staticmethod
     def _fail(entry: Waiting, error: BaseException) -> None:
