@@ -12,6 +12,7 @@ import pytest
 
 from terra.audio import encode_wav
 from terra.files.upload import in_memory, save_stream
+from terra.jobs.store import JobStore
 from terra.spool import Spool, read_conference, write_atomic
 
 from .conftest import ServerFactory, post_fragment
@@ -170,3 +171,15 @@ async def test_an_empty_post_id_is_no_post_id(
         assert status == 200
     folder = tmp_path / "spool" / "conf-1" / "p-1"
     assert len(list(folder.glob("[0-9]*.wav"))) == 3
+
+
+def test_a_claimed_lease_is_durable(tmp_path: Path, fsynced: list[Path]) -> None:
+    """A lease decides who runs a job on shared storage: its file's content was fsync'd,
+    its name (and its new folders) not, so storage that lost power could lose a lease its
+    holder still uses, and another front end claim the same generation."""
+    store = JobStore(tmp_path)
+    lease = store.claim("minutes", "conf", "A", 1000.0, 30.0)
+    assert lease is not None
+    folder = tmp_path / "minutes" / ".leases" / "conf"
+    for path in (tmp_path, tmp_path / "minutes", tmp_path / "minutes" / ".leases", folder):
+        assert path in fsynced, f"{path} was not fsync'd"

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from terra.params import is_safe_id
-from terra.spool import write_atomic
+from terra.spool import fsync_dir, make_dirs, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class JobStore:
             return None
         generation = current.generation + 1 if current is not None else 1
         folder = self._lease_dir(kind, job_id)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder, self.fsync)
         lease = Lease(kind, job_id, generation, owner, now + lease_s)
         try:
             fd = os.open(folder / str(generation), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -233,6 +233,8 @@ class JobStore:
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
+        if self.fsync:
+            fsync_dir(folder)
         for old in range(max(1, generation - 3), generation):
             (folder / str(old)).unlink(missing_ok=True)
         return lease
