@@ -30,6 +30,7 @@ from terra.stream import (
     ParticipantStream,
     TextElem,
 )
+from terra.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -602,15 +603,8 @@ class LiveService:
 
     async def stop(self) -> None:
         if self._ticker is not None:
-            self._ticker.cancel()
-            try:
-                await self._ticker
-            except asyncio.CancelledError:
-                pass
-        tasks = [t for s in self._sessions.values() for t in s.in_flight]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait([self._ticker])
+        await cancel_and_wait([t for s in self._sessions.values() for t in s.in_flight])
 
     def snapshot(self) -> dict[str, int | bool]:
         return {

@@ -22,6 +22,7 @@ from terra.files.upload import save_stream
 from terra.jobs.runner import Done, JobRunner, Notifier, Progress
 from terra.jobs.store import Job
 from terra.spool import write_atomic
+from terra.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ class FileJobService:
 
     async def stop(self) -> None:
         if self._sweeper_task is not None:
-            self._sweeper_task.cancel()
-            await asyncio.gather(self._sweeper_task, return_exceptions=True)
+            await cancel_and_wait([self._sweeper_task])
         await self.runner.stop()
 
     async def _work(self, job: Job, progress: Progress) -> Done:

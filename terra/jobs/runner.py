@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from terra.config import JobsConfig
 from terra.jobs.store import Job, JobStatus, JobStore, Lease, new_job
+from terra.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +171,8 @@ class JobRunner:
         """Stop: running jobs go back in the queue (the attempt does not count) and their
         leases are let go, so another front end (or the next start) takes them at once."""
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for notice in list(self._notices):
-            notice.cancel()
-        await asyncio.gather(*self._notices, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
+        await cancel_and_wait(self._notices)
         for job_id, lease in list(self._leases.items()):
             job = self._active.get(job_id)
             if job is not None and job.status is JobStatus.RUNNING:
@@ -487,8 +484,7 @@ class JobRunner:
             done = await asyncio.shield(task)
         except asyncio.CancelledError:
             if not task.done():
-                task.cancel()  # the server is stopping: stop() writes the job back
-                await asyncio.gather(task, return_exceptions=True)
+                await cancel_and_wait([task])  # the server is stopping: stop() writes it back
                 raise
             return self._active.get(job_id)  # canceled by a client or lost: nothing to write
         except Exception as e:  # a task boundary: the job fails, the worker goes on

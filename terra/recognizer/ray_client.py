@@ -36,6 +36,7 @@ from terra.metrics import Metrics
 from terra.recognizer.types import Recognition
 from terra.recognizer.waiting import QueuedRecognizer, Waiting
 from terra.retry import Backoff, Retryable, retrying
+from terra.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,5 @@ class RayRecognizer(QueuedRecognizer):
         self._dispatcher = asyncio.create_task(self._dispatch(), name="recognizer-dispatch")
 
     async def stop(self) -> None:
-        tasks = [*self._sends, *([self._dispatcher] if self._dispatcher else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait([*self._sends, *([self._dispatcher] if self._dispatcher else [])])
         self._waiting.cancel_all()

@@ -22,6 +22,7 @@ from terra.config import RecognizerConfig
 from terra.metrics import Metrics
 from terra.recognizer.types import Recognition, RecognitionEngine, RecognitionRequest
 from terra.recognizer.waiting import QueuedRecognizer, Waiting
+from terra.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,6 @@ class RecognizerScheduler(QueuedRecognizer):
         ]
 
     async def stop(self) -> None:
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await cancel_and_wait(self._workers)
         self._waiting.cancel_all()
         self._executor.shutdown(wait=True, cancel_futures=True)
