@@ -79,18 +79,10 @@ class FileJobService:
         return file_id
 
     def upload_path(self, file_id: str) -> Path | None:
-        try:
-            path = self.uploads / str(uuid.UUID(file_id))
-        except ValueError:
-            return None
-        return path if path.is_file() else None
+        return _stored(self.uploads, file_id)
 
     def result_path(self, result_id: str) -> Path | None:
-        try:
-            path = self.results / f"{uuid.UUID(result_id)}.json"
-        except ValueError:
-            return None
-        return path if path.is_file() else None
+        return _stored(self.results, result_id, ".json")
 
     # -- jobs ----------------------------------------------------------------------------
     async def create(self, **params: Any) -> Job:
@@ -127,3 +119,13 @@ class FileJobService:
                 except FileNotFoundError:
                     continue
         return removed + self.runner.sweep(now, self._config.retention_s)
+
+
+def _stored(folder: Path, file_id: str, suffix: str = "") -> Path | None:
+    """``folder/{file_id}{suffix}`` when ``file_id`` is a UUID (the only ids this service
+    gives out: a client's id never names another path) and the file is there; else None."""
+    try:
+        path = folder / f"{uuid.UUID(file_id)}{suffix}"
+    except ValueError:
+        return None
+    return path if path.is_file() else None
