@@ -1,10 +1,9 @@
 // The captions page: follows /conferences/{id}/events (Server-Sent Events) and renders only
 // what changed: one list item per combination (keyed by its id), updated in place when its
 // progress grows and when its final settles; DOM writes are batched per animation frame.
-"use strict";
+import { $, conferenceId, hue, withToken } from "/assets/viewer.js";
 
 (function () {
-  const { conferenceId, $, hue } = viewer;
   const list = $("lines"), scroller = $("scroller"), status = $("status");
   const speakers = new Map(); // participant_id -> {name, chip, active}
   const lines = new Map(); // combination id -> {li, start}
@@ -114,7 +113,7 @@
   // -- the feed ------------------------------------------------------------------------
   function connect() {
     const path = "/conferences/" + encodeURIComponent(conferenceId) + "/events";
-    source = new EventSource(viewer.url(path));
+    source = new EventSource(withToken(path));
     source.addEventListener("open", () => setStatus("live", "live"));
     source.addEventListener("snapshot", (e) => reset(JSON.parse(e.data)));
     source.addEventListener("progress", (e) => queue(JSON.parse(e.data)));

@@ -1,10 +1,9 @@
 // The minutes viewer: asks GET /minutes/{id}?format=json (which queues a compile the first
 // time), shows the compile's progress while it runs, then the phrases with a search box and
 // download links for every format.
-"use strict";
+import { $, conferenceId, hue, withToken } from "/assets/viewer.js";
 
 (function () {
-  const { conferenceId, $, hue } = viewer;
   const FORMATS = ["xml", "json", "srt", "vtt", "md"];
   let phrases = [];
 
@@ -12,7 +11,7 @@
   document.title = "Minutes · " + conferenceId;
 
   function url(format) {
-    return viewer.url("/minutes/" + encodeURIComponent(conferenceId), { format });
+    return withToken("/minutes/" + encodeURIComponent(conferenceId), { format });
   }
   function offset(seconds) {
     const s = Math.floor(seconds), h = Math.floor(s / 3600), m = Math.floor(s / 60) % 60;
