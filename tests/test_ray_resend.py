@@ -2,8 +2,9 @@
 take now becomes. On a real local Ray cluster (one node) with a real Serve app whose router
 holds at most one request (``max_queued_requests=1``) for a replica that takes one at a
 time: a burst of finals past it gets Serve's BackPressureError, and every final must still be
-answered, each once and with its own text; an error the replica raises on a request is its
-answer, not sent again.
+answered, each once and with its own text; a final sent while the app is deleted and
+deployed again (Serve's DeploymentUnavailableError) is answered by the new app; an error the
+replica raises on a request is its answer, not sent again.
 
 The replica is a stand-in, not the recognizer: what is checked is Serve's router and
 terra's client, and the model would only make the burst slower (tests/test_cluster.py runs
@@ -143,6 +144,25 @@ async def test_an_error_the_replica_raises_is_the_answer(
         await recognizer.submit(request("bad"))
     assert (await handle.calls_made.remote())["bad"] == 1
     assert resent(metrics) == 0
+    assert recognizer.depth == 0
+
+
+@pytest.mark.cluster
+async def test_a_final_sent_while_the_app_is_redeployed_is_answered_by_the_new_one(
+    client: tuple[RayRecognizer, Metrics, Any],
+) -> None:
+    """An operator's `terra recognizer --delete`, then `terra recognizer`: meanwhile Serve
+    answers DeploymentUnavailableError (the app has no replica), and the final waits for the
+    new app instead of failing."""
+    recognizer, metrics, handle = client
+    # A front end that has been sending: its handle's router follows the app's state.
+    assert (await recognizer.submit(request("before"))) == recognition_of("text of before")
+    serve.delete(APP)  # returns once the app is gone; the router knows it before then
+    final = recognizer.submit(request("during"))
+    await asyncio.to_thread(serve.run, stand_in_app(), name=APP, route_prefix=None)
+    assert (await final) == recognition_of("text of during")
+    assert resent(metrics) >= 1  # refused while the app was away, sent again
+    assert (await handle.calls_made.remote()) == {"during": 1}  # the new replica's count
     assert recognizer.depth == 0
 
 
