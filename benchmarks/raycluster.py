@@ -136,6 +136,8 @@ class LocalRayCluster:
                     pass
             deadline = time.monotonic() + 10
             while any(_sid(pid) in sessions for pid in pids) and time.monotonic() < deadline:
+                for node in self.nodes:  # reap the nodes: a zombie keeps its session id
+                    node.poll()
                 time.sleep(0.2)
         for node in self.nodes:
             node.wait(timeout=30)
