@@ -1,7 +1,7 @@
 // The captions page: follows /conferences/{id}/events (Server-Sent Events) and renders only
 // what changed: one list item per combination (keyed by its id), updated in place when its
 // progress grows and when its final settles; DOM writes are batched per animation frame.
-import { $, conferenceId, hue, withToken } from "/assets/viewer.js";
+import { $, conferenceId, speakerChip, speakerLine, withToken } from "/assets/viewer.js";
 
 (function () {
   const list = $("lines"), scroller = $("scroller"), status = $("status");
@@ -26,17 +26,12 @@ import { $, conferenceId, hue, withToken } from "/assets/viewer.js";
   function speaker(p) {
     let s = speakers.get(p.participant_id);
     if (!s) {
-      const chip = document.createElement("span");
-      chip.className = "chip";
-      chip.style.setProperty("--hue", hue(p.participant_id));
-      $("speakers").appendChild(chip);
-      s = { chip, name: "", active: true };
+      s = { chip: speakerChip(p.participant_id), name: "", active: true };
       speakers.set(p.participant_id, s);
     }
     if (p.participant_name) s.name = p.participant_name;
     if (p.active !== undefined) s.active = p.active;
     s.chip.textContent = s.name || p.participant_id;
-    s.chip.dataset.participant = p.participant_id;
     s.chip.classList.toggle("left", !s.active);
     return s;
   }
@@ -72,16 +67,6 @@ import { $, conferenceId, hue, withToken } from "/assets/viewer.js";
     if (elem.translation) $("english-toggle").hidden = false;
   }
   function create(elem) {
-    const li = document.createElement("li");
-    li.className = "line";
-    li.dataset.id = elem.id;
-    li.dataset.participant = elem.participant_id;
-    li.style.setProperty("--hue", hue(elem.participant_id));
-    const time = document.createElement("time");
-    time.textContent = clock(elem.timestamp_float);
-    time.dateTime = new Date(elem.timestamp_float * 1000).toISOString();
-    const who = document.createElement("span");
-    who.className = "speaker";
     const body = document.createElement("div");
     const text = document.createElement("div");
     text.className = "text";
@@ -89,7 +74,10 @@ import { $, conferenceId, hue, withToken } from "/assets/viewer.js";
     en.className = "en";
     en.lang = "en";
     body.append(text, en);
-    li.append(time, who, body);
+    const { li, time } = speakerLine(elem.participant_id, body);
+    li.dataset.id = elem.id;
+    time.textContent = clock(elem.timestamp_float);
+    time.dateTime = new Date(elem.timestamp_float * 1000).toISOString();
     // In time order: new lines almost always go last, so look from the end.
     const line = { li, start: elem.timestamp_float };
     let after = list.lastElementChild;

@@ -1,7 +1,7 @@
 // The minutes viewer: asks GET /minutes/{id}?format=json (which queues a compile the first
 // time), shows the compile's progress while it runs, then the phrases with a search box and
 // download links for every format.
-import { $, conferenceId, hue, withToken } from "/assets/viewer.js";
+import { $, conferenceId, speakerChip, speakerLine, withToken } from "/assets/viewer.js";
 
 (function () {
   const FORMATS = ["xml", "json", "srt", "vtt", "md"];
@@ -51,14 +51,7 @@ import { $, conferenceId, hue, withToken } from "/assets/viewer.js";
   function show(minutes) {
     $("state").hidden = true;
     const names = new Map(minutes.participants.map((p) => [p.id, p.name]));
-    for (const p of minutes.participants) {
-      const chip = document.createElement("span");
-      chip.className = "chip";
-      chip.dataset.participant = p.id;
-      chip.style.setProperty("--hue", hue(p.id));
-      chip.textContent = p.name || p.id;
-      $("speakers").appendChild(chip);
-    }
+    for (const p of minutes.participants) speakerChip(p.id).textContent = p.name || p.id;
     const summary = $("summary");
     summary.hidden = false;
     summary.textContent = minutes.start.replace("T", " ").slice(0, 19) + " – " +
@@ -66,22 +59,15 @@ import { $, conferenceId, hue, withToken } from "/assets/viewer.js";
       minutes.participants.length + " participants · " + minutes.phrases.length + " phrases";
     const items = document.createDocumentFragment();
     phrases = minutes.phrases.map((phrase) => {
-      const li = document.createElement("li");
-      li.className = "line";
-      li.dataset.status = "final";
-      li.dataset.participant = phrase.participant_id;
-      li.style.setProperty("--hue", hue(phrase.participant_id));
-      const time = document.createElement("time");
-      time.textContent = offset(phrase.start_s);
-      time.title = phrase.start;
-      time.dateTime = phrase.start;
-      const who = document.createElement("span");
-      who.className = "speaker";
-      who.textContent = phrase.speaker || names.get(phrase.participant_id) || phrase.participant_id;
       const text = document.createElement("div");
       text.className = "text";
       text.textContent = phrase.text;
-      li.append(time, who, text);
+      const { li, time, who } = speakerLine(phrase.participant_id, text);
+      li.dataset.status = "final";
+      time.textContent = offset(phrase.start_s);
+      time.title = phrase.start;
+      time.dateTime = phrase.start;
+      who.textContent = phrase.speaker || names.get(phrase.participant_id) || phrase.participant_id;
       items.appendChild(li);
       return { li, text, plain: phrase.text, lower: phrase.text.toLowerCase() };
     });

@@ -1,6 +1,7 @@
 // What the captions page and the minutes viewer share: the conference of the page's own
 // path (/live/{id}, /minutes/{id}/view), the viewer's token from its ?token= (passed on to
-// every request the page makes), and one colour per speaker. An ES module both pages import.
+// every request the page makes), and the speaker markup live.css draws, one colour per
+// speaker. An ES module both pages import.
 
 export const conferenceId = decodeURIComponent(location.pathname.split("/").filter(Boolean)[1] || "");
 const token = new URLSearchParams(location.search).get("token") || "";
@@ -16,7 +17,34 @@ export function withToken(path, params = {}) {
   return text ? path + "?" + text : path;
 }
 
-export function hue(id) {
+function hue(id) {
   if (!hues.has(id)) hues.set(id, Math.round((hues.size * 137.508 + 210) % 360));
   return hues.get(id);
+}
+
+// An element of a participant: it names them (data-participant) and carries their colour.
+function ofParticipant(tag, className, participantId) {
+  const element = document.createElement(tag);
+  element.className = className;
+  element.dataset.participant = participantId;
+  element.style.setProperty("--hue", hue(participantId));
+  return element;
+}
+
+// A participant's chip, added to the #speakers bar.
+export function speakerChip(participantId) {
+  const chip = ofParticipant("span", "chip", participantId);
+  $("speakers").appendChild(chip);
+  return chip;
+}
+
+// A line of the transcript in the participant's colour: its time, its speaker, then
+// ``content`` (the page fills in the time and the speaker's name).
+export function speakerLine(participantId, content) {
+  const li = ofParticipant("li", "line", participantId);
+  const time = document.createElement("time");
+  const who = document.createElement("span");
+  who.className = "speaker";
+  li.append(time, who, content);
+  return { li, time, who };
 }
