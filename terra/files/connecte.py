@@ -79,7 +79,13 @@ class ConnecteService:
         self.fetcher = Fetcher(config.url_allow, config.url_max_bytes, config.url_timeout_s)
         self.webhooks = Webhooks(config, payload, sleep=sleep)
         self.jobs = FileJobService(
-            config, jobs, KIND, self._recognize, fsync=fsync, notifier=self.webhooks
+            config,
+            jobs,
+            KIND,
+            self._recognize,
+            upload_param="upload",
+            fsync=fsync,
+            notifier=self.webhooks,
         )
 
     async def start(self) -> None:

@@ -169,5 +169,7 @@ def salute_service(
         utterances = await transcribe(tracks, file_options(options, config, decode, prompt), submit)
         return result_json(utterances, options, config.profanity_words)
 
-    service = FileJobService(config, jobs, KIND, recognize, fsync=fsync)
+    service = FileJobService(
+        config, jobs, KIND, recognize, upload_param="request_file_id", fsync=fsync
+    )
     return service

@@ -3,7 +3,8 @@
 Jobs run on the shared :class:`terra.jobs.runner.JobRunner` (kind = the dialect), so they
 survive a restart and are taken over by another front end sharing the folders. Uploaded
 audio and results are plain files under ``files.dir``; both, and finished jobs, are removed
-``files.retention_s`` after they were written.
+``files.retention_s`` after they were written, except an upload that a job not finished yet
+(here or on another front end) still reads: it is kept until that job ends.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class FileJobService:
         kind: str,
         recognize: Recognize,
         *,
+        upload_param: str,
         fsync: bool = True,
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
@@ -45,6 +47,7 @@ class FileJobService:
         self._config = config
         self.kind = kind
         self._recognize = recognize
+        self._upload_param = upload_param  # the job param that names the job's upload
         self._fsync = fsync
         self.uploads = Path(config.dir) / kind / "uploads"
         self.results = Path(config.dir) / kind / "results"
@@ -105,13 +108,17 @@ class FileJobService:
             await asyncio.sleep(self._config.sweep_interval_s)
 
     def sweep(self, now: float) -> int:
-        """Remove uploads, results and finished jobs older than the retention. Blocking."""
+        """Remove uploads, results and finished jobs older than the retention; an upload
+        that an unfinished job still reads is kept. Blocking."""
         limit = now - self._config.retention_s
+        needed = {str(job.params.get(self._upload_param)) for job in self.runner.unfinished()}
         removed = 0
         for folder in (self.uploads, self.results):
             if not folder.is_dir():
                 continue
             for path in folder.iterdir():
+                if folder == self.uploads and path.name in needed:
+                    continue
                 try:
                     if path.stat().st_mtime < limit:
                         path.unlink()

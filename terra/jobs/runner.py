@@ -392,6 +392,10 @@ class JobRunner:
             await asyncio.sleep(min(renew_every, self._config.scan_interval_s))
 
     # -- retention -----------------------------------------------------------------------
+    def unfinished(self) -> list[Job]:
+        """Jobs of this kind queued or running, here or on another front end. Blocking."""
+        return [job for job in self.store.jobs(self.kind) if not job.status.is_terminal()]
+
     def sweep(self, now: float, retention_s: float) -> int:
         """Remove finished jobs (and their leases) older than ``retention_s``. Blocking."""
         removed = 0
