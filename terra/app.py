@@ -111,6 +111,7 @@ def create_app(config: Config, engine: RecognitionEngine | None = None) -> web.A
     app[keys.METRICS] = create_metrics()
     app[keys.SPOOL] = Spool(Path(config.spool.dir), fsync=config.spool.fsync)
     app[keys.FEED] = FeedHub(config.feed)
+    app.on_startup.append(_remove_stale_spool_temps)
     app.cleanup_ctx.append(_translation_ctx)
     app.cleanup_ctx.append(_recognizer_ctx(engine))
     app.cleanup_ctx.append(minutes_api.minutes_ctx)
@@ -126,6 +127,13 @@ def create_app(config: Config, engine: RecognitionEngine | None = None) -> web.A
     docs_api.add_routes(app)
     viewer_api.add_routes(app)
     return app
+
+
+async def _remove_stale_spool_temps(app: web.Application) -> None:
+    """The spool's temp files left by writers killed between their write and rename."""
+    removed = await asyncio.to_thread(app[keys.SPOOL].remove_stale_temps, time.time())
+    if removed:
+        log.info("spool: %d temp files left by killed writers removed", removed)
 
 
 def _recognizer_ctx(

@@ -73,11 +73,38 @@ def make_dirs(path: Path, fsync: bool = True) -> None:
             fsync_dir(folder.parent)
 
 
+TEMP_PREFIX = ".tmp-"  # the temp files of writes in progress (and of writers killed)
+# A temp file last written this long ago is no write in progress (a write takes well under a
+# second; an upload's temp file is written at each chunk): its writer was killed.
+STALE_TEMP_S = 600.0
+
+
+def remove_stale_temps(folder: Path, now: float, older_than_s: float = STALE_TEMP_S) -> int:
+    """Remove the temp files in ``folder`` (not below) last written over ``older_than_s``
+    before ``now``: left by a writer killed between its write and its rename. A younger one
+    may be another front end's write in progress and is kept. Returns how many. Blocking."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        if not entry.name.startswith(TEMP_PREFIX):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < now - older_than_s:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
 def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename; the
     folders it creates are durable too."""
     make_dirs(path.parent, fsync)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -101,6 +128,15 @@ class Spool:
 
     def participant_dir(self, conference_id: str, participant_id: str) -> Path:
         return self.root / conference_id / participant_id
+
+    def remove_stale_temps(self, now: float) -> int:
+        """Remove the temp files killed writers left in the participant folders (see
+        :func:`remove_stale_temps`); at start-up. Returns how many. Blocking."""
+        removed = 0
+        for conference in _folders(self.root):
+            for participant in _folders(conference):
+                removed += remove_stale_temps(participant, now)
+        return removed
 
     def known_post_keys(self, conference_id: str, participant_id: str) -> set[str]:
         folder = self.participant_dir(conference_id, participant_id)
@@ -174,6 +210,13 @@ class Spool:
             except (OSError, ValueError):
                 pass
         write_atomic(path, json.dumps(info, ensure_ascii=False).encode("utf-8"), self.fsync)
+
+
+def _folders(folder: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 # -- reading a conference back (the minutes compiler) ------------------------------------

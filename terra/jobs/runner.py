@@ -159,7 +159,11 @@ class JobRunner:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Take up what nobody runs, then start the workers and the lease keeper."""
+        """Remove the temp files killed writers left (file times are wall-clock time), take
+        up what nobody runs, then start the workers and the lease keeper."""
+        removed = await asyncio.to_thread(self.store.remove_stale_temps, self.kind, time.time())
+        if removed:
+            log.info("%s: %d temp files left by killed writers removed", self.kind, removed)
         await self.scan()
         self._tasks = [
             asyncio.create_task(self._worker(), name=f"{self.kind}-{i}")

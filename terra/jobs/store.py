@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from terra.params import is_safe_id
-from terra.spool import fsync_dir, make_dirs, write_atomic
+from terra.spool import fsync_dir, make_dirs, remove_stale_temps, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,17 @@ class JobStore:
             if job is not None:
                 jobs.append(job)
         return jobs
+
+    def remove_stale_temps(self, kind: str, now: float) -> int:
+        """Remove the temp files killed writers left among the kind's job files and leases
+        (see :func:`terra.spool.remove_stale_temps`). Returns how many. Blocking."""
+        folder = self.root / kind
+        removed = remove_stale_temps(folder, now)
+        leases = folder / LEASES
+        if leases.is_dir():
+            for job_leases in leases.iterdir():
+                removed += remove_stale_temps(job_leases, now)
+        return removed
 
     # -- leases --------------------------------------------------------------------------
     def _lease_dir(self, kind: str, job_id: str) -> Path:

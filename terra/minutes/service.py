@@ -31,7 +31,7 @@ from terra.minutes.types import Minutes
 from terra.recognizer.options import DecodePasses
 from terra.recognizer.types import Recognition, RecognitionRequest
 from terra.retry import Submit, until_taken
-from terra.spool import conference_digest, read_conference, write_atomic
+from terra.spool import conference_digest, read_conference, remove_stale_temps, write_atomic
 from terra.tasks import gather_or_cancel
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ class MinutesService:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Take up the compiles nobody runs (left by a process that died), start workers."""
+        """Take up the compiles nobody runs (left by a process that died), start workers;
+        remove the results' temp files killed writers left (wall-clock file times)."""
+        await asyncio.to_thread(remove_stale_temps, self.results_dir, time.time())
         await self.runner.start()
 
     async def stop(self) -> None:
