@@ -188,7 +188,8 @@ class Spool:
         line = (json.dumps(asdict(record), ensure_ascii=False) + "\n").encode("utf-8")
         with open(folder / "index.jsonl", "a+b") as index:
             # A line torn by a crash or a full disk is ended first, so it takes only itself.
-            if index.seek(0, os.SEEK_END) > 0:
+            first = index.seek(0, os.SEEK_END) == 0
+            if not first:
                 index.seek(-1, os.SEEK_END)
                 if index.read(1) != b"\n":
                     line = b"\n" + line
@@ -196,6 +197,8 @@ class Spool:
             index.flush()
             if self.fsync:
                 os.fsync(index.fileno())
+        if first and self.fsync:  # the append made the index: its name is durable too
+            fsync_dir(folder)
         return record
 
     def _write_participant(

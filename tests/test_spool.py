@@ -224,3 +224,13 @@ async def test_temp_files_a_kill_left_are_removed_at_the_next_start(
     )
     assert [p for p in stale if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
+
+
+def test_the_first_index_append_is_durable_by_name(tmp_path: Path, fsynced: list[Path]) -> None:
+    """The first fragment's append creates index.jsonl, after the folder was fsync'd for the
+    WAV: the folder is fsync'd again once the index is there, or a power cut can lose the
+    index's name (and with it every record appended to it)."""
+    Spool(tmp_path).write("conf", "anna", "Anna", 1e9, 100, "p1", "en", WAV)
+    folder = tmp_path / "conf" / "anna"
+    appended = fsynced.index(folder / "index.jsonl")
+    assert folder in fsynced[appended:], "the folder was not fsync'd after the index was made"
