@@ -54,10 +54,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Folders this process has made durable by name (their parents fsync'd, up to their file
+# system's root); bounded: when full it starts again, which costs only fsyncs.
+_DURABLE_DIRS: set[str] = set()
+_DURABLE_DIRS_MAX = 100_000
+
+
 def make_dirs(path: Path, fsync: bool = True) -> None:
-    """``mkdir -p``; with ``fsync``, the parent of each folder it creates is fsync'd, since
-    a new folder's entry lives there (a folder another writer is creating at the same time
-    counts as created here too, as its parent may not be fsync'd yet)."""
+    """``mkdir -p``; with ``fsync``, ``path`` is durable by name: a new folder's entry lives
+    in its parent, so the parent of each folder it creates is fsync'd, and so is that of
+    each folder above that this process has not made durable yet: one found there may have
+    been made by a writer killed before its parent's fsync, or be another writer's being
+    made at the same time."""
     missing = []
     folder = path
     while not folder.is_dir():
@@ -69,8 +77,23 @@ def make_dirs(path: Path, fsync: bool = True) -> None:
         except FileExistsError:
             if not folder.is_dir():
                 raise
-        if fsync:
-            fsync_dir(folder.parent)
+        _DURABLE_DIRS.discard(os.path.abspath(folder))  # made again: its parent is fsync'd
+    if fsync:
+        _make_durable(Path(os.path.abspath(path)))
+
+
+def _make_durable(path: Path) -> None:
+    """fsync the parent of ``path`` and of each folder above it, up to the file system's
+    root, until one this process has made durable already."""
+    if len(_DURABLE_DIRS) >= _DURABLE_DIRS_MAX:
+        _DURABLE_DIRS.clear()
+    folder = path
+    while str(folder) not in _DURABLE_DIRS and folder != folder.parent:
+        if os.path.ismount(folder):
+            break  # its entry is on another file system
+        fsync_dir(folder.parent)
+        _DURABLE_DIRS.add(str(folder))
+        folder = folder.parent
 
 
 TEMP_PREFIX = ".tmp-"  # the temp files of writes in progress (and of writers killed)
@@ -142,9 +165,10 @@ class Spool:
         folder = self.participant_dir(conference_id, participant_id)
         if not folder.is_dir():
             return set()
-        # These posts will count as stored: a writer killed between its rename and its
-        # fsync left names that are not durable yet.
+        # These posts will count as stored: a writer killed between its rename (or mkdir)
+        # and its fsync left names that are not durable yet.
         if self.fsync:
+            make_dirs(folder)
             fsync_dir(folder)
         # By the fragments' own name rule: a temp file a kill left (".tmp-ab_7.wav") is no post.
         names = (_FRAGMENT_NAME.fullmatch(p.name) for p in folder.iterdir())
@@ -169,7 +193,8 @@ class Spool:
         folder = self.participant_dir(conference_id, participant_id)
         name = f"{int(round(start_time * 1_000_000)):017d}_{post_key(post_id)}.wav"
         if post_id is not None and (folder / name).exists():
-            if self.fsync:  # its writer may have died, or be, between its rename and fsync
+            if self.fsync:  # its writer may have died, or be, between its rename (or mkdir)
+                make_dirs(folder)  # and the fsync
                 fsync_dir(folder)
             return None
         make_dirs(folder, self.fsync)

@@ -234,3 +234,26 @@ def test_the_first_index_append_is_durable_by_name(tmp_path: Path, fsynced: list
     folder = tmp_path / "conf" / "anna"
     appended = fsynced.index(folder / "index.jsonl")
     assert folder in fsynced[appended:], "the folder was not fsync'd after the index was made"
+
+
+def test_folders_a_killed_writer_made_are_made_durable_by_the_next(
+    tmp_path: Path, fsynced: list[Path]
+) -> None:
+    """A writer killed between its mkdir and its parent's fsync leaves a folder whose entry
+    is not durable; the next writer finds the folder there. A fragment in it, new or found
+    on disk, counts as stored only once the folders holding it are durable by name too."""
+    Spool(tmp_path, fsync=False).write("conf", "anna", "Anna", 1e9, 100, "p1", "en", WAV)
+    Spool(tmp_path, fsync=False).write("conf", "boris", "Boris", 1e9, 100, "p1", "en", WAV)
+    Spool(tmp_path, fsync=False).write("conf", "clara", "Clara", 1e9, 100, "p1", "en", WAV)
+    assert fsynced == []
+    conference = tmp_path / "conf"
+    spool = Spool(tmp_path)
+    assert spool.write("conf", "anna", "Anna", 1e9 + 2, 100, "p2", "en", WAV) is not None
+    for folder in (tmp_path, conference):  # hold conf/ and anna/
+        assert folder in fsynced, f"{folder} was not fsync'd"
+    fsynced.clear()
+    assert spool.write("conf", "boris", "Boris", 1e9, 100, "p1", "en", WAV) is None  # duplicate
+    assert conference in fsynced, "boris/ is not durable by name"
+    fsynced.clear()
+    assert spool.known_post_keys("conf", "clara") == {"p1"}
+    assert conference in fsynced, "clara/ is not durable by name"
