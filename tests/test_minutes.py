@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -208,6 +209,30 @@ def test_xml_takes_text_with_characters_xml_cannot_carry() -> None:
     assert validate_xml(data) == []
     text = etree.fromstring(data).find("phrases/phrase").text
     assert text == "bell formfeed  end\tok"
+
+
+def test_subtitle_cues_hold_whole_phrases_whatever_their_text() -> None:
+    """A blank line ends an SRT or WebVTT cue: a phrase whose text held one (here followed
+    by what reads as the next cue) cut its cue short and made players show a forged cue.
+    Line breaks in cue text are folded into spaces; each phrase is one cue of one text line."""
+    text = "first\n\n2\n00:00:09,000 --> 00:00:10,000\r\n \nforged"
+    folded = "first 2 00:00:09,000 --> 00:00:10,000 forged"
+    minutes = dataclasses.replace(
+        sample_minutes(),
+        phrases=(Phrase("p-1", 0.35, 2.35, text, "ru"), Phrase("p-2", 3.0, 4.0, "next", "en")),
+    )
+    timing = re.compile(r"\d\d:\d\d:\d\d[,.]\d{3} --> \d\d:\d\d:\d\d[,.]\d{3}")
+    srt = to_srt(minutes).decode().strip().split("\n\n")
+    vtt = to_vtt(minutes).decode().strip().split("\n\n")
+    assert vtt.pop(0) == "WEBVTT"
+    for cues in (srt, vtt):
+        assert [cue.split("\n")[0] for cue in cues] == ["1", "2"], cues
+        for cue in cues:
+            lines = cue.split("\n")
+            assert len(lines) == 3 and timing.fullmatch(lines[1]), cue
+    assert srt[0].split("\n")[2] == f"Анна <Иванова> & Co: {folded}"
+    escaped = folded.replace(">", "&gt;")
+    assert vtt[0].split("\n")[2] == f"<v Анна &lt;Иванова&gt; &amp; Co>{escaped}"
 
 
 def test_text_formats_name_the_speakers() -> None:

@@ -135,6 +135,15 @@ def _clock(seconds: float, separator: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
 
 
+# A line break in cue text (with the blanks around it): a blank line would end the cue.
+_LINE_BREAK = re.compile("[ \t]*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]\\s*")
+
+
+def _cue_text(text: str) -> str:
+    """A phrase's text on one line: an SRT or WebVTT cue ends at a blank line."""
+    return _LINE_BREAK.sub(" ", text)
+
+
 def _cue_end(phrase: Phrase) -> float:
     # A cue needs a visible duration even when the phrase was timed as an instant.
     return max(phrase.end_s, phrase.start_s + 0.5)
@@ -146,7 +155,7 @@ def to_srt(minutes: Minutes, zone: ZoneInfo | None = None) -> bytes:
         name = minutes.speaker(phrase.participant_id).name
         blocks.append(
             f"{number}\n{_clock(phrase.start_s, ',')} --> {_clock(_cue_end(phrase), ',')}\n"
-            f"{name}: {phrase.text}\n"
+            f"{name}: {_cue_text(phrase.text)}\n"
         )
     return "\n".join(blocks).encode("utf-8")
 
@@ -162,7 +171,7 @@ def to_vtt(minutes: Minutes, zone: ZoneInfo | None = None) -> bytes:
         lines += [
             str(number),
             f"{_clock(phrase.start_s, '.')} --> {_clock(_cue_end(phrase), '.')}",
-            f"<v {name}>{_vtt_escape(phrase.text)}",
+            f"<v {name}>{_vtt_escape(_cue_text(phrase.text))}",
             "",
         ]
     return "\n".join(lines).encode("utf-8")
