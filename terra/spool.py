@@ -71,27 +71,34 @@ def make_dirs(path: Path, fsync: bool = True) -> None:
     while not folder.is_dir():
         missing.append(folder)
         folder = folder.parent
+    if fsync:
+        _make_durable(Path(os.path.abspath(folder)))
     for folder in reversed(missing):
         try:
             folder.mkdir()
         except FileExistsError:
             if not folder.is_dir():
                 raise
-        _DURABLE_DIRS.discard(os.path.abspath(folder))  # made again: its parent is fsync'd
-    if fsync:
-        _make_durable(Path(os.path.abspath(path)))
+        if fsync:
+            fsync_dir(folder.parent)
+            _DURABLE_DIRS.add(os.path.abspath(folder))
 
 
 def _make_durable(path: Path) -> None:
     """fsync the parent of ``path`` and of each folder above it, up to the file system's
-    root, until one this process has made durable already."""
+    root (or a folder this process may not read, which it did not make), until one this
+    process has made durable already."""
     if len(_DURABLE_DIRS) >= _DURABLE_DIRS_MAX:
         _DURABLE_DIRS.clear()
     folder = path
     while str(folder) not in _DURABLE_DIRS and folder != folder.parent:
         if os.path.ismount(folder):
             break  # its entry is on another file system
-        fsync_dir(folder.parent)
+        try:
+            fsync_dir(folder.parent)
+        except PermissionError:
+            _DURABLE_DIRS.add(str(folder))  # not tried again
+            break
         _DURABLE_DIRS.add(str(folder))
         folder = folder.parent
 
