@@ -51,6 +51,7 @@ from benchmarks.common import RESULTS, ROOT, SPEECH, free_port, machine, write_r
 from benchmarks.live import Talker, make_talkers
 from benchmarks.metrics import metric, parse_metrics
 from terra.audio import SAMPLE_RATE, Samples, encode_wav
+from terra.config import RecognizerConfig
 from terra.files.fetch import FetchError, check_url
 from terra.streamclient import load_audio
 
@@ -932,6 +933,7 @@ def markdown(rows: list[Row], info: dict[str, Any], talkers: dict[str, Any] | No
         )
     if talkers:
         t = talkers
+        default_overload = f"the default, {RecognizerConfig().overload_finals_s:g} s"
         lines += [
             "",
             f"## Row 13: {t['talkers']} continuous talkers for {t['seconds']:.0f} s "
@@ -944,7 +946,7 @@ def markdown(rows: list[Row], info: dict[str, Any], talkers: dict[str, Any] | No
             "the first `/healthz` reading after the load's last second (finals waiting or being "
             "decoded, and the audio of those waiting). Finals asked for while the finals "
             "waiting hold `recognizer.overload_finals_s` of audio are decoded greedy "
-            f"(overload_finals_s here: {t.get('overload_finals_s') or 'the default, 30 s'}); "
+            f"(overload_finals_s here: {t.get('overload_finals_s') or default_overload}); "
             "past `recognizer.max_owed_final_s` a final is settled from the live text with no "
             "model call. Finals produced / delivered count those with text: an empty final is "
             "never delivered, so a final settled from empty live text leaves no final at all "
