@@ -33,6 +33,7 @@ from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import RecognitionEngine, Vocabulary
 from terra.recognizer.vocabulary import load_vocabulary
 from terra.spool import Spool
+from terra.tasks import cancel_and_wait
 from terra.translate.backends import open_translator
 from terra.translate.langid import LanguageDetector
 from terra.translate.service import TranslationService
@@ -111,7 +112,7 @@ def create_app(config: Config, engine: RecognitionEngine | None = None) -> web.A
     app[keys.METRICS] = create_metrics()
     app[keys.SPOOL] = Spool(Path(config.spool.dir), fsync=config.spool.fsync)
     app[keys.FEED] = FeedHub(config.feed)
-    app.on_startup.append(_remove_stale_spool_temps)
+    app.cleanup_ctx.append(_stale_spool_temps_ctx)
     app.cleanup_ctx.append(_translation_ctx)
     app.cleanup_ctx.append(_recognizer_ctx(engine))
     app.cleanup_ctx.append(minutes_api.minutes_ctx)
@@ -129,11 +130,21 @@ def create_app(config: Config, engine: RecognitionEngine | None = None) -> web.A
     return app
 
 
-async def _remove_stale_spool_temps(app: web.Application) -> None:
-    """The spool's temp files left by writers killed between their write and rename."""
-    removed = await asyncio.to_thread(app[keys.SPOOL].remove_stale_temps, time.time())
-    if removed:
-        log.info("spool: %d temp files left by killed writers removed", removed)
+async def _stale_spool_temps_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Remove the spool's temp files left by writers killed between their write and rename,
+    in the background: a spool of years of conferences takes a while to walk, and the
+    server answers meanwhile (the younger temp files it writes are never touched)."""
+    spool = app[keys.SPOOL]
+
+    async def remove() -> int:
+        removed = await asyncio.to_thread(spool.remove_stale_temps, time.time())
+        if removed:
+            log.info("spool: %d temp files left by killed writers removed", removed)
+        return removed
+
+    task = app[keys.SPOOL_TEMPS] = asyncio.create_task(remove(), name="spool-temps")
+    yield
+    await cancel_and_wait([task])
 
 
 def _recognizer_ctx(

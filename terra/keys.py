@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from terra.config import Config
@@ -19,6 +21,8 @@ CONFIG = web.AppKey("config", Config)
 DECODE = web.AppKey("decode", DecodePasses)  # each kind of pass's DecodeOptions
 METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", Spool)
+# The start-up removal of temp files killed writers left in the spool, in the background.
+SPOOL_TEMPS: web.AppKey[asyncio.Task[int]] = web.AppKey("spool_temps")
 ENGINE = web.AppKey("engine", Vocabulary)  # the model's tokens (recognition: SCHEDULER)
 SCHEDULER = web.AppKey("scheduler", Recognizer)  # local scheduler or the Ray backend
 LIVE = web.AppKey("live", LiveService)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from terra import keys
 from terra.audio import encode_wav
 from terra.files.upload import in_memory, save_stream
 from terra.jobs.store import JobStore
@@ -219,9 +220,10 @@ async def test_temp_files_a_kill_left_are_removed_at_the_next_start(
         path.write_bytes(b"{}")
     for path in stale + kept[:2] + kept[3:]:
         os.utime(path, (old, old))
-    await make_fast_server(
+    client = await make_fast_server(
         files={"dir": str(tmp_path / "files"), "jobs_dir": str(tmp_path / "file-jobs")}
     )
+    assert await client.app[keys.SPOOL_TEMPS] == 2  # the spool's, in the background
     assert [p for p in stale if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
 
