@@ -361,6 +361,27 @@ async def test_bad_data_uris_are_refused_at_create(
     assert len(JobStore(tmp_path / "file-jobs").jobs("connecte")) == 4
 
 
+async def test_a_lone_surrogate_in_the_body_is_400_and_no_prediction(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A JSON ``"\\ud800"`` (half a UTF-16 pair, not text) in a field the prediction echoes
+    was stored as a job and then failed the UTF-8 answer: a 500 and a prediction the client
+    never heard of. It is a 400 now, and nothing is kept."""
+    client = await make_fast_server(files=files_section(tmp_path))
+    for body in (
+        b'{"audio": "https://example.com/a.mp3", "model": "\\ud800"}',
+        b'{"audio": "https://example.com/a\\udc00.mp3"}',
+    ):
+        response = await client.post(
+            "/api/v1/openai/whisper",
+            data=body,
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
+        answer = await response.json()
+        assert response.status == 400 and "surrogate" in answer["detail"], (body, answer)
+    assert JobStore(tmp_path / "file-jobs").jobs("connecte") == []
+
+
 async def test_model_names_map_to_the_served_model(
     make_fast_server: ServerFactory, tmp_path: Path
 ) -> None:

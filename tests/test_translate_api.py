@@ -224,6 +224,42 @@ async def test_a_body_over_the_limit_is_413(
     assert status == 413 and "larger than" in body["detail"]
 
 
+async def test_a_lone_surrogate_is_400_and_an_escaped_pair_is_text(
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
+) -> None:
+    """JSON may escape half a UTF-16 pair (``"\\ud800"``): Python parses it into a string
+    that is not text, which the language detector and the UTF-8 answer failed on (500). It
+    is the client's error, in the content or in a key echoed back; a whole pair is an emoji."""
+    client = await make_fast_server(translate=http_settings(standin.url))
+    for body in (
+        '[{"from_lang": "auto", "to_lang": "en", "content": "\\ud800 привет"}]',
+        '[{"from_lang": "ru", "to_lang": "en", "content": "привет \\udfff"}]',
+        '[{"from_lang": "ru", "to_lang": "en", "content": "привет", "uuid": "\\ud83d"}]',
+    ):
+        response = await client.post(
+            "/translate_to_any",
+            params={"token": TOKEN},
+            data=f'{{"payload": {body}}}'.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        answer = await response.json()
+        assert response.status == 400 and "surrogate" in answer["detail"], (body, answer)
+        form = aiohttp.FormData({"token": TOKEN, "payload": body})
+        response = await client.post("/translate_to_any", data=form)
+        assert response.status == 400, body
+    assert standin.requests == []
+    emoji = "\\ud83d\\ude00"  # one whole pair, escaped
+    pair = f'[{{"from_lang": "ru", "to_lang": "en", "content": "{emoji}", "uuid": "{emoji}"}}]'
+    response = await client.post(
+        "/translate_to_any",
+        params={"token": TOKEN},
+        data=f'{{"payload": {pair}}}'.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status == 200
+    assert (await response.json())["payload"][0]["uuid"] == "\U0001f600"
+
+
 async def test_a_translator_that_is_down_leaves_the_parcels_not_processed(
     make_fast_server: ServerFactory,
 ) -> None:

@@ -226,9 +226,22 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
+# A \uD800-\uDFFF escape: the only way a lone surrogate (not text) gets into parsed JSON.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def parse_json(raw: bytes | str, max_depth: int, what: str = "the body") -> Any:
-    """A JSON document, or BadRequest: malformed, not UTF-8, or nested deeper than
-    ``max_depth`` (a 200k-deep body is refused, not a RecursionError)."""
+    """A JSON document, or BadRequest: malformed, not UTF-8, nested deeper than
+    ``max_depth`` (a 200k-deep body is refused, not a RecursionError), or holding a string
+    with a lone surrogate (``"\\ud800"``: not text, it cannot be stored or answered)."""
     try:
         value = json.loads(raw)
     except RecursionError as e:
@@ -237,6 +250,9 @@ def parse_json(raw: bytes | str, max_depth: int, what: str = "the body") -> Any:
         raise BadRequest(f"{what} is not valid JSON: {e}") from e
     if json_depth(value) > max_depth:
         raise BadRequest(f"{what} nests deeper than {max_depth} levels")
+    encoded = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if _SURROGATE_ESCAPE.search(encoded) and _has_lone_surrogate(value):
+        raise BadRequest(f"{what} holds a lone UTF-16 surrogate (\\uD800-\\uDFFF): not text")
     return value
 
 
