@@ -80,8 +80,11 @@ def start_haproxy(environment: dict[str, str], log: Path) -> subprocess.Popen[by
         )
 
 
-async def servers_up(stats_url: str, names: set[str], timeout_s: float = 30) -> None:
-    """Until HAProxy's own health checks report exactly ``names`` up."""
+async def servers_up(
+    stats_url: str, names: set[str], timeout_s: float = 30, state: str = "UP"
+) -> None:
+    """Until HAProxy's own health checks report exactly ``names`` up (or in ``state``:
+    DOWN, NOLB)."""
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while True:
@@ -92,13 +95,15 @@ async def servers_up(stats_url: str, names: set[str], timeout_s: float = 30) -> 
                 text = ""
             up = set(
                 re.findall(
-                    r'haproxy_server_status\{proxy="terra_frontends",server="(\w+)",state="UP"\} 1',
+                    r'haproxy_server_status\{proxy="terra_frontends",server="(\w+)",state="'
+                    + state
+                    + r'"\} 1',
                     text,
                 )
             )
             if up == names:
                 return
-            assert time.monotonic() < deadline, f"HAProxy sees {up} up, not {names}"
+            assert time.monotonic() < deadline, f"HAProxy sees {up} {state}, not {names}"
             await asyncio.sleep(0.2)
 
 

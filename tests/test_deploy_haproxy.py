@@ -31,11 +31,13 @@ AUDIO = bytes(range(256)) * 256  # 64 KB with NUL bytes, like a 2 s WAV
 
 @dataclass(slots=True)
 class FakeFrontEnd:
-    """Answers GET /healthz, and anything else with ``{name} {query}``; while ``dying``, it
-    reads a request and closes the connection without a word (a process killed mid-request)."""
+    """Answers GET /healthz (503 while ``saturated``, as terra's does), and anything else
+    with ``{name} {query}``; while ``dying``, it reads a request and closes the connection
+    without a word (a process killed mid-request)."""
 
     name: str
     dying: bool = False
+    saturated: bool = False
     port: int = 0
     server: asyncio.Server | None = field(default=None, repr=False)
 
@@ -62,8 +64,15 @@ class FakeFrontEnd:
                 if path != "/healthz" and self.dying:
                     break
                 body = f"{self.name} {query}".encode()
+                status = (
+                    b"503 Service Unavailable"
+                    if path == "/healthz" and self.saturated
+                    else b"200 OK"
+                )
                 writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    b"HTTP/1.1 "
+                    + status
+                    + b"\r\nContent-Type: text/plain\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
                 )
@@ -77,6 +86,7 @@ class FakeFrontEnd:
 @dataclass(frozen=True, slots=True)
 class Balancer:
     url: str
+    stats: str
     front_ends: dict[str, FakeFrontEnd]
 
 
@@ -91,7 +101,7 @@ async def balancer(tmp_path: Path) -> AsyncIterator[Balancer]:
     haproxy = start_haproxy(environment, tmp_path / "haproxy.log")
     try:
         await servers_up(f"http://127.0.0.1:{stats}", {"fe1", "fe2"})
-        yield Balancer(f"http://127.0.0.1:{lb}", fakes)
+        yield Balancer(f"http://127.0.0.1:{lb}", f"http://127.0.0.1:{stats}", fakes)
     finally:
         haproxy.terminate()
         haproxy.wait(10)
@@ -157,6 +167,13 @@ async def test_a_request_a_dying_front_end_never_answered_is_sent_to_another(
 ) -> None:
     async with aiohttp.ClientSession() as session:
         _, owner, _ = await send(session, balancer.url, "conf-x", "query")
+        # A second conference of the same front end (the first moves with its retry).
+        second = ""
+        for conference in (f"conf-y{i}" for i in range(32)):
+            if (await send(session, balancer.url, conference, "query"))[1] == owner:
+                second = conference
+                break
+        assert second
         balancer.front_ends[owner].dying = True
         started = time.monotonic()
         status, name, _ = await send(session, balancer.url, "conf-x", "query", post_id="p-2")
@@ -165,7 +182,31 @@ async def test_a_request_a_dying_front_end_never_answered_is_sent_to_another(
         # Without a post_id a resend could store the fragment twice: no retry, the client
         # gets the failure (502, or its connection closed as the front end's was).
         try:
-            status, _, _ = await send(session, balancer.url, "conf-x", "query", post_id=None)
+            status, _, _ = await send(session, balancer.url, second, "query", post_id=None)
         except aiohttp.ServerDisconnectedError:
             status = 0
         assert status in (0, 502)
+
+
+async def test_a_saturated_front_end_keeps_its_conferences_and_gets_no_new_ones(
+    balancer: Balancer,
+) -> None:
+    """/healthz's 503 (saturated) means "no new conferences", not "move the ones you have":
+    their participants' live streams are there. A dead front end's conferences do move."""
+    async with aiohttp.ClientSession() as session:
+        _, owner, _ = await send(session, balancer.url, "conf-kept", "query")
+        other = next(name for name in balancer.front_ends if name != owner)
+        balancer.front_ends[owner].saturated = True
+        await servers_up(balancer.stats, {other})  # HAProxy has seen the 503s
+        status, name, _ = await send(session, balancer.url, "conf-kept", "field", post_id="p-2")
+        assert (status, name) == (200, owner), "a saturated front end keeps its conferences"
+        for conference in (f"new-{i}" for i in range(6)):
+            status, name, _ = await send(session, balancer.url, conference, "query")
+            assert (status, name) == (200, other), "and gets no new ones"
+
+        server = balancer.front_ends[owner].server
+        assert server is not None
+        server.close()  # now it dies: health checks are refused
+        await servers_up(balancer.stats, {owner}, state="DOWN")
+        status, name, _ = await send(session, balancer.url, "conf-kept", "query", post_id="p-3")
+        assert (status, name) == (200, other), "a dead front end's conferences move"
