@@ -1,15 +1,18 @@
 """deploy/: the compose file, the front ends' config and the HAProxy config fit together.
 
 Docker cannot run on the development machine, so docker-compose.yml is checked for its
-structure (services, shared volume, the addresses HAProxy is given) rather than started;
+structure (services, shared volume, the addresses HAProxy is given) rather than started,
+and its front ends' healthcheck command is run against a real front end;
 deploy/haproxy.cfg runs for real in tests/test_cluster.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,9 @@ import yaml
 
 from terra.config import load_config
 
-from .conftest import ROOT
+from .conftest import ROOT, ServerFactory, post_fragment
+from .test_minutes_e2e import free_port
+from .test_overload import VOICED
 
 DEPLOY = ROOT / "deploy"
 
@@ -85,3 +90,26 @@ def test_haproxy_accepts_the_config_with_the_compose_environment() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Configuration file is valid" in result.stdout + result.stderr
+
+
+async def test_the_compose_health_check_keeps_a_saturated_front_end_healthy(
+    make_fast_server: ServerFactory,
+) -> None:
+    """Docker runs the front ends' healthcheck command; a failing one marks the container
+    unhealthy (Swarm replaces it). A saturated front end (/healthz 503) is busy, not broken:
+    replacing it would drop every participant on it. A front end that does not answer
+    fails the check. FakeEngine: the model is beside the point."""
+    check = compose()["services"]["frontend1"]["healthcheck"]["test"]
+    assert check[:3] == ["CMD", "python", "-c"]
+
+    async def returncode(address: str) -> int:
+        code = check[3].replace("127.0.0.1:9001", address)
+        process = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+        return await process.wait()
+
+    client = await make_fast_server(stream={"max_participants": 1})
+    status, _ = await post_fragment(client, VOICED, lang="en")
+    assert status == 200
+    assert (await client.get("/healthz")).status == 503  # saturated: participants at the bound
+    assert await returncode(f"127.0.0.1:{client.port}") == 0
+    assert await returncode(f"127.0.0.1:{free_port()}") != 0  # nobody there
