@@ -31,6 +31,9 @@ class LibreTranslateStandIn:
     # Statuses to answer with before answering normally, one per request.
     fail_with: list[int] = field(default_factory=list)
     delay_s: float = 0.0
+    # Raw 200 bodies to answer with before answering normally, one per request (a broken
+    # service's answers).
+    answer_with: list[bytes] = field(default_factory=list)
     api_key: str = ""
     server: TestServer | None = None
 
@@ -58,6 +61,8 @@ class LibreTranslateStandIn:
         if self.fail_with:
             status = self.fail_with.pop(0)
             return web.json_response({"error": f"stand-in told to fail ({status})"}, status=status)
+        if self.answer_with:
+            return web.Response(body=self.answer_with.pop(0), content_type="application/json")
         if self.api_key and body.get("api_key") != self.api_key:
             return web.json_response({"error": "Invalid API key"}, status=403)
         q, source, target = body.get("q"), body.get("source"), body.get("target")

@@ -289,6 +289,31 @@ async def test_a_translator_that_is_down_leaves_the_parcels_not_processed(
     assert health.status == 200  # nothing else broke
 
 
+async def test_a_translator_answer_that_is_not_text_leaves_its_parcels_not_processed(
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
+) -> None:
+    """A broken service's 200 that nests too deep for the JSON parser, or whose text holds a
+    lone surrogate (not text, which the UTF-8 answer cannot carry), failed the whole request
+    with a 500; it is that batch's failure: its parcels come back not_processed, the other
+    direction's are translated, and it is not retried (the service answered)."""
+    client = await make_fast_server(translate=http_settings(standin.url, retries=2))
+    for broken in (
+        b'{"translatedText": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"translatedText": ["\\ud800"]}',
+    ):
+        standin.requests.clear()
+        standin.answer_with = [broken]
+        status, body = await post(
+            client, {"token": TOKEN, "payload": SPEC_PAYLOAD[:1] + SPEC_PAYLOAD[1:2] * 2}
+        )
+        assert status == 200, body
+        # parcels 1 and 2 share a direction (and one text); whichever direction's request
+        # came first got the broken answer
+        first, second, third = (item["status"] for item in body["payload"])
+        assert {first, second} == {"not_processed", "processed"} and second == third, body
+        assert len(standin.requests) == 2  # one per direction, no retry
+
+
 async def test_skip_check_en_from_the_environment(
     fake_engine: FakeEngine, tmp_path: Path, standin: LibreTranslateStandIn
 ) -> None:

@@ -139,7 +139,7 @@ class HttpTranslator:
 def _parse_libretranslate(raw: bytes, count: int) -> list[str]:
     try:
         answer = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep to parse
         raise TranslatorError(f"the translator's answer is not JSON: {raw[:100]!r}") from e
     translated = answer.get("translatedText") if isinstance(answer, dict) else None
     if isinstance(translated, str) and count == 1:
@@ -152,6 +152,11 @@ def _parse_libretranslate(raw: bytes, count: int) -> list[str]:
         raise TranslatorError(
             f"the translator's answer has no translatedText list of {count}: {raw[:200]!r}"
         )
+    for text in translated:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"): not text
+            raise TranslatorError(f"the translator's answer is not text: {raw[:200]!r}") from e
     return translated
 
 
