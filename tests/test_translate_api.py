@@ -213,6 +213,36 @@ async def test_malformed_payloads_are_400_with_the_reason(
     assert standin.requests == []
 
 
+async def test_a_malformed_body_that_opens_with_a_valid_token_is_400_with_the_reason(
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
+) -> None:
+    """A body cut short, or holding a lone surrogate, after a valid leading ``"token"`` was
+    answered 401 "token is required": the client who sent a good token was told it sent
+    none. The token is judged as the client wrote it, then the body: 400 with the reason; a
+    wrong leading token is still a 401."""
+    client = await make_fast_server(translate=http_settings(standin.url))
+    payload = json.dumps({"token": TOKEN, "payload": SPEC_PAYLOAD}, ensure_ascii=False)
+    for body, reason in (
+        (payload[:-5], "not valid JSON"),
+        (payload.replace("первое", "\\ud800"), "surrogate"),
+    ):
+        response = await client.post(
+            "/translate_to_any",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        answer = await response.json()
+        assert response.status == 400 and reason in answer["detail"], (body, answer)
+        wrong = body.replace(TOKEN, "wrong")
+        response = await client.post(
+            "/translate_to_any",
+            data=wrong.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status == 401, wrong
+    assert standin.requests == []
+
+
 async def test_a_body_over_the_limit_is_413(
     make_fast_server: ServerFactory, standin: LibreTranslateStandIn
 ) -> None:

@@ -9,7 +9,14 @@ from aiohttp import web
 from terra import keys
 from terra.api.auth import check_token, query_token
 from terra.api.errors import BadRequest
-from terra.api.form import BodyLimits, leading_string, parse_json, read_body, read_form
+from terra.api.form import (
+    HEAD_BYTES,
+    BodyLimits,
+    leading_string,
+    parse_json,
+    read_body,
+    read_form,
+)
 from terra.api.respond import json_response
 from terra.translate.service import PayloadError, parse_payload
 
@@ -46,10 +53,13 @@ async def _read_fields(
             except BadRequest as e:
                 return fields, e.detail
         return fields, None
+    raw = await read_body(request, limits, early_head)
     try:
-        body = parse_json(await read_body(request, limits, early_head), limits.max_json_depth)
+        body = parse_json(raw, limits.max_json_depth)
     except BadRequest as e:
-        return {}, f"{_BODY_SHAPE} ({e.detail})"
+        # A leading "token" is still the client's: judged first, then the body (400).
+        token = leading_string(raw[:HEAD_BYTES], "token")
+        return ({"token": token} if token else {}), f"{_BODY_SHAPE} ({e.detail})"
     return (body, None) if isinstance(body, dict) else ({}, _BODY_SHAPE)
 
 
