@@ -344,6 +344,28 @@ async def test_a_translator_answer_that_is_not_text_leaves_its_parcels_not_proce
         assert len(standin.requests) == 2  # one per direction, no retry
 
 
+async def test_a_hung_translator_is_given_up_on_once_per_request_not_per_batch(
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
+) -> None:
+    """A translator that takes connections but never answers: every batch of a request
+    waited out its timeout and all its retries in turn, behind the shared concurrency
+    limit (1,000 parcels: 63 batches x 3 tries x 10 s / 2 = 16 minutes for one request,
+    and every other client queued behind it). Once a batch has given up on the service,
+    the request's other batches are not sent: their parcels come back not_processed."""
+    standin.delay_s = 2.0  # past timeout_s: every request times out
+    client = await make_fast_server(
+        translate=http_settings(standin.url, timeout_s=0.1, retries=1, batch_size=1, concurrency=1)
+    )
+    payload = [
+        {"from_lang": "ru", "to_lang": "en", "content": f"предложение номер {i}"} for i in range(10)
+    ]
+    status, body = await post(client, {"token": TOKEN, "payload": payload})
+    assert status == 200
+    assert [item["status"] for item in body["payload"]] == ["not_processed"] * 10
+    assert [item["content"] for item in body["payload"]] == [p["content"] for p in payload]
+    assert len(standin.requests) == 2  # one batch: its try and its retry; no other batch
+
+
 async def test_skip_check_en_from_the_environment(
     fake_engine: FakeEngine, tmp_path: Path, standin: LibreTranslateStandIn
 ) -> None:

@@ -38,6 +38,10 @@ class TranslatorError(Exception):
     """A backend could not translate (service down, bad answer, model failure)."""
 
 
+class TranslatorUnavailable(TranslatorError):
+    """The service did not answer after all the retries (down, hung or overloaded)."""
+
+
 class Translator(Protocol):
     """Translates batches of texts; owned by the application's cleanup context."""
 
@@ -68,7 +72,9 @@ class HttpTranslator:
     ``translatedText`` as a list in the same order). Connection errors, timeouts and
     408/429/5xx answers are retried ``retries`` times with exponential backoff; other
     answers are not. At most ``concurrency`` requests are in flight at once, for all
-    clients of terra together.
+    clients of terra together. Once one batch of a call has given up on the service, the
+    call's batches not yet sent are not sent (a hung service costs a request one batch's
+    retries, not every batch's).
     """
 
     def __init__(self, config: TranslateConfig, session: aiohttp.ClientSession) -> None:
@@ -89,19 +95,29 @@ class HttpTranslator:
     async def translate(self, texts: Sequence[str], source: str, target: str) -> list[str | None]:
         size = self._config.batch_size
         chunks = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
-        answers = await asyncio.gather(*(self._translate_chunk(c, source, target) for c in chunks))
+        given_up = asyncio.Event()  # a batch of this call gave up on the service
+        answers = await asyncio.gather(
+            *(self._translate_chunk(c, source, target, given_up) for c in chunks)
+        )
         return [text for answer in answers for text in answer]
 
     async def close(self) -> None:
         await self._session.close()
 
     async def _translate_chunk(
-        self, texts: list[str], source: str, target: str
+        self, texts: list[str], source: str, target: str, given_up: asyncio.Event
     ) -> list[str | None]:
         async with self._limit:
+            if given_up.is_set():
+                log.debug(
+                    "%d texts %s->%s not sent: the service gave up", len(texts), source, target
+                )
+                return [None] * len(texts)
             try:
                 return list(await self._post(texts, source, target))
             except TranslatorError as e:
+                if isinstance(e, TranslatorUnavailable):
+                    given_up.set()
                 log.warning(
                     "translation %s->%s of %d texts failed: %s", source, target, len(texts), e
                 )
@@ -117,7 +133,7 @@ class HttpTranslator:
                 with attempt:
                     return await self._post_once(body, len(texts))
         except Retryable as e:
-            raise TranslatorError(f"{e}; gave up after {policy.tries} attempt(s)") from e
+            raise TranslatorUnavailable(f"{e}; gave up after {policy.tries} attempt(s)") from e
         raise AssertionError("unreachable: retrying returns or raises")
 
     async def _post_once(self, body: dict[str, Any], count: int) -> list[str]:
