@@ -130,9 +130,11 @@ def remove_stale_temps(folder: Path, now: float, older_than_s: float = STALE_TEM
     return removed
 
 
-def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, fsync: bool = True, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename; the
-    folders it creates are durable too."""
+    folders it creates are durable too. ``exclusive``: publish by a hard link instead of
+    the rename, so that of two writers of one path only the first succeeds (the other gets
+    FileExistsError, with nothing changed)."""
     make_dirs(path.parent, fsync)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=path.suffix)
     try:
@@ -141,10 +143,15 @@ def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if exclusive:
+        os.unlink(tmp)
     if fsync:
         fsync_dir(path.parent)
 
@@ -200,13 +207,16 @@ class Spool:
         folder = self.participant_dir(conference_id, participant_id)
         name = f"{int(round(start_time * 1_000_000)):017d}_{post_key(post_id)}.wav"
         if post_id is not None and (folder / name).exists():
-            if self.fsync:  # its writer may have died, or be, between its rename (or mkdir)
-                make_dirs(folder)  # and the fsync
-                fsync_dir(folder)
+            self._stored_already(folder)
             return None
         make_dirs(folder, self.fsync)
         self._write_participant(folder, participant_id, participant_name, language)
-        write_atomic(folder / name, wav, self.fsync)
+        try:
+            # Exclusive: the same post reaching two front ends at once is stored by one.
+            write_atomic(folder / name, wav, self.fsync, exclusive=post_id is not None)
+        except FileExistsError:
+            self._stored_already(folder)
+            return None
         record = SpooledFragment(
             conference_id,
             participant_id,
@@ -232,6 +242,13 @@ class Spool:
         if first and self.fsync:  # the append made the index: its name is durable too
             fsync_dir(folder)
         return record
+
+    def _stored_already(self, folder: Path) -> None:
+        """A duplicate: this post's file is there. Its writer may have died, or be, between
+        its rename (or mkdir) and the fsync: its name is made durable before the answer."""
+        if self.fsync:
+            make_dirs(folder)
+            fsync_dir(folder)
 
     def _write_participant(
         self, folder: Path, participant_id: str, name: str, language: str | None

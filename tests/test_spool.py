@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from terra import keys
+from terra import spool as spool_module
 from terra.audio import encode_wav
 from terra.files.upload import in_memory, save_stream
 from terra.jobs.store import JobStore
@@ -259,3 +262,34 @@ def test_folders_a_killed_writer_made_are_made_durable_by_the_next(
     fsynced.clear()
     assert spool.known_post_keys("conf", "clara") == {"p1"}
     assert conference in fsynced, "clara/ is not durable by name"
+
+
+def test_the_same_post_written_by_two_front_ends_at_once_is_stored_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two front ends sharing the spool (two Spool objects on one folder) get the same post
+    at the same moment: both find no file, then both write. One must count it as stored now,
+    the other as a duplicate (one index line, one live feed). A barrier in front of the
+    write makes both pass the check first, every time."""
+    barrier = threading.Barrier(2, timeout=10)
+    real = spool_module.write_atomic
+
+    def after_both_checked(path: Path, data: bytes, fsync: bool = True, **kwargs: bool) -> None:
+        if path.suffix == ".wav":
+            barrier.wait()
+        real(path, data, fsync, **kwargs)
+
+    monkeypatch.setattr(spool_module, "write_atomic", after_both_checked)
+    wav = encode_wav(np.zeros(1600, dtype=np.float32))
+    front_ends = [Spool(tmp_path), Spool(tmp_path)]
+    with ThreadPoolExecutor(2) as pool:
+        written = list(
+            pool.map(
+                lambda spool: spool.write("c", "p", "P", 1.0, 100, "post-1", "en", wav), front_ends
+            )
+        )
+    assert sum(record is not None for record in written) == 1, written
+    folder = tmp_path / "c" / "p"
+    assert [p.name for p in folder.glob("*.wav")] == ["00000000001000000_post-1.wav"]
+    assert len((folder / "index.jsonl").read_text().splitlines()) == 1
+    assert not list(folder.glob(".tmp-*"))  # the loser's temp file is gone
