@@ -42,7 +42,8 @@ class FakeFrontEnd:
     server: asyncio.Server | None = field(default=None, repr=False)
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        # On its old port when it starts again (a front end restarted).
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", self.port)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -210,3 +211,9 @@ async def test_a_saturated_front_end_keeps_its_conferences_and_gets_no_new_ones(
         await servers_up(balancer.stats, {owner}, state="DOWN")
         status, name, _ = await send(session, balancer.url, "conf-kept", "query", post_id="p-3")
         assert (status, name) == (200, other), "a dead front end's conferences move"
+
+        balancer.front_ends[owner].saturated = False
+        await balancer.front_ends[owner].start()  # it comes back
+        await servers_up(balancer.stats, {owner, other})
+        status, name, _ = await send(session, balancer.url, "conf-kept", "query", post_id="p-4")
+        assert (status, name) == (200, other), "and stay where they went (no second move)"
