@@ -5,6 +5,8 @@ tests/fakes.py's FakeEngine (these tests are about HTTP, not recognition)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from openapi_spec_validator import validate
 
 from terra.api.docs import load_document
 from terra.app import create_app
-from tests.conftest import ServerFactory, make_config
+from tests.conftest import TOKEN, ServerFactory, make_config, post_fragment
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
@@ -105,3 +107,35 @@ async def test_served_document_and_docs_page(make_fast_server: ServerFactory) ->
     body = await bundle.read()
     assert body.startswith(b"/*! For license information please see redoc.standalone.js")
     assert len(body) > 500_000
+
+
+async def test_the_minutes_answers_match_exactly_one_documented_json_schema(
+    make_fast_server: ServerFactory,
+) -> None:
+    """GET /minutes answers JSON of two kinds: a compile's state and the minutes
+    (``format=json``), documented as ``oneOf``. MinutesJson required nothing, so every state
+    answer matched both and broke the document's contract (schemathesis' response
+    conformance: "valid under more than one of the schemas"). Each answer must match one."""
+    import jsonschema
+
+    document = load_document()
+    schema = {
+        **document["paths"]["/minutes/{conference_id}"]["get"]["responses"]["200"]["content"][
+            "application/json"
+        ]["schema"],
+        "components": document["components"],
+    }
+    client = await make_fast_server()
+    status, _ = await post_fragment(client, conference_id="conf-doc", online=False)
+    assert status == 200
+    answers: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 60
+    while not answers or "version" not in answers[-1]:
+        assert time.monotonic() < deadline, answers
+        response = await client.get("/minutes/conf-doc", params={"token": TOKEN, "format": "json"})
+        assert response.status == 200
+        answers.append(await response.json())
+        await asyncio.sleep(0.05)  # polling, as a client does: the compile runs meanwhile
+    assert answers[0]["status"] == "queueplacing"
+    for answer in answers:
+        jsonschema.validate(answer, schema)
