@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -130,11 +131,18 @@ def remove_stale_temps(folder: Path, now: float, older_than_s: float = STALE_TEM
     return removed
 
 
-def write_atomic(path: Path, data: bytes, fsync: bool = True, exclusive: bool = False) -> None:
+def write_atomic(
+    path: Path,
+    data: bytes,
+    fsync: bool = True,
+    exclusive: bool = False,
+    before_publish: Callable[[], None] | None = None,
+) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename; the
     folders it creates are durable too. ``exclusive``: publish by a hard link instead of
     the rename, so that of two writers of one path only the first succeeds (the other gets
-    FileExistsError, with nothing changed)."""
+    FileExistsError, with nothing changed). ``before_publish`` runs once the data is on
+    disk, just before the rename: what it raises leaves ``path`` as it was."""
     make_dirs(path.parent, fsync)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=path.suffix)
     try:
@@ -143,6 +151,8 @@ def write_atomic(path: Path, data: bytes, fsync: bool = True, exclusive: bool = 
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
+        if before_publish is not None:
+            before_publish()
         if exclusive:
             os.link(tmp, path)
         else:

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -621,3 +622,65 @@ async def test_service_compiles_as_many_conferences_at_once_as_configured(tmp_pa
         assert most == 2
     finally:
         await service.stop()
+
+
+async def test_a_compile_that_lost_its_lease_does_not_overwrite_the_new_owners_minutes(
+    tmp_path: Path,
+) -> None:
+    """Front end A stalls inside its minutes write past its lease (a disk or NFS stall); B
+    takes the compile over, with audio spooled since, and finishes it. A's late write must
+    not replace B's minutes, which the job's digest says are current. Two services on one
+    set of folders stand for two front ends; the stall is a held thread, the lease's expiry
+    a clock moved on (leases compare wall-clock times)."""
+    spool = Spool(tmp_path / "spool", fsync=False)
+    speech = load_clip(MEETING / "maria.flac")[: 4 * SAMPLE_RATE]
+    spool_track(spool, "c1", "maria", speech, T0)
+    now = [T0]
+    config = MinutesConfig(dir=str(tmp_path / "minutes"), jobs_dir=str(tmp_path / "jobs"))
+
+    def front_end() -> MinutesService:
+        return MinutesService(
+            config,
+            JobsConfig(),
+            tmp_path / "spool",
+            fake_submit(StandIn()),
+            decode=decode_passes(Config()),
+            model="stand-in",
+            fsync=False,
+            clock=lambda: now[0],
+        )
+
+    a, b = front_end(), front_end()
+    entered, held, written = threading.Event(), threading.Event(), threading.Event()
+    save = a._save
+
+    def stalled_save(result: CompileResult, job_id: str) -> Path:
+        entered.set()
+        held.wait(30)
+        try:
+            return save(result, job_id)
+        finally:
+            written.set()
+
+    a._save = stalled_save  # type: ignore[method-assign]
+    await a.start()
+    await b.start()
+    try:
+        assert (await a.request("c1")).state is State.QUEUED_NOW
+        assert await asyncio.to_thread(entered.wait, 30)  # A is writing, and stalls
+        spool_track(spool, "c1", "john", speech, T0 + 4)  # spooled meanwhile
+        now[0] += JobsConfig().lease_s + 1  # A's lease has run out
+        assert (await b.request("c1")).state is State.RUNNING  # B takes it up
+        await b.runner.wait("c1", 30)
+        compiled = await b.request("c1")
+        assert compiled.minutes is not None
+        assert {p.participant_id for p in compiled.minutes.phrases} == {"maria", "john"}
+        held.set()  # A's write goes on
+        assert await asyncio.to_thread(written.wait, 30)
+        done = await b.request("c1")
+        assert done.state is State.DONE and done.minutes is not None
+        assert {p.participant_id for p in done.minutes.phrases} == {"maria", "john"}
+    finally:
+        held.set()
+        await a.stop()
+        await b.stop()

@@ -9,6 +9,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -274,7 +275,7 @@ def test_the_same_post_written_by_two_front_ends_at_once_is_stored_once(
     barrier = threading.Barrier(2, timeout=10)
     real = spool_module.write_atomic
 
-    def after_both_checked(path: Path, data: bytes, fsync: bool = True, **kwargs: bool) -> None:
+    def after_both_checked(path: Path, data: bytes, fsync: bool = True, **kwargs: Any) -> None:
         if path.suffix == ".wav":
             barrier.wait()
         real(path, data, fsync, **kwargs)

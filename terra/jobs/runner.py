@@ -212,6 +212,12 @@ class JobRunner:
         except ValueError:  # not a valid id: no such job
             return None
 
+    def holds(self, job_id: str) -> bool:
+        """Whether this process still holds the job's lease, as stored (blocking: for the
+        work's thread, just before it publishes a result another front end may own now)."""
+        lease = self._leases.get(job_id)
+        return lease is not None and self.store.holds(lease)
+
     def active(self, job_id: str) -> Job | None:
         """The job while it is queued or running in this process."""
         return self._active.get(job_id)

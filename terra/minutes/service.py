@@ -23,7 +23,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from terra.config import JobsConfig, MinutesConfig
-from terra.jobs.runner import Clock, Done, JobRunner, Progress
+from terra.jobs.runner import Clock, Done, JobFailed, JobRunner, Progress
 from terra.jobs.store import Job, JobStatus, new_job
 from terra.minutes.compiler import CompileResult, MinutesCompiler
 from terra.minutes.formats import to_xml
@@ -146,7 +146,7 @@ class MinutesService:
     async def _compile(self, job: Job, progress: Progress) -> Done:
         """The whole compile, awaited; a failure anywhere (the writes too) fails the job."""
         result = await self._compiler.compile(self._spool_root, job.id, progress)
-        path = await asyncio.to_thread(self._save, result)
+        path = await asyncio.to_thread(self._save, result, job.id)
         log.info(
             "minutes compiled: %d phrases from %.1f s of audio in %.1f s",
             len(result.minutes.phrases),
@@ -170,12 +170,19 @@ class MinutesService:
         One that fails fails them all, with none of the others left waiting."""
         return await gather_or_cancel(until_taken(self._submit, r) for r in requests)
 
-    def _save(self, result: CompileResult) -> Path:
+    def _save(self, result: CompileResult, job_id: str) -> Path:
         minutes = result.minutes
         data = json.dumps(minutes.to_json(), ensure_ascii=False).encode("utf-8")
         xml = to_xml(minutes, self._zone)  # before anything is written: all or nothing
+
+        def still_ours() -> None:
+            # A compile that stalled past its lease (another front end took the job over
+            # and may have written newer minutes) must not replace that front end's files.
+            if not self.runner.holds(job_id):
+                raise JobFailed("the lease was lost to another front end: result not written")
+
         path = self.results_dir / f"{minutes.conference_id}.json"
-        write_atomic(path, data, self._fsync)
+        write_atomic(path, data, self._fsync, before_publish=still_ours)
         # The protocol as a file too, for operators; requests render from the JSON.
-        write_atomic(path.with_suffix(".xml"), xml, self._fsync)
+        write_atomic(path.with_suffix(".xml"), xml, self._fsync, before_publish=still_ours)
         return path
