@@ -21,6 +21,7 @@ from terra.audio import SAMPLE_RATE, AudioLimits, to_pcm16
 from terra.files.codecs import decode_channels
 from terra.files.salute import mask_profanity, plain_text
 from terra.files.transcribe import hint_tokens
+from terra.jobs.store import JobStore
 from terra.recognizer.engine import WhisperEngine
 
 from .conftest import SPEECH, TOKEN, ServerFactory, cer, clip, load_clip
@@ -362,6 +363,30 @@ async def test_a_duration_out_of_range_is_400(
             "/rest/v1/speech:async_recognize", data=hints.encode(), headers=AUTH
         )
         assert response.status == 400, (value, await response.text())
+
+
+async def test_overlong_hint_words_are_400_and_no_task(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Hint words were unbounded in length (only their count was cut to 100): one 1 MB
+    "word" was written into the task's record and tokenized on the event loop when the task
+    ran (about 1.8 s of every request's time per MB; a 20 MiB body, 36 s). Whisper reads
+    only the last 223 prompt tokens anyway. A word over 200 characters is a 400 now, and no
+    task is made."""
+    client = await make_fast_server(files=files_section(tmp_path))
+    file_id = await upload(client, to_pcm16(np.zeros(SAMPLE_RATE, np.float32)))
+    for words in (["гуакамоле, " * 5_000], ["карту", "x" * 201]):
+        response = await client.post(
+            "/rest/v1/speech:async_recognize",
+            json={"request_file_id": file_id, "options": {"hints": {"words": words}}},
+            headers=AUTH,
+        )
+        body = await response.json()
+        assert response.status == 400, body
+        assert "hints.words" in body["message"] and "200 characters" in body["message"], body
+    assert JobStore(tmp_path / "file-jobs").jobs("salute") == []
+    task = await create_task(client, file_id, hints={"words": ["карту", "x" * 200]})
+    assert task["status"] == "NEW"
 
 
 async def test_queue_full_is_429(make_fast_server: ServerFactory, tmp_path: Path) -> None:

@@ -67,6 +67,9 @@ _STATUS = {
 }
 _LANGUAGE = re.compile(r"^([a-z]{2,3})(?:-[A-Za-z]{2,4})?$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
+# A hint is a word or a short phrase; Whisper reads only the last 223 prompt tokens anyway.
+MAX_HINT_WORDS = 100
+MAX_HINT_CHARS = 200
 
 
 # -- options ------------------------------------------------------------------------------
@@ -134,6 +137,11 @@ def parse_options(raw: Any) -> SaluteOptions:
     words = hints.get("words") or []
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise BadRequest("options.hints.words must be a list of strings")
+    words = words[:MAX_HINT_WORDS]
+    if any(len(w) > MAX_HINT_CHARS for w in words):
+        raise BadRequest(
+            f"options.hints.words: each word or phrase must be at most {MAX_HINT_CHARS} characters"
+        )
     separation = raw.get("speaker_separation_options") or {}
     if not isinstance(separation, dict):
         raise BadRequest("options.speaker_separation_options must be an object")
@@ -158,7 +166,7 @@ def parse_options(raw: Any) -> SaluteOptions:
             if "eou_timeout" in hints
             else None
         ),
-        words=tuple(words[:100]),
+        words=tuple(words),
         separate_speakers=_bool(
             separation.get("enable", False), "speaker_separation_options.enable"
         ),
