@@ -366,6 +366,26 @@ async def test_a_hung_translator_is_given_up_on_once_per_request_not_per_batch(
     assert len(standin.requests) == 2  # one batch: its try and its retry; no other batch
 
 
+async def test_a_parcel_with_nothing_to_translate_comes_back_as_it_was(
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
+) -> None:
+    """Blank parcels were skipped only when ``str.strip`` emptied them: a zero-width space,
+    a byte-order mark, a word joiner, emoji or punctuation alone went to the translator, and
+    a model that turns them into nothing answered "" as ``processed``: the client's text
+    lost. A parcel with no letter or digit comes back as it was, ``not_processed``, and is
+    never sent."""
+    client = await make_fast_server(translate=http_settings(standin.url))
+    nothing = ["\u200b", "\ufeff ", "\u2060", "😀😀", "...", " \n ", "", "\u00a0"]
+    payload = [{"from_lang": "ru", "to_lang": "en", "content": t} for t in nothing]
+    payload.append({"from_lang": "ru", "to_lang": "en", "content": "первое предложение 😀"})
+    status, body = await post(client, {"token": TOKEN, "payload": payload})
+    assert status == 200
+    *left, translated = body["payload"]
+    assert [(p["content"], p["status"]) for p in left] == [(t, "not_processed") for t in nothing]
+    assert translated["status"] == "processed"
+    assert [r["q"] for r in standin.requests] == [["первое предложение 😀"]]
+
+
 async def test_skip_check_en_from_the_environment(
     fake_engine: FakeEngine, tmp_path: Path, standin: LibreTranslateStandIn
 ) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,9 @@ from terra.translate.langid import LANGUAGES, LanguageDetector
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+# A letter or a digit: a parcel without one (blanks, zero-width and format characters, emoji,
+# punctuation) has nothing to translate and comes back as it was.
+_TRANSLATABLE = re.compile(r"[^\W_]")
 # Detection of more texts than this moves to a thread (about 35 µs a sentence).
 _DETECT_INLINE_ITEMS = 64
 
@@ -144,7 +148,11 @@ class TranslationService:
                 skip_check_en=self._config.skip_check_en,
                 skip_check_ru=self._config.skip_check_ru,
             )
-            if direction is None or direction not in available or not item.content.strip():
+            if (
+                direction is None
+                or direction not in available
+                or not _TRANSLATABLE.search(item.content)
+            ):
                 continue
             plan.setdefault(direction, {}).setdefault(item.content, []).append(index)
 
