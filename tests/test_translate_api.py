@@ -386,6 +386,25 @@ async def test_a_parcel_with_nothing_to_translate_comes_back_as_it_was(
     assert [r["q"] for r in standin.requests] == [["первое предложение 😀"]]
 
 
+async def test_an_empty_translation_leaves_the_parcel_not_processed(
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
+) -> None:
+    """A translator that answers "" (or blanks) for a text with words in it has failed on
+    that text: the parcel comes back as it was, ``not_processed``, not emptied as
+    ``processed``; the other parcels of the batch keep their translations."""
+    client = await make_fast_server(translate=http_settings(standin.url))
+    standin.answer_with = [b'{"translatedText": ["", " \\n", "first sentence"]}']
+    texts = ["первое слово", "второе слово", "первое предложение"]
+    payload = [{"from_lang": "ru", "to_lang": "en", "content": t} for t in texts]
+    status, body = await post(client, {"token": TOKEN, "payload": payload})
+    assert status == 200
+    assert [(p["content"], p["status"]) for p in body["payload"]] == [
+        ("первое слово", "not_processed"),
+        ("второе слово", "not_processed"),
+        ("first sentence", "processed"),
+    ]
+
+
 async def test_skip_check_en_from_the_environment(
     fake_engine: FakeEngine, tmp_path: Path, standin: LibreTranslateStandIn
 ) -> None:

@@ -163,6 +163,8 @@ class TranslationService:
         )
         for direction, answer in zip(directions, answers):
             for indexes, text in zip(plan[direction].values(), answer):
+                if text is not None and not text.strip():
+                    text = None  # nothing made of a text with words: that text failed
                 for index in indexes:
                     results[index] = text
         failed = sum(len(ix) for d in directions for ix in plan[d].values()) - sum(
