@@ -382,6 +382,28 @@ async def test_a_lone_surrogate_in_the_body_is_400_and_no_prediction(
     assert JobStore(tmp_path / "file-jobs").jobs("connecte") == []
 
 
+async def test_overlong_input_strings_are_400_and_no_prediction(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    """``model`` and an audio URL were stored and echoed whatever their length (the body
+    may be as large as a data: URI upload): a prediction record of megabytes read back at
+    every GET, recovery and sweep. A model name over 256 characters or a URL over 8,192 is
+    a 400, and nothing is kept; at the limits they are taken."""
+    client = await make_fast_server(files=files_section(tmp_path))
+    url = "https://example.com/a.mp3?"
+    for body in (
+        {"audio": url, "model": "m" * 257},
+        {"audio": url + "q" * (8192 - len(url) + 1)},
+    ):
+        response = await client.post("/api/v1/openai/whisper", json=body, headers=AUTH)
+        answer = await response.json()
+        assert response.status == 400, answer
+        assert "at most" in answer["detail"], answer
+    assert JobStore(tmp_path / "file-jobs").jobs("connecte") == []
+    taken = await predict(client, {"audio": url + "q" * (8192 - len(url)), "model": "m" * 256})
+    assert taken["input"]["model"] == "m" * 256
+
+
 async def test_model_names_map_to_the_served_model(
     make_fast_server: ServerFactory, tmp_path: Path
 ) -> None:

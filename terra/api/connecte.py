@@ -48,6 +48,10 @@ KIND = "connecte"
 
 
 CONNECTE = web.AppKey("connecte", ConnecteService)
+# Kept in the prediction's record and echoed at every read: bounded (a data: URI is stored
+# apart, as an upload).
+MAX_URL_CHARS = 8192
+MAX_MODEL_CHARS = 256
 
 
 # -- input --------------------------------------------------------------------------------
@@ -73,7 +77,12 @@ def parse_input(body: Any) -> dict[str, Any]:
     if not audio.startswith(("http://", "https://", "data:")):
         raise BadRequest("audio must be an http(s) URL or a data: URI")
     if not audio.startswith("data:"):
+        if len(audio) > MAX_URL_CHARS:
+            raise BadRequest(f"audio: a URL of at most {MAX_URL_CHARS} characters")
         _check_http_url(audio, "audio")
+    model = str(body.get("model") or "")
+    if len(model) > MAX_MODEL_CHARS:
+        raise BadRequest(f"model: a name of at most {MAX_MODEL_CHARS} characters")
     language = str(body.get("language") or "auto").lower()
     if language != "auto" and language not in LANGUAGES:
         raise BadRequest(
@@ -90,7 +99,7 @@ def parse_input(body: Any) -> dict[str, Any]:
         raise BadRequest("speakers must be an integer 1..8")
     return {
         "audio": audio,
-        "model": str(body.get("model") or ""),
+        "model": model,
         "language": language,
         "diarize": body.get("diarize", False),
         "speakers": speakers,
