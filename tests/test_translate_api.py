@@ -405,6 +405,25 @@ async def test_an_empty_translation_leaves_the_parcel_not_processed(
     ]
 
 
+async def test_a_batch_the_service_fails_on_does_not_stop_the_others(
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
+) -> None:
+    """A 500 after the retries may be that batch's text crashing the service: the request's
+    other batches are still sent (only a service that is unreachable, hung or says it is
+    unavailable, 502/503/504/429, is given up on for the rest of the request)."""
+    standin.fail_with = [500, 500]  # the first batch, and its retry
+    client = await make_fast_server(
+        translate=http_settings(standin.url, retries=1, batch_size=1, concurrency=1)
+    )
+    texts = ["первое слово", "второе слово", "третье слово"]
+    payload = [{"from_lang": "ru", "to_lang": "en", "content": t} for t in texts]
+    status, body = await post(client, {"token": TOKEN, "payload": payload})
+    assert status == 200
+    statuses = [p["status"] for p in body["payload"]]
+    assert statuses.count("not_processed") == 1 and statuses.count("processed") == 2, body
+    assert len(standin.requests) == 4  # the failing batch twice, then the two others
+
+
 async def test_skip_check_en_from_the_environment(
     fake_engine: FakeEngine, tmp_path: Path, standin: LibreTranslateStandIn
 ) -> None:

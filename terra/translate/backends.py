@@ -42,6 +42,14 @@ class TranslatorUnavailable(TranslatorError):
     """The service did not answer after all the retries (down, hung or overloaded)."""
 
 
+class _ServiceDown(Retryable):
+    """Unreachable, timed out, or an answer that says the service is unavailable (408, 429,
+    502, 503, 504), not that it failed on these texts (500 may be one text crashing it)."""
+
+
+_DOWN_STATUSES = frozenset({408, 429, 502, 503, 504})
+
+
 class Translator(Protocol):
     """Translates batches of texts; owned by the application's cleanup context."""
 
@@ -72,9 +80,10 @@ class HttpTranslator:
     ``translatedText`` as a list in the same order). Connection errors, timeouts and
     408/429/5xx answers are retried ``retries`` times with exponential backoff; other
     answers are not. At most ``concurrency`` requests are in flight at once, for all
-    clients of terra together. Once one batch of a call has given up on the service, the
-    call's batches not yet sent are not sent (a hung service costs a request one batch's
-    retries, not every batch's).
+    clients of terra together. Once one batch of a call has given up on the service
+    (unreachable, timed out, or 408/429/502/503/504 to the last try), the call's batches not
+    yet sent are not sent (a hung service costs a request one batch's retries, not every
+    batch's); a batch that fails otherwise (a 500, a refusal) fails alone.
     """
 
     def __init__(self, config: TranslateConfig, session: aiohttp.ClientSession) -> None:
@@ -132,8 +141,10 @@ class HttpTranslator:
             async for attempt in retrying(policy):
                 with attempt:
                     return await self._post_once(body, len(texts))
-        except Retryable as e:
+        except _ServiceDown as e:
             raise TranslatorUnavailable(f"{e}; gave up after {policy.tries} attempt(s)") from e
+        except Retryable as e:
+            raise TranslatorError(f"{e}; gave up after {policy.tries} attempt(s)") from e
         raise AssertionError("unreachable: retrying returns or raises")
 
     async def _post_once(self, body: dict[str, Any], count: int) -> list[str]:
@@ -143,11 +154,13 @@ class HttpTranslator:
                     return _parse_libretranslate(await response.read(), count)
                 detail = (await response.text(errors="replace"))[:200]
                 failure = f"{self._endpoint} answered {response.status}: {detail}"
+                if response.status in _DOWN_STATUSES:
+                    raise _ServiceDown(failure)
                 if retryable_status(response.status):
                     raise Retryable(failure)
                 raise TranslatorError(failure)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise Retryable(
+            raise _ServiceDown(
                 f"the translator at {self._endpoint} is unreachable ({type(e).__name__}: {e})"
             ) from e
 
