@@ -8,6 +8,7 @@ HAProxy sent it. tests/test_cluster.py runs the same config in front of real fro
 from __future__ import annotations
 
 import asyncio
+import resource
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -33,12 +34,14 @@ AUDIO = bytes(range(256)) * 256  # 64 KB with NUL bytes, like a 2 s WAV
 class FakeFrontEnd:
     """Answers GET /healthz (503 while ``saturated``, as terra's does), and anything else
     with ``{name} {query}``; while ``dying``, it reads a request and closes the connection
-    without a word (a process killed mid-request)."""
+    without a word (a process killed mid-request). A viewer's GET .../events is held open
+    (an SSE stream: its first line names the front end), counted in ``viewers``."""
 
     name: str
     dying: bool = False
     saturated: bool = False
     port: int = 0
+    viewers: int = 0
     server: asyncio.Server | None = field(default=None, repr=False)
 
     async def start(self) -> None:
@@ -63,6 +66,15 @@ class FakeFrontEnd:
                 await reader.readexactly(length)
                 path, _, query = target.partition("?")
                 if path != "/healthz" and self.dying:
+                    break
+                if path.endswith("/events"):
+                    self.viewers += 1
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                        + f"{self.name} {query}\n".encode()
+                    )
+                    await writer.drain()
+                    await reader.read()  # open until HAProxy closes it
                     break
                 body = f"{self.name} {query}".encode()
                 status = (
@@ -153,7 +165,7 @@ async def test_the_conference_id_is_found_wherever_the_client_put_it(balancer: B
             async with session.get(f"{balancer.url}/minutes/{conference}") as response:
                 seen.add((await response.text()).split(" ")[0])
             async with session.get(f"{balancer.url}/conferences/{conference}/events") as response:
-                seen.add((await response.text()).split(" ")[0])
+                seen.add((await response.content.readline()).decode().split(" ")[0])
             assert len(seen) == 1, (conference, seen)  # one front end per conference
             owners[conference] = seen.pop()
         assert set(owners.values()) == {"fe1", "fe2"}, "both front ends get conferences"
@@ -217,3 +229,28 @@ async def test_a_saturated_front_end_keeps_its_conferences_and_gets_no_new_ones(
         await servers_up(balancer.stats, {owner, other})
         status, name, _ = await send(session, balancer.url, "conf-kept", "query", post_id="p-4")
         assert (status, name) == (200, other), "and stay where they went (no second move)"
+
+
+async def test_viewers_of_a_conference_do_not_starve_its_talkers(balancer: Balancer) -> None:
+    """Each viewer's event stream holds a connection to the conference's front end for as
+    long as it watches; terra does not bound viewers. A big audience must not use up what
+    HAProxy lets through to that front end, or the talkers' fragments wait in HAProxy's
+    queue and are refused (503), fragments terra would have taken."""
+    audience = 600
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if limit[0] < 4 * audience:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit[1], 8 * audience), limit[1]))
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        _, owner, _ = await send(session, balancer.url, "big", "query")
+        responses = await asyncio.gather(
+            *(session.get(f"{balancer.url}/conferences/big/events") for _ in range(audience))
+        )
+        try:
+            assert {r.status for r in responses} == {200}
+            assert balancer.front_ends[owner].viewers == audience
+            status, name, _ = await send(session, balancer.url, "big", "query", post_id="p-2")
+            assert (status, name) == (200, owner)
+        finally:
+            for response in responses:
+                response.close()
