@@ -12,6 +12,7 @@ index is a convenience: a torn last line after a crash loses nothing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -153,17 +154,34 @@ def write_atomic(
                 os.fsync(f.fileno())
         if before_publish is not None:
             before_publish()
-        if exclusive:
-            os.link(tmp, path)
-        else:
+        linked = exclusive and _link(tmp, path)
+        if not linked:
             os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if exclusive:
+    if linked:
         os.unlink(tmp)
     if fsync:
         fsync_dir(path.parent)
+
+
+# What link(2) answers on a file system that has no hard links (some network and FUSE mounts).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+def _link(tmp: str, path: Path) -> bool:
+    """Publish ``tmp`` as ``path`` by a hard link (FileExistsError when ``path`` is there);
+    False when the file system has no hard links, where the caller renames instead (two
+    writers of one path at the same instant may then both succeed, the last one's file
+    staying: the exclusivity is lost, never the write)."""
+    try:
+        os.link(tmp, path)
+    except OSError as e:
+        if e.errno in _NO_HARD_LINKS and not isinstance(e, FileExistsError):
+            return False
+        raise
+    return True
 
 
 class Spool:

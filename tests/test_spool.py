@@ -3,6 +3,7 @@ behind for the next write or the minutes to read."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -294,3 +295,26 @@ def test_the_same_post_written_by_two_front_ends_at_once_is_stored_once(
     assert [p.name for p in folder.glob("*.wav")] == ["00000000001000000_post-1.wav"]
     assert len((folder / "index.jsonl").read_text().splitlines()) == 1
     assert not list(folder.glob(".tmp-*"))  # the loser's temp file is gone
+
+
+def test_a_file_system_without_hard_links_still_stores_each_post(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Posts are published by a hard link (so two front ends never both store one); some
+    network and FUSE mounts have none and answer link(2) with EPERM or EOPNOTSUPP. A fake
+    os.link that answers so (this machine's file systems all have hard links) stands in for
+    such a mount: the post is stored by a rename instead, once, with no temp file left, and
+    sent again it is a duplicate."""
+
+    def no_hard_links(source: str, target: object) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported", source)
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    wav = encode_wav(np.zeros(1600, dtype=np.float32))
+    spool = Spool(tmp_path)
+    assert spool.write("c", "p", "P", 1.0, 100, "post-1", "en", wav) is not None
+    assert spool.write("c", "p", "P", 1.0, 100, "post-1", "en", wav) is None  # a duplicate
+    folder = tmp_path / "c" / "p"
+    assert [p.name for p in folder.glob("*.wav")] == ["00000000001000000_post-1.wav"]
+    assert len((folder / "index.jsonl").read_text().splitlines()) == 1
+    assert not list(folder.glob(".tmp-*"))
