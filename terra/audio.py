@@ -105,11 +105,18 @@ def decode_blocks(
     ]
 
 
+def _reason(error: Exception) -> str:
+    """libsndfile's reason alone: its full message names the object read from (a BytesIO
+    and its memory address, or a server path), none of the client's business."""
+    reason = getattr(error, "error_string", None)
+    return reason if isinstance(reason, str) and reason else str(error)
+
+
 def open_container(data: bytes) -> sf.SoundFile:
     try:
         return sf.SoundFile(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioDecodeError(f"cannot decode audio: {e}") from e
+        raise AudioDecodeError(f"cannot decode audio: {_reason(e)}") from e
 
 
 def check_container(f: sf.SoundFile, split: bool, limits: AudioLimits) -> None:
@@ -136,7 +143,7 @@ def decode_container(data: bytes, split: bool, limits: AudioLimits) -> list[Samp
                 limits,
             )
         except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-            raise AudioDecodeError(f"cannot decode audio: {e}") from e
+            raise AudioDecodeError(f"cannot decode audio: {_reason(e)}") from e
 
 
 def decode_audio(data: bytes, limits: AudioLimits) -> Samples:

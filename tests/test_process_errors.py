@@ -121,3 +121,16 @@ async def test_online_false_costs_no_recognizer_time(
     metrics = await (await client.get("/metrics")).text()
     assert "terra_recognizer_batch_size_count 0.0" in metrics
     assert f"terra_spooled_fragments_total {len(answers)}.0" in metrics
+
+
+async def test_an_undecodable_fragment_is_named_without_the_servers_internals(
+    make_fast_server: ServerFactory, tmp_path: Path
+) -> None:
+    """libsndfile's message names the object it read from: the 400 said "Error opening
+    <_io.BytesIO object at 0x7f21e73adda0>: Format not recognised." (a memory address of
+    the server process, and SaluteSpeech tasks' ERROR said the same). The reason alone."""
+    client = await make_fast_server()
+    got, body = await post_fragment(client, audio_bytes=b"garbage" * 100)
+    assert got == 400
+    assert body["detail"] == "cannot decode audio: Format not recognised."
+    assert nothing_spooled(tmp_path)
