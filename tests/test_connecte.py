@@ -141,6 +141,7 @@ async def test_sync_data_uri(make_server: ServerFactory, tmp_path: Path) -> None
     assert prediction["input"]["audio"] == f"data:audio/wav;base64,<{RU.path.stat().st_size} bytes>"
     output = prediction["output"]
     assert cer(RU.transcript, output["transcription"]) < 0.2, output
+    assert output["transcirption"] == output["transcription"]  # as the spec's examples spell it
     assert output["detected_language"] == "ru" and output["translation"] is None
     segment = output["segments"][0]
     assert 0 <= segment["start"] < segment["end"] <= 3.2 and "words" not in segment

@@ -145,12 +145,15 @@ class ConnecteService:
             )
             translation = " ".join(u.text for u in translated)
         audio_s = max(t.size for t in tracks) / SAMPLE_RATE
+        transcription = " ".join(u.text for u in utterances)
         return {
             "output": {
                 "segments": [
                     segment_json(u, params["diarize"], params["word_timestamp"]) for u in utterances
                 ],
-                "transcription": " ".join(u.text for u in utterances),
+                "transcription": transcription,
+                # The spec's examples spell the key so: a client written from them reads it.
+                "transcirption": transcription,
                 "translation": translation,
                 "detected_language": detected,
             },
