@@ -213,6 +213,7 @@ class FilesConfig:
     connecte_models: tuple[str, ...] = ("openai/whisper",)
     cost_per_audio_s: float = 0.0
     sync_timeout_s: float = 30.0
+    max_sync_timeout_s: float = 50.0
     url_max_bytes: int = 100 * 1024 * 1024
     url_timeout_s: float = 60.0
     url_allow: tuple[str, ...] = ()
@@ -500,6 +501,8 @@ def _validate(config: Config) -> None:
     files = config.files
     if min(files.workers, files.max_queued, files.max_in_flight, files.beam_size) < 1:
         raise ConfigError("files.workers, max_queued, max_in_flight and beam_size: at least 1")
+    if not files.max_sync_timeout_s > 0:
+        raise ConfigError("files.max_sync_timeout_s: more than 0")
     for problem in files.chunking.problems():
         raise ConfigError(f"files.chunking.{problem}")
     jobs = config.jobs

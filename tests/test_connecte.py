@@ -288,6 +288,14 @@ async def test_request_timeout_answers_current_state(
     assert time.monotonic() - started < 3
     assert prediction["status"] in ("queued", "starting", "processing")
     await wait_prediction(client, prediction["id"])
+    # A Request-Timeout past files.max_sync_timeout_s waits that long only (a proxy in front
+    # would cut a longer wait with a 504).
+    capped = await make_server(files=files_section(tmp_path / "b", max_sync_timeout_s=0.2))
+    started = time.monotonic()
+    prediction = await predict(capped, body, headers={"Prefer": "SYNC", "Request-Timeout": "3600"})
+    assert time.monotonic() - started < 3
+    assert prediction["status"] in ("queued", "starting", "processing")
+    await wait_prediction(capped, prediction["id"])
 
 
 async def test_errors(make_fast_server: ServerFactory, tmp_path: Path) -> None:

@@ -225,6 +225,8 @@ async def create(request: web.Request) -> web.Response:
         raise BadRequest("Request-Timeout must be a number of seconds") from e
     if not math.isfinite(timeout_s):
         raise BadRequest("Request-Timeout must be a finite number of seconds")
+    # A wait past a proxy's response timeout would be cut with a 504 (deploy/haproxy.cfg).
+    timeout_s = min(timeout_s, config.max_sync_timeout_s)
     webhook = request.headers.get("Webhook-URL", "")
     if webhook:
         _check_http_url(webhook, "Webhook-URL")
