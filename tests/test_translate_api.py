@@ -482,3 +482,27 @@ async def test_the_ctranslate2_backend_through_the_server(
         "status": "not_processed",
     }
     assert third == SPEC_ANSWER[2]
+
+
+async def test_a_translator_answer_past_its_bound_fails_its_batch_unread(
+    make_fast_server: ServerFactory, standin: LibreTranslateStandIn
+) -> None:
+    """A broken or hostile translator that answers far more than a batch's translation can
+    hold (here 1 MB for 10 characters of text): the answer is read only up to its bound, and
+    that batch's parcels come back as they were, not_processed, with no retry; the next
+    batch is translated."""
+    client = await make_fast_server(
+        translate=http_settings(standin.url, max_content_chars=10, batch_size=1, concurrency=1)
+    )
+    standin.answer_with = [b'{"translatedText": ["' + b"x" * 1_000_000 + b'"]}']
+    payload = [
+        {"from_lang": "ru", "to_lang": "en", "content": "первое"},
+        {"from_lang": "ru", "to_lang": "en", "content": "второе"},
+    ]
+    status, body = await post(client, {"token": TOKEN, "payload": payload})
+    assert status == 200, body
+    assert [(p["content"], p["status"]) for p in body["payload"]] == [
+        ("первое", "not_processed"),
+        ("<en> второе", "processed"),
+    ]
+    assert len(standin.requests) == 2  # no retry of the oversized answer

@@ -25,6 +25,15 @@ MAX_REDIRECTS = 3
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first ``limit + 1`` bytes when it is longer (the caller refuses it):
+    what another server answers never costs more memory than that."""
+    data = await response.content.read(limit + 1)
+    while len(data) <= limit and (more := await response.content.read(limit + 1 - len(data))):
+        data += more
+    return data
+
+
 class FetchError(RuntimeError):
     """The audio could not be had; the message says why, for the client."""
 
@@ -162,11 +171,7 @@ class Fetcher:
                         raise FetchError(f"fetching {url} answered HTTP {response.status}")
                     if (response.content_length or 0) > self._max_bytes:
                         raise FetchError(f"{url} is larger than {self._max_bytes} bytes")
-                    data = await response.content.read(self._max_bytes + 1)
-                    while len(data) <= self._max_bytes and (
-                        more := await response.content.read(self._max_bytes + 1 - len(data))
-                    ):
-                        data += more
+                    data = await read_at_most(response, self._max_bytes)
                     if len(data) > self._max_bytes:
                         raise FetchError(f"{url} is larger than {self._max_bytes} bytes")
                     return data

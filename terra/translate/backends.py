@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 
 from terra.config import TranslateConfig
+from terra.files.fetch import read_at_most
 from terra.retry import Backoff, Retryable, retryable_status, retrying
 
 if TYPE_CHECKING:
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
     import sentencepiece
 
 log = logging.getLogger(__name__)
+# An answer is read up to this plus 24 bytes per character the batch may hold (a translation
+# up to 4x as long as its text, each character up to 6 bytes as a JSON \u escape): a broken
+# or hostile translator never costs more memory than that.
+ANSWER_BASE_BYTES = 64 * 1024
 
 Direction = tuple[str, str]
 DIRECTIONS: tuple[Direction, ...] = (("ru", "en"), ("en", "ru"))
@@ -151,8 +156,12 @@ class HttpTranslator:
         try:
             async with self._session.post(self._endpoint, json=body) as response:
                 if response.status == 200:
-                    return _parse_libretranslate(await response.read(), count)
-                detail = (await response.text(errors="replace"))[:200]
+                    limit = ANSWER_BASE_BYTES + count * self._config.max_content_chars * 24
+                    raw = await read_at_most(response, limit)
+                    if len(raw) > limit:  # not retried: the same texts would get the same
+                        raise TranslatorError(f"{self._endpoint} answered over {limit} bytes")
+                    return _parse_libretranslate(raw, count)
+                detail = (await read_at_most(response, 200))[:200].decode("utf-8", "replace")
                 failure = f"{self._endpoint} answered {response.status}: {detail}"
                 if response.status in _DOWN_STATUSES:
                     raise _ServiceDown(failure)
