@@ -76,8 +76,7 @@ class MinutesBusy(TooManyRequests):
 
 
 def _status_and_detail(error: BaseException) -> tuple[int, str] | None:
-    if isinstance(error, ApiError):
-        return error.status, error.detail
+    """What the middleware answers for an error that is not an ApiError (those carry it)."""
     if isinstance(error, AudioTooLong):
         return 413, str(error)
     if isinstance(error, AudioDecodeError | ParamError):  # audio or a parameter: the client's
