@@ -178,7 +178,7 @@ def _link(tmp: str, path: Path) -> bool:
     try:
         os.link(tmp, path)
     except OSError as e:
-        if e.errno in _NO_HARD_LINKS and not isinstance(e, FileExistsError):
+        if e.errno in _NO_HARD_LINKS:  # never EEXIST: that one is raised
             return False
         raise
     return True
@@ -207,11 +207,8 @@ class Spool:
         folder = self.participant_dir(conference_id, participant_id)
         if not folder.is_dir():
             return set()
-        # These posts will count as stored: a writer killed between its rename (or mkdir)
-        # and its fsync left names that are not durable yet.
-        if self.fsync:
-            make_dirs(folder)
-            fsync_dir(folder)
+        # These posts will count as stored: their names are made durable first.
+        self._make_names_durable(folder)
         # By the fragments' own name rule: a temp file a kill left (".tmp-ab_7.wav") is no post.
         names = (_FRAGMENT_NAME.fullmatch(p.name) for p in folder.iterdir())
         return {match["key"] for match in names if match is not None}
@@ -235,7 +232,7 @@ class Spool:
         folder = self.participant_dir(conference_id, participant_id)
         name = f"{int(round(start_time * 1_000_000)):017d}_{post_key(post_id)}.wav"
         if post_id is not None and (folder / name).exists():
-            self._stored_already(folder)
+            self._make_names_durable(folder)
             return None
         make_dirs(folder, self.fsync)
         self._write_participant(folder, participant_id, participant_name, language)
@@ -243,7 +240,7 @@ class Spool:
             # Exclusive: the same post reaching two front ends at once is stored by one.
             write_atomic(folder / name, wav, self.fsync, exclusive=post_id is not None)
         except FileExistsError:
-            self._stored_already(folder)
+            self._make_names_durable(folder)
             return None
         record = SpooledFragment(
             conference_id,
@@ -271,9 +268,9 @@ class Spool:
             fsync_dir(folder)
         return record
 
-    def _stored_already(self, folder: Path) -> None:
-        """A duplicate: this post's file is there. Its writer may have died, or be, between
-        its rename (or mkdir) and the fsync: its name is made durable before the answer."""
+    def _make_names_durable(self, folder: Path) -> None:
+        """Before posts found in ``folder`` count as stored: their writer may have died, or
+        be, between its rename (or mkdir) and the fsync, so their names are made durable."""
         if self.fsync:
             make_dirs(folder)
             fsync_dir(folder)
