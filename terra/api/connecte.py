@@ -5,7 +5,8 @@ A prediction is a file job (kind ``connecte``) in the job store. Its status: ``q
 while it waits, ``starting`` while its audio is fetched and decoded, ``processing`` while it
 is recognized, then ``succeeded``, ``failed`` (with ``error``) or ``canceled``. ``Prefer:
 SYNC`` holds the answer until the end or ``Request-Timeout`` seconds; a ``Webhook-URL`` gets
-the prediction POSTed once it ends, retried with backoff on connection errors, 429 and 5xx.
+the prediction POSTed once it ends ``succeeded`` or ``failed`` (not ``canceled``), retried
+with backoff on connection errors, 429 and 5xx.
 
 Output: ``segments`` (start/end/text, ``words`` with ``word_timestamp``, ``speaker`` with
 ``diarize``: one speaker per channel — there is no voice-based diarization), ``transcription``,

@@ -1,5 +1,6 @@
-"""Webhooks: an ended job POSTed to the ``webhook`` URL its params name (connecte's
-``Webhook-URL``).
+"""Webhooks: a job that ended ``succeeded`` or ``failed`` POSTed to the ``webhook`` URL its
+params name (connecte's ``Webhook-URL``). A canceled job sends none: the connecte spec calls
+the Webhook-URL "когда прогноз обновит статус на succeeded или failed".
 
 A :class:`Webhooks` is a kind's :class:`terra.jobs.runner.Notifier`: the runner sends each
 notice under the job's lease, and a webhook a restart interrupted is sent again by whoever
@@ -17,13 +18,16 @@ from typing import Any
 
 from terra.config import FilesConfig
 from terra.files.fetch import Fetcher, FetchError
-from terra.jobs.store import Job
+from terra.jobs.store import Job, JobStatus
 from terra.retry import Backoff, Retryable, Sleep, retryable_status, retrying
 
 log = logging.getLogger(__name__)
 
 # The ended job as the webhook sends it (the API's serialisation).
 Payload = Callable[[Job], Awaitable[dict[str, Any]]]
+
+# The end states the connecte spec sends a callback for (canceled is not one of them).
+SENT_ON = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED})
 
 
 class Webhooks:
@@ -43,7 +47,7 @@ class Webhooks:
         )
 
     def wants(self, job: Job) -> bool:
-        return bool(job.params.get("webhook"))
+        return job.status in SENT_ON and bool(job.params.get("webhook"))
 
     async def send(self, job: Job) -> None:
         """POST the ended job to its webhook until it is taken (any answer
