@@ -5,6 +5,7 @@ started, so the jobs wait in the queue as behind a long backlog)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,46 @@ async def test_an_upload_an_unfinished_job_reads_is_not_swept(tmp_path: Path) ->
     finally:
         await salute.stop()
         await connecte.stop()
+
+
+class RecordingSweeps(FileJobService):
+    """The real service; each sweep's ``now`` is recorded and the test woken (an event, not a
+    sleep: the sweeper runs the sweep in a thread)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nows: list[float] = []
+        self.swept = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def sweep(self, now: float) -> int:
+        removed = super().sweep(now)
+        self.nows.append(now)
+        self._loop.call_soon_threadsafe(self.swept.set)
+        return removed
+
+
+async def test_the_sweeper_reads_the_services_clock(tmp_path: Path) -> None:
+    """The background sweep asks the clock the service was given (as its jobs' times do),
+    not the system's: with a clock three days on, the first round removes an upload
+    written now."""
+    config = FilesConfig(dir=str(tmp_path / "files"), jobs_dir=str(tmp_path / "file-jobs"))
+    three_days_on = time.time() + config.retention_s + 60.0
+    service = RecordingSweeps(
+        config,
+        JobsConfig(),
+        "salute",
+        payload,
+        upload_param="file",
+        fsync=False,
+        clock=lambda: three_days_on,
+    )
+    upload = await service.save_upload(in_memory(AUDIO), len(AUDIO))
+    assert uploads(service) == {upload}
+    await service.start()
+    try:
+        await asyncio.wait_for(service.swept.wait(), 10)
+    finally:
+        await service.stop()
+    assert service.nows[0] == three_days_on
+    assert uploads(service) == set()

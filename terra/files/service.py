@@ -44,11 +44,14 @@ class FileJobService:
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: wall-clock seconds, for the jobs' times and the retention sweep's now
+        (which file times are compared with)."""
         self._config = config
         self.kind = kind
         self._recognize = recognize
         self._upload_param = upload_param  # the job param that names the job's upload
         self._fsync = fsync
+        self._clock = clock
         self.uploads = Path(config.dir) / kind / "uploads"
         self.results = Path(config.dir) / kind / "results"
         self.runner = JobRunner.for_section(
@@ -102,7 +105,7 @@ class FileJobService:
     async def _sweeper(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.sweep, time.time())
+                await asyncio.to_thread(self.sweep, self._clock())
             except Exception:  # a task boundary: try again next time
                 log.exception("%s sweep failed", self.kind)
             await asyncio.sleep(self._config.sweep_interval_s)
