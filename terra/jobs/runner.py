@@ -186,13 +186,9 @@ class JobRunner:
 
     # -- the client's side ---------------------------------------------------------------
     async def create(self, job_id: str | None = None, **params: Any) -> Job:
-        """Queue a new job; :class:`QueueFull` when too many of this kind are waiting here."""
-        return await self.submit(
-            new_job(self.kind, job_id or str(uuid.uuid4()), self._clock(), **params)
-        )
-
-    async def submit(self, job: Job) -> Job:
-        """Write ``job`` (queued) to the store and queue it here."""
+        """Write a new job (queued; ``job_id`` or a fresh UUID) to the store and queue it
+        here; :class:`QueueFull` when too many of this kind are waiting here."""
+        job = new_job(self.kind, job_id or str(uuid.uuid4()), self._clock(), **params)
         async with self._lock:
             if self._max_queued:
                 waiting = sum(1 for j in self._active.values() if j.status is JobStatus.QUEUED)

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 
 from terra.config import JobsConfig, MinutesConfig
 from terra.jobs.runner import Clock, Done, JobFailed, JobRunner, Progress
-from terra.jobs.store import Job, JobStatus, new_job
+from terra.jobs.store import Job, JobStatus
 from terra.minutes.compiler import CompileResult, MinutesCompiler
 from terra.minutes.formats import to_xml
 from terra.minutes.types import Minutes
@@ -73,7 +73,6 @@ class MinutesService:
         self._compiler = MinutesCompiler(config, self._recognize, decode=decode, model=model)
         self._zone = zone
         self._fsync = fsync
-        self._clock = clock
         self.results_dir = Path(config.dir)
         self.runner = JobRunner.for_section(
             config, KIND, self._compile, jobs, fsync=fsync, clock=clock
@@ -117,9 +116,7 @@ class MinutesService:
             if job is not None and job.status is JobStatus.FAILED:
                 if digest == job.params.get("digest"):
                     return MinutesAnswer(State.FAILED, job)
-            queued = await self.runner.submit(
-                new_job(KIND, conference_id, self._clock(), digest=digest)
-            )
+            queued = await self.runner.create(conference_id, digest=digest)
             log.info("minutes compile queued", extra={"conference_id": conference_id})
             return MinutesAnswer(State.QUEUED_NOW, queued)
 
