@@ -32,8 +32,9 @@ from benchmarks.live import Talker, make_talkers
 from terra.app import build_engine
 from terra.audio import SAMPLE_RATE
 from terra.config import Config, load_config
-from terra.live import FragmentInput, LiveService
+from terra.live import LiveService
 from terra.metrics import create_metrics
+from terra.params import FragmentParams
 from terra.recognizer.options import decode_passes
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import RecognitionEngine
@@ -85,7 +86,7 @@ async def drain(
             for offset in range(0, int(seconds * SAMPLE_RATE) - chunk + 1, chunk):
                 for talker in talkers:
                     await live.process(
-                        FragmentInput(
+                        FragmentParams(
                             talker.conference,
                             talker.participant,
                             talker.participant,
@@ -95,8 +96,8 @@ async def drain(
                             None,
                             True,
                             False,
-                            talker.audio[offset : offset + chunk],
-                        )  # fmt: skip
+                        ),  # fmt: skip
+                        talker.audio[offset : offset + chunk],
                     )
                 clock.now += 2.0
                 live.tick()

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from terra.audio import SAMPLE_RATE, Samples, encode_wav, samples_to_ms
 from terra.config import RecognizerConfig, StreamConfig
 from terra.metrics import Metrics
+from terra.params import FragmentParams
 from terra.recognizer.agreement import Agreement
 from terra.recognizer.backend import Recognizer
 from terra.recognizer.options import DecodePasses
@@ -36,22 +37,6 @@ log = logging.getLogger(__name__)
 
 REORDER_MS = 400
 TICK_S = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class FragmentInput:
-    """One validated POST /process fragment."""
-
-    conference_id: str
-    participant_id: str
-    participant_name: str
-    start_time: float
-    post_id: str | None
-    language: str | None  # lang1 when the client sent one
-    captions: str | None  # "en": add English translations to finals
-    online: bool
-    offline: bool
-    samples: Samples
 
 
 class LiveListener(Protocol):
@@ -236,7 +221,7 @@ class LiveService:
         )
 
     # -- the POST path -------------------------------------------------------------------
-    async def process(self, fragment: FragmentInput) -> list[TextElem]:
+    async def process(self, fragment: FragmentParams, samples: Samples) -> list[TextElem]:
         """Spool (if asked), feed the stream, and answer with the participant's TextElems."""
         session = await self._session(
             fragment.conference_id, fragment.participant_id, fragment.participant_name
@@ -253,7 +238,7 @@ class LiveService:
             if fragment.offline and (not duplicate or key in session.unspooled_posts):
                 # The spool is shared by every front end: a post another one stored (affinity
                 # lost, a client's retry) is on disk, and not counted twice.
-                if await asyncio.to_thread(self._spool_fragment, fragment):
+                if await asyncio.to_thread(self._spool_fragment, fragment, samples):
                     self._metrics.spooled_fragments.inc()
                 else:
                     duplicate = True
@@ -267,18 +252,18 @@ class LiveService:
                 log.info("duplicate post_id %s ignored", fragment.post_id, extra=session.ids)
             else:
                 self._metrics.fragments.inc()
-                self._metrics.fragment_audio_seconds.inc(fragment.samples.size / SAMPLE_RATE)
+                self._metrics.fragment_audio_seconds.inc(samples.size / SAMPLE_RATE)
                 if fragment.online:  # online=false: store only, no recognizer time
-                    self._feed(session, fragment)
+                    self._feed(session, fragment, samples)
         if not fragment.online:
             return []
         await self._wait_for_text(session, fragment.post_id)
         return session.stream.take_answer()
 
-    def _feed(self, session: Session, fragment: FragmentInput) -> None:
+    def _feed(self, session: Session, fragment: FragmentParams, samples: Samples) -> None:
         """Add a fragment to the live stream (held there if an earlier one is missing)."""
         update = session.stream.add(
-            Fragment(fragment.post_id, fragment.start_time, fragment.samples),
+            Fragment(fragment.post_id, fragment.start_time, samples),
             now=self._clock(),
         )
         if update.ahead:
@@ -308,17 +293,17 @@ class LiveService:
     def _prompt(self, text: str) -> tuple[int, ...]:
         return self._vocabulary.encode_text(text) if text.strip() else ()
 
-    def _spool_fragment(self, fragment: FragmentInput) -> bool:
+    def _spool_fragment(self, fragment: FragmentParams, samples: Samples) -> bool:
         """Store the fragment; False when the spool has this post already."""
         stored = self._spool.write(
             fragment.conference_id,
             fragment.participant_id,
             fragment.participant_name,
             fragment.start_time,
-            samples_to_ms(fragment.samples.size),
+            samples_to_ms(samples.size),
             fragment.post_id,
             fragment.language,
-            encode_wav(fragment.samples),
+            encode_wav(samples),
         )
         return stored is not None
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+from terra.config import StreamConfig, zone_of
 
 # The one id rule (conferences, participants, jobs, post keys): ids become folder and file
 # names. Always applied with fullmatch: ``$`` in re.match would let a trailing "\n" through.
@@ -162,3 +165,58 @@ def parse_timestamp(
             "({conf_id}:a-{participant_id}_{YYYYMMDD}_{HH}_{MM}_{SS}_{micro}.wav)"
         )
     return check_time(to_unix(filename.local_time, zone), now, max_skew_s, "the file name's time")
+
+
+@dataclass(frozen=True, slots=True)
+class FragmentParams:
+    """What a POST /process fragment says besides its audio, validated."""
+
+    conference_id: str
+    participant_id: str
+    participant_name: str
+    start_time: float
+    post_id: str | None
+    language: str | None  # lang1 when the client sent one
+    captions: str | None  # "en": add English translations to finals
+    online: bool
+    offline: bool
+
+
+def parse_fragment_params(
+    param: Callable[[str], str | None],
+    filename: str | None,
+    stream: StreamConfig,
+    now: float,
+) -> FragmentParams:
+    """The fragment's fields from ``param`` (a field or query value by name, None when
+    absent) and the audio file's name, which may carry the ids and the time."""
+    from_name = parse_filename(filename)
+    post_id = param("post_id") or None  # empty: no id (not one id shared by every fragment)
+    if post_id is not None and len(post_id) > 256:
+        raise ParamError("post_id is longer than 256 characters")
+    captions = (param("lang2") or stream.captions or "").strip().lower() or None
+    if captions not in (None, "en"):
+        raise ParamError("lang2 (live captions) supports only en: Whisper translates to English")
+    return FragmentParams(
+        conference_id=validate_id(
+            "conference_id",
+            param("conference_id") or (from_name.conference_id if from_name else None),
+        ),
+        participant_id=validate_id(
+            "participant_id",
+            param("participant_id") or (from_name.participant_id if from_name else None),
+        ),
+        participant_name=clean_name(param("participant_name"), "UNKNOWN"),
+        start_time=parse_timestamp(
+            param("timestamp_float"),
+            from_name,
+            zone_of(stream.timezone),
+            now=now,
+            max_skew_s=stream.max_clock_skew_s,
+        ),
+        post_id=post_id,
+        language=parse_language("lang1", param("lang1")),
+        captions=captions,
+        online=parse_bool("online", param("online"), default=False),
+        offline=parse_bool("offline", param("offline"), default=True),
+    )

@@ -13,8 +13,9 @@ import numpy as np
 
 from terra.audio import SAMPLE_RATE
 from terra.config import Config, StreamConfig, load_config
-from terra.live import FragmentInput, LiveListener, LiveService
+from terra.live import LiveListener, LiveService
 from terra.metrics import Metrics, create_metrics
+from terra.params import FragmentParams
 from terra.recognizer.options import decode_passes
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.spool import Spool
@@ -45,12 +46,17 @@ class Left:
 
 
 def fragment(
-    second: int, samples: np.ndarray, participant: str = "p", language: str = "en"
-) -> FragmentInput:
-    return FragmentInput(
+    second: int,
+    samples: np.ndarray,
+    participant: str = "p",
+    language: str = "en",
+    captions: str | None = None,
+) -> tuple[FragmentParams, np.ndarray]:
+    """The fields and audio of ``participant``'s fragment at ``second``: ``live.process(*...)``."""
+    return FragmentParams(
         "conf", participant, participant.upper(), 1_719_512_467.0 + second,
-        f"{participant}-{second}", language, None, True, False, samples.astype(np.float32),
-    )  # fmt: skip
+        f"{participant}-{second}", language, captions, True, False,
+    ), samples.astype(np.float32)  # fmt: skip
 
 
 @dataclass
@@ -98,10 +104,10 @@ async def test_a_moved_clock_closes_a_quiet_talker_and_expires_the_session(
     await scheduler.start()
     try:
         for second in range(3):
-            await live.process(fragment(second, VOICED))
+            await live.process(*fragment(second, VOICED))
             clock.now += 1.0
         live.tick()
-        assert all(e.status == "progress" for e in await live.process(fragment(3, VOICED)))
+        assert all(e.status == "progress" for e in await live.process(*fragment(3, VOICED)))
         # The talker goes quiet (sends nothing): at idle_close_ms on the clock its
         # combination closes and its final is asked for.
         clock.now += 3.9
@@ -143,7 +149,7 @@ async def test_a_final_whose_request_was_cancelled_is_settled_with_the_live_text
     await scheduler.start()
     try:
         for second in range(3):
-            await live.process(fragment(second, VOICED))
+            await live.process(*fragment(second, VOICED))
             await asyncio.gather(*live._sessions[("conf", "p")].in_flight)  # each pass settles
             clock.now += 1.0
         session = live._sessions[("conf", "p")]
@@ -189,7 +195,7 @@ async def test_words_committed_past_a_max_length_cut_are_said_once(tmp_path: Pat
         for second in range(20):
             samples = speech[second * SAMPLE_RATE : (second + 1) * SAMPLE_RATE]
             finals += [
-                e for e in await live.process(fragment(second, samples)) if e.status == "final"
+                e for e in await live.process(*fragment(second, samples)) if e.status == "final"
             ]
             await asyncio.gather(*live._sessions[("conf", "p")].in_flight)  # each pass settles
             clock.now += 1.0

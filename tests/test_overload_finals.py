@@ -11,7 +11,6 @@ service's rule, not recognition."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,7 +68,7 @@ async def talk(clocked: Clocked, *, passes: bool) -> None:
     the next (the scheduler is running); else nothing is decoded."""
     for second in range(3):
         for talker in TALKERS:
-            await clocked.live.process(fragment(second, VOICED, talker, language=talker))
+            await clocked.live.process(*fragment(second, VOICED, talker, language=talker))
         if passes:
             await settle(clocked)
         clocked.clock.now += 1.0
@@ -124,7 +123,7 @@ async def test_finals_past_the_owed_audio_bound_are_greedy_whole_and_all_deliver
         # Drained: the next final is a beam final again.
         engine.finals.clear()
         for second in range(10, 13):
-            await live.process(fragment(second, VOICED, "t0", language="t0"))
+            await live.process(*fragment(second, VOICED, "t0", language="t0"))
             clock.now += 1.0
         clock.now += 4.1
         live.tick()
@@ -213,8 +212,7 @@ async def test_an_english_speakers_caption_past_the_owed_bound_is_its_text(
     try:
         for second in range(3):
             for talker in talkers:
-                english = dataclasses.replace(fragment(second, VOICED, talker), captions="en")
-                await live.process(english)
+                await live.process(*fragment(second, VOICED, talker, captions="en"))
             await asyncio.gather(
                 *(t for p in talkers for t in live._sessions[("conf", p)].in_flight)
             )

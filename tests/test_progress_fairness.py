@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from terra.config import RecognizerConfig, StreamConfig, load_config
-from terra.live import FragmentInput, LiveService
+from terra.live import LiveService
 from terra.metrics import create_metrics
+from terra.params import FragmentParams
 from terra.recognizer.options import decode_passes
 from terra.recognizer.scheduler import RecognizerScheduler
 from terra.recognizer.types import Priority, Recognition, RecognitionRequest
@@ -50,11 +51,11 @@ class ByTalker(FakeEngine):
         return super().recognize(requests)
 
 
-def fragment(talker: int, second: int, samples: np.ndarray) -> FragmentInput:
-    return FragmentInput(
+def fragment(talker: int, second: int, samples: np.ndarray) -> tuple[FragmentParams, np.ndarray]:
+    return FragmentParams(
         "conf", f"t{talker}", f"T{talker}", 1_719_512_467.0 + second, f"t{talker}-{second}",
-        "en", None, True, False, samples.astype(np.float32),
-    )  # fmt: skip
+        "en", None, True, False,
+    ), samples.astype(np.float32)  # fmt: skip
 
 
 async def _one_loop_turn() -> None:
@@ -91,7 +92,7 @@ async def test_overloaded_talkers_share_progress_passes_evenly(tmp_path: Path) -
     try:
         for second in range(SECONDS):
             for talker in range(TALKERS):
-                answer = await live.process(fragment(talker, second, voices[talker]))
+                answer = await live.process(*fragment(talker, second, voices[talker]))
                 for elem in answer:
                     if elem.status == "progress" and elem.text.strip():
                         listed[talker] |= set(elem.post_ids)
