@@ -15,7 +15,7 @@ import aiofiles
 import aiofiles.os
 from aiohttp import StreamReader
 
-from terra.spool import fsync_dir, make_dirs
+from terra.spool import TEMP_PREFIX, fsync_dir, make_dirs
 
 CHUNK_BYTES = 256 * 1024
 
@@ -57,7 +57,7 @@ async def save_stream(
     """Write ``chunks`` to ``path`` atomically and return their size in bytes;
     :class:`UploadTooLarge` as soon as they pass ``limit``."""
     await asyncio.to_thread(make_dirs, path.parent, fsync)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
+    tmp = path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}")
     size = 0
     try:
         async with aiofiles.open(tmp, "wb") as f:
