@@ -271,9 +271,6 @@ class FeedHub:
             feed.viewers.discard(viewer)
         self._prune(self._clock())
 
-    def viewer_count(self) -> int:
-        return sum(len(f.viewers) for f in self._feeds.values())
-
     # -- bookkeeping ---------------------------------------------------------------------
     def _feed(self, conference_id: str, now: float) -> ConferenceFeed:
         feed = self._feeds.get(conference_id)

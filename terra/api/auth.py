@@ -92,11 +92,6 @@ def require_metrics_access(request: web.Request) -> None:
     check_token((token,), bearer_token(request) or query_token(request))
 
 
-def require_query_token(request: web.Request) -> None:
-    """401 unless ``?token=`` is a server token."""
-    check_token(request.app[keys.CONFIG].server.tokens, query_token(request))
-
-
 def viewer_token(request: web.Request) -> str | None:
     """A viewer's token: ``Authorization: Bearer`` (scripts) or ``?token=`` (pages, and the
     browser's EventSource, which cannot set headers)."""
