@@ -232,7 +232,7 @@ class FeedHub:
             feed.progress.pop(elem.id, None)
             if elem.text.strip():
                 feed.finals.append(payload)
-                while len(feed.finals) > self._config.max_finals:
+                while len(feed.finals) > feed.finals_limit:
                     feed.finals.popleft()
                     feed.finals_dropped += 1
             feed.publish(EventKind.FINAL, payload, now)
