@@ -318,7 +318,8 @@ class JobRunner:
                 self._waiters.pop(job_id, None)
 
     async def notices_sent(self) -> None:
-        """Wait for the terminal notices under way here (tests, and a graceful drain)."""
+        """Wait for the terminal notices under way here (tests; a stop does not wait: it
+        cancels them, and the ones still ``notify_pending`` are sent again at the next start)."""
         while self._notices:
             await asyncio.gather(*self._notices, return_exceptions=True)
 
