@@ -54,6 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         create_app(config),
         host=config.server.host,
         port=config.server.port,
+        backlog=config.server.backlog,
         access_log=None,
         print=lambda message: log.info("%s", message),
     )

@@ -41,6 +41,7 @@ class ServerConfig:
     max_form_parts: int = 64  # multipart parts in one request; more: 400
     body_timeout_s: float = 60.0  # the whole body must arrive in this time; else 408
     max_json_depth: int = 32  # JSON bodies nested deeper: 400
+    backlog: int = 1024  # the listen backlog (config.yaml says why so many)
     # /metrics needs this token when set; when empty it answers loopback clients only.
     metrics_token: str = ""
     log_level: str = "INFO"

@@ -19,6 +19,8 @@ from urllib.parse import parse_qs
 import aiohttp
 import pytest
 
+from terra.config import ServerConfig
+
 from .deployment import haproxy_environment, servers_up, start_haproxy
 from .test_minutes_e2e import free_port
 
@@ -45,8 +47,12 @@ class FakeFrontEnd:
     server: asyncio.Server | None = field(default=None, repr=False)
 
     async def start(self) -> None:
-        # On its old port when it starts again (a front end restarted).
-        self.server = await asyncio.start_server(self._connection, "127.0.0.1", self.port)
+        # On its old port when it starts again (a front end restarted); with terra's listen
+        # backlog: with asyncio's (100) a busy test process dropped viewers' connections and
+        # HAProxy sent them to the other front end.
+        self.server = await asyncio.start_server(
+            self._connection, "127.0.0.1", self.port, backlog=ServerConfig().backlog
+        )
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -10,9 +10,12 @@ import asyncio
 import base64
 import errno
 import logging
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pytest
@@ -25,9 +28,11 @@ from terra.app import create_app
 from terra.audio import SAMPLE_RATE
 from terra.files.fetch import FetchError, check_url
 
-from .conftest import TOKEN, ServerFactory, make_config, post_fragment
+from .conftest import ROOT, TOKEN, ServerFactory, make_config, post_fragment
+from .deployment import front_end_config
 from .fakes import FakeEngine
 from .test_audio_limits import wav_header
+from .test_minutes_e2e import free_port, server_log, stop_server, wait_healthy
 
 SPEECHLESS = np.zeros(SAMPLE_RATE, np.float32)
 
@@ -325,6 +330,63 @@ def test_the_example_token_is_refused_off_loopback(capsys: pytest.CaptureFixture
     assert "refusing to serve on 0.0.0.0 with the example token 'ivcs'" in capsys.readouterr().err
     assert is_loopback_host("127.0.0.1") and is_loopback_host("::1")
     assert is_loopback_host("localhost") and not is_loopback_host("")
+
+
+# The model is beside the point here (the listening socket is): a fake engine, so that the
+# real `terra serve` starts in a second. FakeEngine: tests/fakes.py.
+_SERVE_ON_FAKE_ENGINE = """
+import sys
+import terra.app
+from tests.fakes import FakeEngine
+real_create_app = terra.app.create_app
+terra.app.create_app = lambda config, engine=None: real_create_app(config, FakeEngine())
+from terra.cli import main
+sys.exit(main(["serve", "--config", sys.argv[1]]))
+"""
+
+
+def serve_on_fake_engine(config: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _SERVE_ON_FAKE_ENGINE, str(config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+
+
+async def test_a_burst_of_connections_waits_for_a_busy_server(tmp_path: Path) -> None:
+    """An audience opening its captions at once (or reconnecting after a restart) is hundreds
+    of connections in a moment. While the server is busy they must wait in the kernel's
+    accept queue: past a full queue the kernel drops them, and a load balancer sends them to
+    another front end after its connect timeout, away from the conference's live feed. The
+    server is stopped (SIGSTOP) while they connect, so none is accepted by terra meanwhile."""
+    burst = 300  # over aiohttp's default backlog (128), which this test caught
+    port = free_port()
+    config = front_end_config(tmp_path, tmp_path / "shared", port)
+    with server_log(tmp_path) as log:
+        process = serve_on_fake_engine(config, log)
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            await wait_healthy(f"http://127.0.0.1:{port}", process)
+            process.send_signal(signal.SIGSTOP)
+
+            async def connect() -> bool:
+                try:
+                    _, writer = await asyncio.wait_for(
+                        asyncio.open_connection("127.0.0.1", port), timeout=10
+                    )
+                except TimeoutError:
+                    return False
+                writers.append(writer)
+                return True
+
+            connected = await asyncio.gather(*(connect() for _ in range(burst)))
+            assert sum(connected) == burst, "connections past the backlog were dropped"
+        finally:
+            process.send_signal(signal.SIGCONT)
+            for writer in writers:
+                writer.close()
+            stop_server(process)
 
 
 def test_path_settings_have_env_overrides(tmp_path: Path) -> None:
