@@ -92,6 +92,29 @@ def test_haproxy_accepts_the_config_with_the_compose_environment() -> None:
     assert "Configuration file is valid" in result.stdout + result.stderr
 
 
+def haproxy_seconds(value: str) -> float:
+    """An HAProxy time (``65s``, ``500ms``, ``2m``; milliseconds without a unit)."""
+    match = re.fullmatch(r"(\d+)(ms|s|m|h)?", value)
+    assert match is not None, value
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 0.001}[match.group(2)]
+    return int(match.group(1)) * scale
+
+
+def test_haproxy_waits_for_a_body_longer_than_terra_does() -> None:
+    """With option http-buffer-request HAProxy reads a body (up to its 128 KB buffer) before
+    terra sees a byte of it, within `timeout http-request`. Shorter than terra's own
+    server.body_timeout_s, it cut with its own 408 a slow upload terra would take."""
+    text = (DEPLOY / "haproxy.cfg").read_text()
+    assert re.search(r"^\s*option http-buffer-request$", text, re.MULTILINE)
+    value = re.search(r"^\s*timeout http-request (.+)$", text, re.MULTILINE)
+    assert value is not None
+    default = re.fullmatch(r'"\$\{\w+-(\w+)\}"|(\w+)', value.group(1))
+    assert default is not None, value.group(1)
+    waits_s = haproxy_seconds(default.group(1) or default.group(2))
+    terra_s = load_config(DEPLOY / "terra.yaml", environ={}).server.body_timeout_s
+    assert waits_s > terra_s, (waits_s, terra_s)
+
+
 async def test_the_compose_health_check_keeps_a_saturated_front_end_healthy(
     make_fast_server: ServerFactory,
 ) -> None:

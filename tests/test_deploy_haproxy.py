@@ -8,6 +8,7 @@ HAProxy sent it. tests/test_cluster.py runs the same config in front of real fro
 from __future__ import annotations
 
 import asyncio
+import json
 import resource
 import shutil
 import time
@@ -262,3 +263,37 @@ async def test_viewers_of_a_conference_do_not_starve_its_talkers(balancer: Balan
         finally:
             for response in responses:
                 response.close()
+
+
+async def test_a_request_that_does_not_arrive_in_time_is_a_json_408(tmp_path: Path) -> None:
+    """HAProxy reads a body before terra sees it, so a body that never arrives whole is
+    HAProxy's to refuse (after TERRA_LB_BODY_TIMEOUT, here 1 s): with a JSON error, as terra
+    answers every 4xx ("detail"; "status" and "message" for SaluteSpeech clients)."""
+    lb, stats = free_port(), free_port()
+    environment = haproxy_environment(tmp_path, lb, stats, [free_port()])
+    haproxy = start_haproxy({**environment, "TERRA_LB_BODY_TIMEOUT": "1s"}, tmp_path / "log")
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until HAProxy listens
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", lb)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "HAProxy did not start"
+                await asyncio.sleep(0.1)
+        writer.write(
+            b"POST /process?conference_id=c1 HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 65536\r\n\r\n"
+            + AUDIO[:1000]  # and no more
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+    finally:
+        haproxy.terminate()
+        haproxy.wait(10)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert b"content-type: application/json" in head.lower(), answer
+    error = json.loads(body)
+    assert error["status"] == 408 and "in time" in error["detail"] and error["message"], error
