@@ -202,7 +202,7 @@ class ParticipantStream:
             self._hold(position, now, fragment)
             return StreamUpdate(held=True)
         closed = jumped + self._feed(position, fragment)
-        closed.extend(self._drain_held(now, force_before=None))
+        closed.extend(self._drain_held(force_before=None))
         return StreamUpdate(closed=tuple(closed))
 
     def _continues(self, jump: tuple[int, Fragment], position: int) -> bool:
@@ -214,7 +214,7 @@ class ParticipantStream:
         keys = [p for p, _, _ in self._held]
         self._held.insert(bisect.bisect(keys, position), (position, now, fragment))
 
-    def _drain_held(self, now: float, force_before: float | None) -> list[Combination]:
+    def _drain_held(self, force_before: float | None) -> list[Combination]:
         closed: list[Combination] = []
         while self._held:
             position, arrived, fragment = self._held[0]
@@ -353,7 +353,7 @@ class ParticipantStream:
     # -- timers --------------------------------------------------------------------------
     def tick(self, now: float, reorder_ms: int) -> list[Combination]:
         """Release fragments held too long, and close a combination whose sender went quiet."""
-        closed = self._drain_held(now, force_before=now - reorder_ms / 1000)
+        closed = self._drain_held(force_before=now - reorder_ms / 1000)
         idle_s = self.config.idle_close_ms / 1000
         if (
             self.open is not None
