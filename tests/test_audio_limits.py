@@ -21,7 +21,7 @@ from terra.audio import (
     AudioTooLong,
     decode_audio,
 )
-from terra.files.codecs import decode_channels
+from terra.files.codecs import AudioFormat, decode_channels
 
 FRAGMENT = AudioLimits(max_seconds=30.0)
 
@@ -97,9 +97,11 @@ def test_raw_g711_at_1000_hz_is_refused_before_decoding() -> None:
     limits = AudioLimits(max_seconds=3 * 3600.0)
     before = peak_rss_mb()
     with pytest.raises(AudioDecodeError, match="1000 Hz is out of range"):
-        decode_channels(data, "MULAW", 1000, 1, split=False, limits=limits)
+        decode_channels(data, AudioFormat("MULAW", 1000, 1), limits)
     with pytest.raises(AudioTooLong, match="on 2 channels"):
-        decode_channels(data, "MULAW", 8000, 2, split=True, limits=AudioLimits(max_seconds=600))
+        decode_channels(
+            data, AudioFormat("MULAW", 8000, 2, split=True), AudioLimits(max_seconds=600)
+        )
     assert peak_rss_mb() - before < 20
 
 
@@ -107,8 +109,8 @@ def test_raw_pcm_splits_channels_in_blocks() -> None:
     left = np.full(BLOCK_FRAMES * 2 + 7, 1000, np.int16)
     right = np.full(BLOCK_FRAMES * 2 + 7, -2000, np.int16)
     data = np.stack([left, right], axis=1).astype("<i2").tobytes()
-    a, b = decode_channels(data, "PCM_S16LE", SAMPLE_RATE, 2, split=True, limits=FRAGMENT)
+    a, b = decode_channels(data, AudioFormat("PCM_S16LE", SAMPLE_RATE, 2, split=True), FRAGMENT)
     assert a.size == b.size == left.size
     assert np.allclose(a, 1000 / 32768) and np.allclose(b, -2000 / 32768)
-    (mono,) = decode_channels(data, "PCM_S16LE", SAMPLE_RATE, 2, split=False, limits=FRAGMENT)
+    (mono,) = decode_channels(data, AudioFormat("PCM_S16LE", SAMPLE_RATE, 2), FRAGMENT)
     assert np.allclose(mono, -500 / 32768)

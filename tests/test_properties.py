@@ -26,7 +26,7 @@ from terra.api.errors import ApiError, BadRequest
 from terra.api.form import BodyLimits, parse_json, read_form
 from terra.api.salute import parse_options
 from terra.audio import SAMPLE_RATE, AudioDecodeError, AudioLimits, decode_audio
-from terra.files.codecs import decode_channels
+from terra.files.codecs import AudioFormat, decode_channels
 from terra.params import (
     ID_PATTERN,
     LANGUAGES,
@@ -143,7 +143,7 @@ def test_raw_decoders_give_the_declared_length(
     encoding: str, rate: int, channels: int, split: bool, data: bytes
 ) -> None:
     try:
-        tracks = decode_channels(data, encoding, rate, channels, split, LIMITS)
+        tracks = decode_channels(data, AudioFormat(encoding, rate, channels, split), LIMITS)
     except AudioDecodeError:
         return
     width = 2 if encoding == "PCM_S16LE" else 1

@@ -18,7 +18,7 @@ import soundfile as sf
 from terra.api.errors import BadRequest
 from terra.api.salute import SALUTE, parse_options
 from terra.audio import SAMPLE_RATE, AudioLimits, to_pcm16
-from terra.files.codecs import decode_channels
+from terra.files.codecs import AudioFormat, decode_channels
 from terra.files.salute import mask_profanity, plain_text
 from terra.files.transcribe import hint_tokens
 from terra.jobs.store import JobStore
@@ -141,7 +141,7 @@ def test_profanity_mask_and_plain_text() -> None:
 def test_decode_each_encoding(encoding: str, format: str, subtype: str) -> None:
     stereo, rate = sf.read(STEREO, dtype="float32", always_2d=True)
     data = encoded(stereo, rate, format, subtype)
-    tracks = decode_channels(data, encoding, 16000, 2, split=True, limits=LIMITS)
+    tracks = decode_channels(data, AudioFormat(encoding, 16000, 2, split=True), LIMITS)
     assert len(tracks) == 2
     for channel, track in enumerate(tracks):
         reference = stereo[:, channel]
@@ -149,7 +149,7 @@ def test_decode_each_encoding(encoding: str, format: str, subtype: str) -> None:
         assert abs(track.size - reference.size) < 0.1 * SAMPLE_RATE
         if encoding in ("ALAW", "MULAW", "FLAC"):  # sample-exact codecs: compare directly
             assert np.corrcoef(track[:n], reference[:n])[0, 1] > 0.99
-    mono = decode_channels(data, encoding, 16000, 2, split=False, limits=LIMITS)
+    mono = decode_channels(data, AudioFormat(encoding, 16000, 2, split=False), LIMITS)
     assert len(mono) == 1
 
 

@@ -36,7 +36,7 @@ from terra.api.form import BodyLimits, read_json
 from terra.api.respond import json_response
 from terra.audio import AudioDecodeError, AudioLimits
 from terra.files.codecs import check_file
-from terra.files.connecte import ConnecteService
+from terra.files.connecte import ConnecteService, audio_format
 from terra.files.fetch import FetchError, decode_data_uri
 from terra.files.upload import in_memory
 from terra.jobs.runner import QueueFull
@@ -193,7 +193,7 @@ async def _check_declared(service: ConnecteService, upload: str, split: bool, ma
     if path is None:
         return
     try:
-        await asyncio.to_thread(check_file, path, "WAV", None, 1, split, AudioLimits(max_s))
+        await asyncio.to_thread(check_file, path, audio_format(split), AudioLimits(max_s))
     except AudioDecodeError:
         await asyncio.to_thread(path.unlink, missing_ok=True)
         raise

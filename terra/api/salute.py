@@ -262,15 +262,8 @@ async def async_recognize(request: web.Request) -> web.Response:
     if path is None:
         raise NotFound(f"file {file_id} not found")
     limits = AudioLimits(max_seconds=request.app[keys.CONFIG].files.max_audio_s)
-    await asyncio.to_thread(  # the declared format, before a task is made (400/413)
-        check_file,
-        path,
-        options.audio_encoding,
-        options.sample_rate,
-        options.channels_count,
-        options.channels_count > 1,
-        limits,
-    )
+    # the declared format, before a task is made (400/413)
+    await asyncio.to_thread(check_file, path, options.audio_format(), limits)
     try:
         job = await service.create(request_file_id=file_id, options=options.to_json())
     except QueueFull as e:

@@ -7,6 +7,7 @@ raw PCM16 and G.711 A-law/mu-law are decoded here with numpy (``audioop`` is dep
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,18 @@ from terra.audio import (
 CONTAINER_ENCODINGS = frozenset({"OPUS", "MP3", "FLAC", "WAV", "OGG"})
 RAW_ENCODINGS = frozenset({"PCM_S16LE", "ALAW", "MULAW"})
 ENCODINGS = CONTAINER_ENCODINGS | RAW_ENCODINGS
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFormat:
+    """An upload's declared format: its ``encoding`` (one of ENCODINGS), the sample rate and
+    channel count of raw samples (a container's own header wins), and whether each channel
+    is a track of its own (``split``) or all are mixed down into one."""
+
+    encoding: str
+    sample_rate: int | None = None
+    channels: int = 1
+    split: bool = False
 
 
 def _mulaw_table() -> NDArray[np.float32]:
@@ -65,14 +78,7 @@ def g711_blocks(data: bytes, encoding: str, channels: int) -> Iterator[Block]:
         yield table[np.frombuffer(view[at : at + step], dtype=np.uint8)].reshape(-1, channels)
 
 
-def decode_channels(
-    data: bytes,
-    encoding: str,
-    sample_rate: int | None,
-    channels: int,
-    split: bool,
-    limits: AudioLimits,
-) -> list[Samples]:
+def decode_channels(data: bytes, declared: AudioFormat, limits: AudioLimits) -> list[Samples]:
     """The file as 16 kHz tracks: one per channel when ``split``, else one down-mixed track.
 
     Raw encodings need ``sample_rate`` (PCM16 also accepts a WAV file: its header wins);
@@ -82,45 +88,39 @@ def decode_channels(
     """
     if not data:
         raise AudioDecodeError("the audio file is empty")
-    if _is_raw(encoding, data[:4]):
-        rate, frames = _check_raw(len(data), encoding, sample_rate, channels, split, limits)
+    if _is_raw(declared.encoding, data[:4]):
+        rate, frames = _check_raw(len(data), declared, limits)
         if frames == 0:
             raise AudioDecodeError("the audio file holds no samples")
+        channels = declared.channels
         blocks = (
             pcm16_blocks(data, channels)
-            if encoding == "PCM_S16LE"
-            else g711_blocks(data, encoding, channels)
+            if declared.encoding == "PCM_S16LE"
+            else g711_blocks(data, declared.encoding, channels)
         )
-        return decode_blocks(blocks, rate, channels, split, limits)
-    tracks = decode_container(data, split, limits)
+        return decode_blocks(blocks, rate, channels, declared.split, limits)
+    tracks = decode_container(data, declared.split, limits)
     if tracks[0].size == 0:
         raise AudioDecodeError("the audio file holds no samples")
     return tracks
 
 
-def check_file(
-    path: Path,
-    encoding: str,
-    sample_rate: int | None,
-    channels: int,
-    split: bool,
-    limits: AudioLimits,
-) -> None:
+def check_file(path: Path, declared: AudioFormat, limits: AudioLimits) -> None:
     """The limits :func:`decode_channels` would refuse, from the file's size and header
     alone (AudioDecodeError, AudioTooLong), so a client hears them when it asks, not from
     the job. A file that is no audio at all is left to the job to report."""
     with open(path, "rb") as f:
         head = f.read(4)
         size = f.seek(0, 2)
-    if _is_raw(encoding, head):
-        _check_raw(size, encoding, sample_rate, channels, split, limits)
+    if _is_raw(declared.encoding, head):
+        _check_raw(size, declared, limits)
         return
     try:
         container = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError):
         return  # not audio at all: the task reports it (an ERROR task, as SaluteSpeech does)
     with container:
-        check_container(container, split, limits)
+        check_container(container, declared.split, limits)
 
 
 def _is_raw(encoding: str, head: bytes) -> bool:
@@ -131,20 +131,14 @@ def _is_raw(encoding: str, head: bytes) -> bool:
     return encoding in RAW_ENCODINGS and not head.startswith(b"RIFF")
 
 
-def _check_raw(
-    size: int,
-    encoding: str,
-    sample_rate: int | None,
-    channels: int,
-    split: bool,
-    limits: AudioLimits,
-) -> tuple[int, int]:
-    """The rate and the frames of ``size`` bytes of raw ``encoding``, refused when the rate
-    is missing or the declared rate, channels or length are out of ``limits``."""
-    if not sample_rate:
-        raise AudioDecodeError(f"sample_rate is required for {encoding}")
-    limits.check_format(sample_rate, channels)
-    width = 2 if encoding == "PCM_S16LE" else 1
+def _check_raw(size: int, declared: AudioFormat, limits: AudioLimits) -> tuple[int, int]:
+    """The rate and the frames of ``size`` bytes of raw samples, refused when the rate is
+    missing or the declared rate, channels or length are out of ``limits``."""
+    rate, channels = declared.sample_rate, declared.channels
+    if not rate:
+        raise AudioDecodeError(f"sample_rate is required for {declared.encoding}")
+    limits.check_format(rate, channels)
+    width = 2 if declared.encoding == "PCM_S16LE" else 1
     frames = size // (width * channels)
-    limits.check_frames(frames, sample_rate, channels if split else 1)
-    return sample_rate, frames
+    limits.check_frames(frames, rate, channels if declared.split else 1)
+    return rate, frames

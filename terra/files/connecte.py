@@ -15,7 +15,7 @@ from typing import Any
 
 from terra.audio import SAMPLE_RATE, AudioDecodeError, AudioLimits
 from terra.config import FilesConfig, JobsConfig
-from terra.files.codecs import decode_channels
+from terra.files.codecs import AudioFormat, decode_channels
 from terra.files.fetch import Fetcher, FetchError
 from terra.files.service import FileJobService
 from terra.files.transcribe import FileOptions, Utterance, transcribe
@@ -28,6 +28,12 @@ from terra.retry import Sleep, Submit
 log = logging.getLogger(__name__)
 
 KIND = "connecte"
+
+
+def audio_format(diarize: bool) -> AudioFormat:
+    """A prediction's audio: a file that says its own format (a container: WAV, FLAC, OGG,
+    MP3); with ``diarize``, each channel is a speaker's track."""
+    return AudioFormat("WAV", split=diarize)
 
 
 def file_options(
@@ -112,10 +118,7 @@ class ConnecteService:
                 tracks = await asyncio.to_thread(
                     decode_channels,
                     data,
-                    "WAV",
-                    None,
-                    1,
-                    params["diarize"],
+                    audio_format(params["diarize"]),
                     AudioLimits(max_seconds=self._config.max_audio_s),
                 )
             except (FetchError, AudioDecodeError) as e:

@@ -17,7 +17,7 @@ from typing import Any
 
 from terra.audio import AudioDecodeError, AudioLimits
 from terra.config import FilesConfig, JobsConfig
-from terra.files.codecs import decode_channels
+from terra.files.codecs import AudioFormat, decode_channels
 from terra.files.service import FileJobService
 from terra.files.transcribe import FileOptions, Utterance, hint_tokens, transcribe
 from terra.jobs.runner import JobFailed
@@ -50,6 +50,13 @@ class SaluteOptions:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def audio_format(self) -> AudioFormat:
+        """The upload's declared format: with more than one channel, a track each (the
+        speakers are told apart by channel)."""
+        return AudioFormat(
+            self.audio_encoding, self.sample_rate, self.channels_count, self.channels_count > 1
+        )
 
 
 def file_options(
@@ -156,11 +163,8 @@ def salute_service(
             tracks = await asyncio.to_thread(
                 lambda: decode_channels(
                     Path(path).read_bytes(),
-                    options.audio_encoding,
-                    options.sample_rate,
-                    options.channels_count,
-                    split=options.channels_count > 1,
-                    limits=AudioLimits(max_seconds=config.max_audio_s),
+                    options.audio_format(),
+                    AudioLimits(max_seconds=config.max_audio_s),
                 )
             )
         except AudioDecodeError as e:
