@@ -8,12 +8,13 @@ the page's Content-Security-Policy keeps the browser on this server.
 from __future__ import annotations
 
 import functools
-import json
 from importlib import resources
 from typing import Any
 
 import yaml
 from aiohttp import web
+
+from terra.api.respond import dumps
 
 _PACKAGE = resources.files("terra.api")
 BUNDLE = "redoc.standalone.js"
@@ -52,7 +53,7 @@ def load_document() -> dict[str, Any]:
 @functools.cache
 def _document_json() -> bytes:
     """The document as JSON, parsed once per process (every app serves the same file)."""
-    return json.dumps(load_document(), ensure_ascii=False).encode("utf-8")
+    return dumps(load_document()).encode("utf-8")
 
 
 def add_routes(app: web.Application) -> None:
