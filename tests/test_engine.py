@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from terra.audio import SAMPLE_RATE
-from terra.recognizer.engine import Stage, WhisperEngine, generation_limit
+from terra.recognizer.engine import MAX_WINDOW_S, Stage, WhisperEngine, generation_limit
+from terra.recognizer.naive import NaiveEngine
 from terra.recognizer.options import DecodeOptions, DecodeRules
 from terra.recognizer.types import DropReason, Priority, RecognitionRequest
 
@@ -157,3 +158,18 @@ def test_a_call_is_timed_by_stage(engine: WhisperEngine) -> None:
             assert timing.wall[stage] > 0 and timing.cpu[stage] > 0, stage
         assert (timing.wall[Stage.ALIGN] > 0) is aligned
         assert sum(timing.wall.values()) == pytest.approx(timing.seconds, rel=1e-6)
+
+
+def test_the_naive_baseline_transcribes_each_request_alone(engine: WhisperEngine) -> None:
+    """``recognizer.mode: naive``, the benchmarks' baseline: one faster-whisper
+    ``transcribe()`` per request over the 30 s window, never sharing a call (on the packaged
+    model's weights, the ones the session's engine loaded)."""
+    naive = NaiveEngine(engine._model)
+    jfk = clip("clips/faster_whisper/jfk.flac")
+    request = RecognitionRequest(load_clip(jfk.path), "en", Priority.FINAL, DecodeOptions())
+    again = RecognitionRequest(request.audio, "en", Priority.FINAL, DecodeOptions())
+    assert naive.batch_key(request) != naive.batch_key(again)
+    result = naive.recognize([request])[0]
+    assert cer(jfk.transcript, result.text) <= 0.15, result.text
+    assert (result.language, result.window_s) == ("en", MAX_WINDOW_S)
+    assert result.tokens and naive.decode_text(result.tokens).strip() == result.text.strip()
