@@ -57,17 +57,26 @@ def fsync_dir(path: Path) -> None:
 
 
 # Folders this process has made durable by name (their parents fsync'd, up to their file
-# system's root); bounded: when full it starts again, which costs only fsyncs.
-_DURABLE_DIRS: set[str] = set()
+# system's root), each with its parent's ctime then (read before the fsync). A parent whose
+# entries changed since has another ctime: one of its folders may have been removed and
+# made again by another writer (who may die before its fsync), so the parent is fsync'd
+# again. The inode number alone would not tell: ext4 gives a folder made again its old one.
+# What it records is a fact about the file system, so one process-wide cache serves every
+# Spool and JobStore of the process. Bounded: when full it starts again (costs only fsyncs).
+_DURABLE_DIRS: dict[str, int] = {}
 _DURABLE_DIRS_MAX = 100_000
+
+
+def _parent_ctime(folder: Path) -> int:
+    return os.stat(folder.parent).st_ctime_ns
 
 
 def make_dirs(path: Path, fsync: bool = True) -> None:
     """``mkdir -p``; with ``fsync``, ``path`` is durable by name: a new folder's entry lives
     in its parent, so the parent of each folder it creates is fsync'd, and so is that of
-    each folder above that this process has not made durable yet: one found there may have
-    been made by a writer killed before its parent's fsync, or be another writer's being
-    made at the same time."""
+    each folder above that this process has not made durable yet (or whose parent changed
+    since): one found there may have been made by a writer killed before its parent's fsync,
+    or be another writer's being made at the same time."""
     missing = []
     folder = path
     while not folder.is_dir():
@@ -82,26 +91,31 @@ def make_dirs(path: Path, fsync: bool = True) -> None:
             if not folder.is_dir():
                 raise
         if fsync:
+            made = Path(os.path.abspath(folder))
+            ctime = _parent_ctime(made)
             fsync_dir(folder.parent)
-            _DURABLE_DIRS.add(os.path.abspath(folder))
+            _DURABLE_DIRS[str(made)] = ctime
 
 
 def _make_durable(path: Path) -> None:
     """fsync the parent of ``path`` and of each folder above it, up to the file system's
     root (or a folder this process may not read, which it did not make), until one this
-    process has made durable already."""
+    process has made durable already, in a parent unchanged since."""
     if len(_DURABLE_DIRS) >= _DURABLE_DIRS_MAX:
         _DURABLE_DIRS.clear()
     folder = path
-    while str(folder) not in _DURABLE_DIRS and folder != folder.parent:
+    while folder != folder.parent:
+        ctime = _parent_ctime(folder)
+        if _DURABLE_DIRS.get(str(folder)) == ctime:
+            break
         if os.path.ismount(folder):
             break  # its entry is on another file system
         try:
             fsync_dir(folder.parent)
         except PermissionError:
-            _DURABLE_DIRS.add(str(folder))  # not tried again
+            _DURABLE_DIRS[str(folder)] = ctime  # not tried again while the parent stays
             break
-        _DURABLE_DIRS.add(str(folder))
+        _DURABLE_DIRS[str(folder)] = ctime
         folder = folder.parent
 
 

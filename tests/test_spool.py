@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -264,6 +265,28 @@ def test_folders_a_killed_writer_made_are_made_durable_by_the_next(
     fsynced.clear()
     assert spool.known_post_keys("conf", "clara") == {"p1"}
     assert conference in fsynced, "clara/ is not durable by name"
+
+
+def test_a_folder_removed_and_made_again_is_made_durable_again(
+    tmp_path: Path, fsynced: list[Path]
+) -> None:
+    """A conference's folder made durable here, then removed (an operator's clean-up; the
+    same room meets again) and made again by another front end killed before its parent's
+    fsync: the next write here must not take the new folder for the one it made durable."""
+    spool = Spool(tmp_path)
+    assert spool.write("conf", "anna", "Anna", 1e9, 100, "p1", "en", WAV) is not None
+    conference = tmp_path / "conf"
+    made = conference.stat().st_ctime_ns
+    shutil.rmtree(conference)
+    clock = tmp_path / "clock"
+    clock.touch()
+    while clock.stat().st_ctime_ns <= made:  # the file system's clock moves on (within a tick)
+        clock.touch()
+    Spool(tmp_path, fsync=False).write("conf", "anna", "Anna", 1e9 + 1, 100, "p2", "en", WAV)
+    fsynced.clear()
+    assert spool.write("conf", "anna", "Anna", 1e9 + 2, 100, "p3", "en", WAV) is not None
+    for folder in (tmp_path, conference):  # hold conf/ and anna/
+        assert folder in fsynced, f"{folder} was not fsync'd"
 
 
 def test_the_same_post_written_by_two_front_ends_at_once_is_stored_once(
