@@ -55,10 +55,17 @@ def front_end_config(folder: Path, shared: Path, port: int, **sections: dict[str
 
 
 def haproxy_environment(
-    folder: Path, bind: int, stats: int, front_ends: list[int]
+    folder: Path,
+    bind: int,
+    stats: int,
+    front_ends: list[int],
+    *,
+    check_interval: str = "1s",
 ) -> dict[str, str]:
     """The variables deploy/haproxy.cfg reads, for front ends on these loopback ports (the
-    cfg names three; the third is left unresolvable, which leaves it out)."""
+    cfg names three; the third is left unresolvable, which leaves it out). The health
+    checks run every ``check_interval``, the cfg's default unless a test that waits for
+    their state changes asks for shorter."""
     addresses = [f"127.0.0.1:{port}" for port in front_ends]
     addresses += ["absent.invalid:9001"] * (3 - len(addresses))
     return {
@@ -66,6 +73,7 @@ def haproxy_environment(
         "TERRA_LB_BIND": f"127.0.0.1:{bind}",
         "TERRA_STATS_BIND": f"127.0.0.1:{stats}",
         "TERRA_HAPROXY_SOCKET": str(folder / "haproxy.sock"),
+        "TERRA_HEALTH_CHECK_INTERVAL": check_interval,
         **{f"TERRA_FRONTEND_{i}": address for i, address in enumerate(addresses, 1)},
     }
 
@@ -104,7 +112,7 @@ async def servers_up(
             if up == names:
                 return
             assert time.monotonic() < deadline, f"HAProxy sees {up} {state}, not {names}"
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)  # HAProxy's state is read, not pushed: polled
 
 
 async def post(

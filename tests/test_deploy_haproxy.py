@@ -13,6 +13,7 @@ import resource
 import shutil
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -110,15 +111,17 @@ class Balancer:
     front_ends: dict[str, FakeFrontEnd]
 
 
-@pytest.fixture
-async def balancer(tmp_path: Path) -> AsyncIterator[Balancer]:
+@asynccontextmanager
+async def running_balancer(folder: Path, check_interval: str = "1s") -> AsyncIterator[Balancer]:
+    """HAProxy with the shipped config in front of two fakes; health checks every
+    ``check_interval`` (the cfg's default, 1 s, unless a test waits for their verdicts)."""
     fakes = {name: FakeFrontEnd(name) for name in ("fe1", "fe2")}
     for fake in fakes.values():
         await fake.start()
     lb, stats = free_port(), free_port()
     ports = [fakes["fe1"].port, fakes["fe2"].port]
-    environment = haproxy_environment(tmp_path, lb, stats, ports)
-    haproxy = start_haproxy(environment, tmp_path / "haproxy.log")
+    environment = haproxy_environment(folder, lb, stats, ports, check_interval=check_interval)
+    haproxy = start_haproxy(environment, folder / "haproxy.log")
     try:
         await servers_up(f"http://127.0.0.1:{stats}", {"fe1", "fe2"})
         yield Balancer(f"http://127.0.0.1:{lb}", f"http://127.0.0.1:{stats}", fakes)
@@ -128,6 +131,12 @@ async def balancer(tmp_path: Path) -> AsyncIterator[Balancer]:
         for fake in fakes.values():
             assert fake.server is not None
             fake.server.close()
+
+
+@pytest.fixture
+async def balancer(tmp_path: Path) -> AsyncIterator[Balancer]:
+    async with running_balancer(tmp_path) as running:
+        yield running
 
 
 async def send(
@@ -211,11 +220,14 @@ async def test_a_request_a_dying_front_end_never_answered_is_sent_to_another(
 
 
 async def test_a_saturated_front_end_keeps_its_conferences_and_gets_no_new_ones(
-    balancer: Balancer,
+    tmp_path: Path,
 ) -> None:
     """/healthz's 503 (saturated) means "no new conferences", not "move the ones you have":
-    their participants' live streams are there. A dead front end's conferences do move."""
-    async with aiohttp.ClientSession() as session:
+    their participants' live streams are there. A dead front end's conferences do move.
+    The test waits for three verdicts of HAProxy's health checks (NOLB, DOWN, UP again,
+    each two checks): they run every 200 ms here, the same rules at a fifth of the
+    shipped interval."""
+    async with running_balancer(tmp_path, "200ms") as balancer, aiohttp.ClientSession() as session:
         _, owner, _ = await send(session, balancer.url, "conf-kept", "query")
         other = next(name for name in balancer.front_ends if name != owner)
         balancer.front_ends[owner].saturated = True
