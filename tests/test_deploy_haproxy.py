@@ -47,6 +47,7 @@ class FakeFrontEnd:
     port: int = 0
     viewers: int = 0
     server: asyncio.Server | None = field(default=None, repr=False)
+    connections: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     async def start(self) -> None:
         # On its old port when it starts again (a front end restarted); with terra's listen
@@ -58,6 +59,9 @@ class FakeFrontEnd:
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -102,6 +106,7 @@ class FakeFrontEnd:
             pass
         finally:
             writer.close()
+            self.connections.discard(task)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +136,9 @@ async def running_balancer(folder: Path, check_interval: str = "1s") -> AsyncIte
         for fake in fakes.values():
             assert fake.server is not None
             fake.server.close()
+            # HAProxy's connections are gone: each handler sees its end and returns (left
+            # to the loop's close, an audience's handlers were cancelled and logged).
+            await asyncio.wait_for(asyncio.gather(*fake.connections), 10)
 
 
 @pytest.fixture
