@@ -131,10 +131,6 @@ class TranslationService:
         self._detector = detector
         self._config = config
 
-    @property
-    def translator(self) -> Translator:
-        return self._translator
-
     async def translate(self, items: Sequence[TranslationItem]) -> list[TranslatedItem]:
         """The answer's payload, in the order of ``items``."""
         languages = await self._source_languages(items)
