@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 _CONTEXT_FIELDS = ("conference_id", "participant_id", "post_id")
 
 
@@ -28,6 +30,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp answers a request it cannot parse (a URL or header line past its limits, bad
+    framing) itself, before terra's middleware, and logs it at ERROR with a traceback whose
+    message quotes the request's first bytes, a ``?token=`` among them. That is a client's
+    mistake, not a server error: one WARNING line that names the error, not the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg = "a request aiohttp could not parse was refused (%s %s)"
+            record.args = (error.code, type(error).__name__)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def setup_logging(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if as_json:
@@ -38,4 +56,7 @@ def setup_logging(level: str, as_json: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server.filters):
+        server.addFilter(MalformedRequests())
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)

@@ -27,6 +27,7 @@ from terra.api.form import leading_string
 from terra.app import create_app
 from terra.audio import SAMPLE_RATE
 from terra.files.fetch import FetchError, check_url
+from terra.logs import setup_logging
 
 from .conftest import ROOT, TOKEN, ServerFactory, make_config, post_fragment
 from .deployment import front_end_config
@@ -320,6 +321,34 @@ def test_non_canonical_ipv4_is_refused(url: str) -> None:
 )
 def test_canonical_hosts_pass_check_url(url: str) -> None:
     check_url(URL(url), ())
+
+
+async def test_a_request_aiohttp_cannot_parse_is_one_warning_without_its_bytes(
+    make_fast_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A URL over aiohttp's line limit is answered by aiohttp itself (400, before terra's
+    middleware). Its log line is a client's mistake, not a server error, and must not carry
+    the request's first bytes: the token is among them."""
+    client = await make_fast_server()
+    root = logging.getLogger()
+    kept = root.handlers[:], root.level
+    setup_logging("INFO", as_json=True)  # what `terra serve` sets up
+    root.addHandler(caplog.handler)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(
+            f"POST /process?token={TOKEN}&pad={'x' * 9000} HTTP/1.1\r\n"
+            "Host: terra\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        answer = await reader.read()
+        writer.close()
+    finally:
+        root.handlers[:], level = kept
+        root.setLevel(level)
+    assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400")
+    server_records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [r.levelno for r in server_records] == [logging.WARNING]
+    assert TOKEN not in caplog.text and "Traceback" not in caplog.text
 
 
 # -- row 14: safer defaults ---------------------------------------------------------------
