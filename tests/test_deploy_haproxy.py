@@ -287,11 +287,11 @@ async def test_viewers_of_a_conference_do_not_starve_its_talkers(balancer: Balan
 
 async def test_a_request_that_does_not_arrive_in_time_is_a_json_408(tmp_path: Path) -> None:
     """HAProxy reads a body before terra sees it, so a body that never arrives whole is
-    HAProxy's to refuse (after TERRA_LB_BODY_TIMEOUT, here 1 s): with a JSON error, as terra
-    answers every 4xx ("detail"; "status" and "message" for SaluteSpeech clients)."""
+    HAProxy's to refuse (after TERRA_LB_BODY_TIMEOUT, here 200 ms): with a JSON error, as
+    terra answers every 4xx ("detail"; "status" and "message" for SaluteSpeech clients)."""
     lb, stats = free_port(), free_port()
     environment = haproxy_environment(tmp_path, lb, stats, [free_port()])
-    haproxy = start_haproxy({**environment, "TERRA_LB_BODY_TIMEOUT": "1s"}, tmp_path / "log")
+    haproxy = start_haproxy({**environment, "TERRA_LB_BODY_TIMEOUT": "200ms"}, tmp_path / "log")
     try:
         deadline = time.monotonic() + 30
         while True:  # until HAProxy listens
