@@ -6,6 +6,7 @@ the live service's timers, not recognition."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,10 @@ def clocked_service(
 ) -> Clocked:
     clock = Clock()
     metrics = create_metrics()
-    scheduler = RecognizerScheduler(engine, config.recognizer, metrics)
+    # No batch window: the scheduler would wait it out in real time (batch_wait_ms, beside
+    # the injected clock) before every pass; a pass here batches what is already waiting.
+    batching = dataclasses.replace(config.recognizer, batch_wait_ms=0)
+    scheduler = RecognizerScheduler(engine, batching, metrics)
     live = LiveService(
         stream,
         config.recognizer,
