@@ -5,6 +5,7 @@ real speech in ../shared/data/speech/."""
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 import uuid
@@ -64,6 +65,13 @@ def clip(relative: str) -> Clip:
 
 
 def load_clip(path: Path) -> Samples:
+    """The clip's samples, decoded and resampled once per session (the tests load the same
+    few clips dozens of times, 10-20 ms each); each caller gets its own copy to change."""
+    return _decoded(path).copy()
+
+
+@functools.cache
+def _decoded(path: Path) -> Samples:
     return load_audio(path)
 
 
