@@ -296,7 +296,10 @@ async def test_progress_is_shared_evenly_among_overloaded_talkers(
     """Six continuous talkers ask for a pass with every fragment, three times what the one
     slow worker does: passes thin out evenly (no talker gets under half of the busiest
     one's), every talker sees progress text, and every final comes."""
-    engine = Slow(seconds=0.05)
+    # A pass costs a quarter of a POST's answer wait (25 of 100 ms): what decides how far
+    # the passes thin out is that ratio, not the scale (at 50/200 ms, as this test began,
+    # the same 4 passes per talker's 8 fragments).
+    engine = Slow(seconds=0.025)
     talkers = 6
     # Each talker its own level, so its own word (FakeEngine picks the word by energy).
     levels = [0.03 + 0.015 * i for i in range(talkers)]
@@ -305,7 +308,7 @@ async def test_progress_is_shared_evenly_among_overloaded_talkers(
     async with _servers(engine, tmp_path) as start:
         client = await start(
             recognizer={"workers": 1, "max_batch_size": 1},
-            stream={"answer_wait_ms": 200, "progress_min_interval_ms": 0},
+            stream={"answer_wait_ms": 100, "progress_min_interval_ms": 0},
         )
         t0 = 1_719_512_467.0
 
