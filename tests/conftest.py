@@ -99,6 +99,10 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         "server": {"tokens": [TOKEN]},
         "spool": {"dir": str(tmp_path / "spool")},
         "minutes": {"dir": str(tmp_path / "minutes"), "jobs_dir": str(tmp_path / "jobs")},
+        # The file dialects' uploads and jobs too: under the default var/ (in the checkout)
+        # they were shared by every test and every run, and each server start took up the
+        # unfinished jobs that other tests and earlier runs had left there.
+        "files": {"dir": str(tmp_path / "files"), "jobs_dir": str(tmp_path / "file-jobs")},
         # The tests' fragments carry fixed times (2024, or 1970 + 1000 s): no window around
         # the clock (tests/test_hostile_http.py checks the window).
         "stream": {"max_clock_skew_s": 0},
