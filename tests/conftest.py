@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import gc
 import os
 import re
 import uuid
@@ -258,6 +259,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     other tests instead of after them; its test waits for it. The whole suite (the ci
     profile, about 35 s of fuzzing) runs it when its test comes, beside nothing, so it never
     slows the model tests."""
+    # What imports and collection made (modules, test items, strategies: about half the
+    # objects alive at the end) is kept until the process ends (the little garbage in it
+    # too): frozen, out of the cyclic collector's reach, each full collection walks only
+    # what the tests made (about 0.5 s less per run).
+    gc.freeze()
     if session.config.option.collectonly or settings.get_current_profile_name() != "dev":
         return
     if any(item.nodeid == FUZZ_TEST for item in session.items):
