@@ -127,4 +127,6 @@ async def test_a_slow_service_times_out(
     finally:
         await translator.close()
     assert time.monotonic() - started < 1.5
-    assert "TimeoutError" in caplog.text and len(standin.requests) == 2
+    # Each of the two attempts was cut by the timeout (the client's own count: on a busy box
+    # the stand-in may not have read the second request's body within 0.1 s).
+    assert "(TimeoutError: ); gave up after 2 attempt(s)" in caplog.text
